@@ -42,7 +42,7 @@ def pack(codes, bits: int):
         out = t.to(torch.uint8)
     elif 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte, shift-or in uint8 (the hot path)
         per = 8 // bits
-        c = torch.nn.functional.pad(t.to(torch.uint8), (0, (-n) % per)).reshape(*lead, -1, per)
+        c = torch.nn.functional.pad(t.to(torch.uint8), (0, (-n) % per)).reshape(*lead, (n + per - 1) // per, per)
         out = c[..., 0].clone()
         for k in range(1, per):
             out |= c[..., k] << (k * bits)
@@ -71,7 +71,8 @@ def unpack(packed, bits: int, n: int):
     elif 8 % bits == 0:
         per = 8 // bits
         mask = (1 << bits) - 1
-        out = torch.stack([(t >> (k * bits)) & mask for k in range(per)], dim=-1).reshape(*lead, -1)[..., :n]
+        out = torch.stack([(t >> (k * bits)) & mask for k in range(per)], dim=-1).reshape(*lead, t.shape[-1] * per)
+        out = out[..., :n]
         out = out.contiguous()
     else:
         groups = (n + 7) // 8

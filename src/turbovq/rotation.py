@@ -8,9 +8,9 @@ what lets one scalar codebook serve every coordinate of every vector. Two constr
 * ``"hadamard"``: a randomized Hadamard transform, ``O(d log d)`` to apply in a kernel. For d a power of two,
   one round is ``x -> H D x / sqrt(d)`` with D random signs; we use 3 rounds, since one round maps a one-hot
   input to a flat ``±1/sqrt(d)`` vector whose coordinates do not follow the Beta law at all. For any other d,
-  with P the largest power of two <= d, each round is: random signs on all d coordinates, the Hadamard
-  transform on the first P coordinates, then on the last P (the two blocks overlap, so every coordinate is
-  mixed), then a random permutation. Each step is orthogonal, hence so is the whole map; ``tests`` measure
+  with P the largest power of two <= d, each round is: random signs, the Hadamard transform of the first P
+  coordinates, random signs again, the Hadamard transform of the last P (the blocks overlap, so every
+  coordinate is mixed in every round), then a random permutation. Each step is orthogonal, hence so is the whole map; ``tests`` measure
   that its distortion matches Haar's on adversarial (sparse, anisotropic, non-negative) inputs.
 
 Randomness comes from a CPU ``torch.Generator`` seeded by ``derive_seed(seed, tag)`` and the matrix is built in
@@ -58,11 +58,17 @@ def _hadamard_transform(x: torch.Tensor, seed: int) -> torch.Tensor:
     d = x.shape[-1]
     p = 1 << (d.bit_length() - 1)
     gen = generator(seed, f"hadamard:{d}")
+
+    def random_signs(x: torch.Tensor) -> torch.Tensor:
+        return x * (torch.randint(0, 2, (d,), generator=gen, dtype=torch.int64).to(x.dtype) * 2 - 1)
+
     for _ in range(HADAMARD_ROUNDS):
-        signs = torch.randint(0, 2, (d,), generator=gen, dtype=torch.int64).to(x.dtype) * 2 - 1
-        x = x * signs
+        x = random_signs(x)
         x = torch.cat((fwht(x[..., :p]), x[..., p:]), dim=-1)
         if p != d:
+            # Fresh signs before the second block: without them, the overlap holds a piece of a Hadamard
+            # column, which the second transform partly folds back into a few spikes.
+            x = random_signs(x)
             x = torch.cat((x[..., : d - p], fwht(x[..., d - p :])), dim=-1)
             x = x[..., torch.randperm(d, generator=gen)]
     return x

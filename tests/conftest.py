@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+
+def sparse_vectors(n: int, dim: int, seed: int = 0, max_k: int = 8) -> torch.Tensor:
+    """k-hot vectors (k = 1..max_k, Gaussian values): the adversarial input for a rotation.
+
+    Random Gaussian inputs cannot test a rotation (their direction is uniform whatever the rotation does);
+    without a good rotation, sparse vectors have coordinates far from the Beta law (see test_quantizer).
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, dim)
+    for k in range(1, max_k + 1):
+        rows = torch.arange(k - 1, n, max_k)
+        cols = torch.stack([torch.randperm(dim, generator=g)[:k] for _ in range(len(rows))])
+        x[rows[:, None], cols] = torch.randn(len(rows), k, generator=g)
+    return x * 7.0
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+
+
+def relative_error(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Mean of ||x - x_hat||^2 / ||x||^2: D_mse for inputs of any norm."""
+    return ((x - x_hat).pow(2).sum(1) / x.pow(2).sum(1)).mean().item()
+
+
+@pytest.fixture
+def cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return torch.device("cuda")
