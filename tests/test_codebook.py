@@ -16,7 +16,9 @@ EXPECTED = {
 @pytest.mark.parametrize("dim", sorted(EXPECTED))
 def test_reference_distortions(dim):
     for bits, want in enumerate(EXPECTED[dim], start=1):
-        assert codebook.mse_distortion(dim, bits) == pytest.approx(want, abs=0.51 * 10 ** (math.floor(math.log10(want)) - 3))  # 4 digits
+        assert codebook.mse_distortion(dim, bits) == pytest.approx(
+            want, abs=0.51 * 10 ** (math.floor(math.log10(want)) - 3)
+        )  # 4 digits
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

@@ -35,8 +35,12 @@ def test_rotation_makes_sparse_inputs_follow_the_law(dim, rotation):
     seeds = 2 if dim == 1536 else 4
     x = sparse_vectors(12_000 // seeds, dim)
     for bits in (1, 2, 4):
-        measured = np.mean([relative_error(x, q.dequantize(q.quantize(x)))
-                            for q in (tq.TurboQuantMSE(dim, bits, seed=s, rotation=rotation) for s in range(seeds))])
+        measured = np.mean(
+            [
+                relative_error(x, q.dequantize(q.quantize(x)))
+                for q in (tq.TurboQuantMSE(dim, bits, seed=s, rotation=rotation) for s in range(seeds))
+            ]
+        )
         assert measured == pytest.approx(codebook.mse_distortion(dim, bits), rel=0.03), bits
 
 
@@ -217,9 +221,18 @@ def test_bad_inputs_raise(cls, make, message):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(dim=1), dict(dim=64, bits=0), dict(dim=64, bits=9), dict(dim=64, bits="4"), dict(dim=64, rotation="dct"),
-     dict(dim=64, bits=4, outliers=[1, 2]), dict(dim=64, bits=2.5, outliers=[0]), dict(dim=64, bits=2.5, outliers=[64] * 32),
-     dict(dim=64, norm_dtype="int8"), dict(dim=64, seed=1.5)],
+    [
+        dict(dim=1),
+        dict(dim=64, bits=0),
+        dict(dim=64, bits=9),
+        dict(dim=64, bits="4"),
+        dict(dim=64, rotation="dct"),
+        dict(dim=64, bits=4, outliers=[1, 2]),
+        dict(dim=64, bits=2.5, outliers=[0]),
+        dict(dim=64, bits=2.5, outliers=[64] * 32),
+        dict(dim=64, norm_dtype="int8"),
+        dict(dim=64, seed=1.5),
+    ],
 )
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError):

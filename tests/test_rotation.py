@@ -66,4 +66,6 @@ def test_bad_arguments():
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", rotation.ROTATIONS)
 def test_same_matrix_on_cuda(cuda, kind):
-    assert torch.equal(rotation.rotation_matrix(kind, 384, 5, device=cuda).cpu(), rotation.rotation_matrix(kind, 384, 5))
+    assert torch.equal(
+        rotation.rotation_matrix(kind, 384, 5, device=cuda).cpu(), rotation.rotation_matrix(kind, 384, 5)
+    )

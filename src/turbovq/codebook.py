@@ -113,7 +113,7 @@ def _newton_step(law: _CoordinateLaw, c: np.ndarray) -> np.ndarray:
     return (new - new[::-1]) / 2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _solve(dim: int, bits: int) -> tuple[np.ndarray, np.ndarray, float]:
     law = _CoordinateLaw(dim)
     c = _initial_centroids(law, 2**bits)

@@ -101,9 +101,7 @@ def load(path, kind: str, mmap: bool = False, verify: bool = True) -> tuple[dict
             raise FormatError(f"{path}: not a turbovq file (bad magic)")
         _, version, _, hlen = _PREAMBLE.unpack(pre)
         if version != FORMAT_VERSION:
-            raise FormatError(
-                f"{path}: file format version {version}, but this turbovq reads version {FORMAT_VERSION}"
-            )
+            raise FormatError(f"{path}: file format version {version}, but this turbovq reads version {FORMAT_VERSION}")
         if _PREAMBLE.size + hlen > size:
             raise FormatError(f"{path}: truncated (header runs past the end of the file)")
         try:
@@ -138,4 +136,3 @@ def load(path, kind: str, mmap: bool = False, verify: bool = True) -> tuple[dict
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             tensors[name] = torch.from_numpy(raw).view(_DTYPES[spec["dtype"]]).reshape(spec["shape"])
     return header["meta"], tensors
-

@@ -43,7 +43,7 @@ def _as_matrix(x, dim: int, name: str = "x") -> tuple[torch.Tensor, bool, bool]:
     if is_numpy:
         if x.dtype.kind != "f":
             raise ValueError(f"{name} must be floating point (float16/32/64), got numpy dtype {x.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(x))
+        x = torch.from_numpy(np.ascontiguousarray(x) if x.flags.writeable else np.array(x))  # e.g. memory-mapped
     elif not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
     if x.dtype not in _FLOATS:
@@ -200,8 +200,9 @@ class TurboQuantMSE:
                 raise ValueError(f"outliers= only applies to fractional bits; bits={self.bits:g} has none")
             chosen = torch.as_tensor(np.asarray(outliers, dtype=np.int64).reshape(-1))
             if chosen.numel() != n_out:
-                raise ValueError(f"bits={self.bits:g} at dim={self.dim} needs exactly {n_out} outlier channels, "
-                                 f"got {chosen.numel()}")
+                raise ValueError(
+                    f"bits={self.bits:g} at dim={self.dim} needs exactly {n_out} outlier channels, got {chosen.numel()}"
+                )
             if chosen.numel() and (chosen.min() < 0 or chosen.max() >= self.dim):
                 raise ValueError(f"outlier channels must be in [0, {self.dim}), got {chosen.tolist()}")
             if torch.unique(chosen).numel() != chosen.numel():
@@ -242,7 +243,9 @@ class TurboQuantMSE:
         }
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(dim={self.dim}, bits={self.bits:g}, seed={self.seed}, rotation={self.rotation!r})"
+        return (
+            f"{type(self).__name__}(dim={self.dim}, bits={self.bits:g}, seed={self.seed}, rotation={self.rotation!r})"
+        )
 
     def _device(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.device is None else x.to(self.device)
@@ -313,8 +316,16 @@ class TurboQuantProd(TurboQuantMSE):
 
     kind = "prod"
 
-    def __init__(self, dim: int, bits: float = 4, seed: int = 0, rotation: str = "hadamard", device=None,
-                 outliers: Sequence[int] | None = None, norm_dtype: str = "float32"):
+    def __init__(
+        self,
+        dim: int,
+        bits: float = 4,
+        seed: int = 0,
+        rotation: str = "hadamard",
+        device=None,
+        outliers: Sequence[int] | None = None,
+        norm_dtype: str = "float32",
+    ):
         bits = _check_bits(bits, 1, "bits")
         if 1 < bits < 2:
             raise ValueError(f"TurboQuantProd needs bits == 1 or >= 2 (bits-1 go to the mse stage), got {bits:g}")

@@ -10,8 +10,8 @@ what lets one scalar codebook serve every coordinate of every vector. Two constr
   input to a flat ``±1/sqrt(d)`` vector whose coordinates do not follow the Beta law at all. For any other d,
   with P the largest power of two <= d, each round is: random signs, the Hadamard transform of the first P
   coordinates, random signs again, the Hadamard transform of the last P (the blocks overlap, so every
-  coordinate is mixed in every round), then a random permutation. Each step is orthogonal, hence so is the whole map; ``tests`` measure
-  that its distortion matches Haar's on adversarial (sparse, anisotropic, non-negative) inputs.
+  coordinate is mixed in every round), then a random permutation. Each step is orthogonal, hence so is the
+  whole map; the tests measure that its distortion matches Haar's on adversarial (sparse) inputs.
 
 Randomness comes from a CPU ``torch.Generator`` seeded by ``derive_seed(seed, tag)`` and the matrix is built in
 float64 on the CPU, so the same seed gives the same rotation on every device.
