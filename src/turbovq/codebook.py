@@ -157,6 +157,42 @@ def lloyd_max_codebook(dim: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]
     return torch.from_numpy(c.copy()), torch.from_numpy(b.copy())
 
 
+def quantize_coordinates(y: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
+    """Codes ``#(boundaries < y)`` as uint8, identical to ``torch.bucketize(y, boundaries)`` but much faster on CPU.
+
+    Up to 15 boundaries (b <= 4): a running count of comparisons. More: a uniform grid finer than the smallest
+    gap between boundaries gives a guess that is off by at most one, which two comparisons correct.
+    """
+    if boundaries.numel() <= 15:
+        out = (y > boundaries[0]).to(torch.uint8)
+        for edge in boundaries[1:]:
+            out += y > edge
+        return out
+    guess, lo, inv_width, padded = _grid(boundaries)
+    j = ((y - lo) * inv_width).clamp_(0, guess.numel() - 1).to(torch.int32)
+    g = guess[j]
+    gl = g.long()
+    return g + (y > padded[gl + 1]).to(torch.uint8) - (y <= padded[gl]).to(torch.uint8)
+
+
+_GRIDS: dict = {}
+
+
+def _grid(boundaries: torch.Tensor):
+    key = (str(boundaries.device), boundaries.dtype, tuple(boundaries.tolist()))
+    if key not in _GRIDS:
+        b = boundaries.double().cpu()
+        gap = (b[1:] - b[:-1]).min().item()
+        lo, hi = b[0].item() - gap, b[-1].item() + gap
+        bins = int(math.ceil(2 * (hi - lo) / gap))
+        edges = lo + torch.arange(bins, dtype=torch.float64) * ((hi - lo) / bins)
+        guess = torch.searchsorted(b, edges).to(torch.uint8)  # #(b < edge), exact in float64
+        inf = torch.tensor([math.inf], dtype=boundaries.dtype)
+        padded = torch.cat([-inf, boundaries.cpu(), inf]).to(boundaries.device)
+        _GRIDS[key] = (guess.to(boundaries.device), lo, bins / (hi - lo), padded)
+    return _GRIDS[key]
+
+
 def mse_distortion(dim: int, bits: int) -> float:
     """Exact ``D_mse = E||x - Q(x)||^2`` of TurboQuant_mse for a unit vector x in R^dim (= d E[(t - Q(t))^2])."""
     _check(dim, bits)

@@ -56,10 +56,10 @@ def _as_matrix(x, dim: int, name: str = "x") -> tuple[torch.Tensor, bool, bool]:
         raise ValueError(f"{name} has dimension {x.shape[1]}, this quantizer was built for dim={dim}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch (0 vectors)")
-    finite = torch.isfinite(x).all(dim=1)
+    finite = torch.isfinite(x.sum(dim=1, dtype=torch.float32))  # one cheap pass; NaN/Inf propagate into the sum
     if not bool(finite.all()):
         bad = int((~finite).nonzero()[0, 0])
-        raise ValueError(f"{name} contains NaN or Inf (first in row {bad})")
+        raise ValueError(f"{name} contains NaN or Inf, or values too large for float32 (first in row {bad})")
     return x.to(torch.float32), vector, is_numpy
 
 
@@ -85,9 +85,10 @@ def _check_bits(bits, lowest: float, name: str) -> float:
 class _Group:
     """One scalar TurboQuant_mse instance on a subset of channels: rotation, codebook, its own norm."""
 
-    def __init__(self, channels: torch.Tensor, bits: int, seed: int, rotation: str):
+    def __init__(self, channels: torch.Tensor, bits: int, seed: int, rotation: str, whole: bool):
         self.channels = channels
         self.dim = int(channels.numel())
+        self.whole = whole  # the group is all channels in order: no gather needed
         if self.dim < 2:
             raise ValueError(
                 f"a channel group of size {self.dim} cannot be rotated; choose bits so that both the outlier "
@@ -113,10 +114,10 @@ class _Group:
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a, _, bounds, ch = self.tensors(x.device)
-        xg = x[:, ch]
+        xg = x if self.whole else x[:, ch]
         norms = torch.linalg.vector_norm(xg, dim=1)
-        y = (xg / norms.clamp_min(_TINY)[:, None]) @ a
-        return packing.pack(torch.bucketize(y, bounds), self.bits), norms
+        y = (xg @ a).div_(norms.clamp_min(_TINY)[:, None])
+        return packing.pack(codebook.quantize_coordinates(y, bounds), self.bits), norms
 
     def rotated(self, packed: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         """Reconstruction in the rotated space: ``||x|| * centroids[codes]``, (n, dim)."""
@@ -126,12 +127,16 @@ class _Group:
 
     def decode_into(self, out: torch.Tensor, packed: torch.Tensor, norms: torch.Tensor) -> None:
         a, _, _, ch = self.tensors(packed.device)
-        out[:, ch] = self.rotated(packed, norms) @ a.T
+        rec = self.rotated(packed, norms) @ a.T
+        if self.whole:
+            out.copy_(rec)
+        else:
+            out[:, ch] = rec
 
     def inner_product(self, packed: torch.Tensor, norms: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Asymmetric estimate: rotate the queries once, dot with the codebook values, scale by the norm."""
         a, _, _, ch = self.tensors(y.device)
-        return self.rotated(packed, norms) @ (y[:, ch] @ a).T
+        return self.rotated(packed, norms) @ ((y if self.whole else y[:, ch]) @ a).T
 
 
 class TurboQuantMSE:
@@ -210,14 +215,14 @@ class TurboQuantMSE:
             chosen = torch.sort(chosen).values
         if n_out == 0:
             self.outliers = None
-            self._groups = [_Group(torch.arange(self.dim), lo, self.seed, self.rotation)]
+            self._groups = [_Group(torch.arange(self.dim), lo, self.seed, self.rotation, whole=True)]
             return
         mask = torch.zeros(self.dim, dtype=torch.bool)
         mask[chosen] = True
         self.outliers = chosen
         self._groups = [
-            _Group(chosen, lo + 1, derive_seed(self.seed, "outliers"), self.rotation),
-            _Group((~mask).nonzero()[:, 0], lo, derive_seed(self.seed, "regular"), self.rotation),
+            _Group(chosen, lo + 1, derive_seed(self.seed, "outliers"), self.rotation, whole=False),
+            _Group((~mask).nonzero()[:, 0], lo, derive_seed(self.seed, "regular"), self.rotation, whole=False),
         ]
 
     def calibrate(self, x) -> TurboQuantMSE:
