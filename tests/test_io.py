@@ -29,6 +29,15 @@ def test_round_trip(tmp_path, mmap):
     assert not list(tmp_path.glob(".*tmp"))
 
 
+def test_file_gets_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write(tmp_path / "x.tvq")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.tvq").stat().st_mode & 0o777 == 0o644
+
+
 def test_corrupt_file_is_refused(tmp_path):
     path = tmp_path / "x.tvq"
     write(path)

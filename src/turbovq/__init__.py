@@ -3,11 +3,13 @@
 from turbovq.codebook import distortion_bounds, lloyd_max_codebook
 from turbovq.codes import QuantizedVectors
 from turbovq.quantizer import TurboQuantMSE, TurboQuantProd
+from turbovq.search import TurboQuantIndex
 
 __version__ = "0.1.0"
 
 __all__ = [
     "QuantizedVectors",
+    "TurboQuantIndex",
     "TurboQuantMSE",
     "TurboQuantProd",
     "distortion_bounds",

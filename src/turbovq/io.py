@@ -76,6 +76,9 @@ def save(path, kind: str, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
             f.write(digest.digest())
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
