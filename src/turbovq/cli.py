@@ -13,10 +13,12 @@ import typer
 
 import turbovq as tq
 from turbovq import codebook
+from turbovq.kv.cli import kv_app
 from turbovq.search.cli import index_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(index_app, name="index")
+app.add_typer(kv_app, name="kv")
 
 
 def measure(dim: int, bits_list, n: int, seed: int = 0, rotation: str = "hadamard") -> list[dict]:

@@ -1,0 +1,191 @@
+"""Attention computed on TurboQuant codes (the pure-torch reference path for CPU and GPU).
+
+For one layer with ``n`` compressed tokens and a full-precision tail of ``t`` tokens, per query head (GQA/MQA:
+query head ``h * G + g`` reads KV head ``h``), with channel groups ``i`` (one, or outliers + regular), rotations
+``A_i`` (``x_rot = x @ A_i``), centroids ``c_i``, codes ``k_ij`` and norms ``||k_j||_i``:
+
+    score_j  = scaling * sum_i ||k_j||_i * <q[ch_i] @ A_i, c_i[k_ij]>   (+ QJL term for TurboQuant_prod keys)
+    out      = sum_i scatter_{ch_i}( (sum_j p_j ||v_j||_i c_i[v_ij]) @ A_i^T ) + sum_{tail} p_j v_j
+
+The query is rotated once per group; keys are scored from the codebook (centroid lookups scaled by the norm);
+values are accumulated in the rotated space and rotated back once at the end. The compressed tokens are visited
+in blocks of ``block_size`` with an online softmax, so at most one block of centroid values is ever
+materialized, never the dequantized K/V. Fused GPU kernels should reproduce :func:`attend_codes`.
+
+Usage: ``with codes_attention(model): model.generate(..., past_key_values=TurboQuantCache(model.config, ...))``.
+The context manager registers the ``"turboquant"`` attention implementation (and its additive-mask builder) in
+transformers' registries and restores the model's previous implementation on exit. Layers that are not quantized
+(exact boundary layers, sliding-window layers) fall back to transformers' sdpa attention.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from turbovq.kv.cache import _TAG, ATTN_NAME, PackedRows
+
+
+def _additive_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Boolean (True = attend) or additive float mask -> additive float32 mask."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+            ~mask, torch.finfo(torch.float32).min
+        )
+    return mask.float()
+
+
+def attend_codes(
+    query: torch.Tensor,
+    keys: PackedRows,
+    values: PackedRows,
+    tail_keys: torch.Tensor,
+    tail_values: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+    block_size: int = 512,
+) -> torch.Tensor:
+    """Softmax attention over ``keys.length`` compressed tokens followed by a full-precision tail.
+
+    Parameters
+    ----------
+    query : (batch_size, num_heads, q_len, head_dim).
+    keys, values : compressed rows, fields of shape (batch_size, num_kv_heads, n, ...).
+    tail_keys, tail_values : (batch_size, num_kv_heads, t, head_dim), the tokens after the compressed ones.
+    attention_mask : None, or (batch_size | 1, 1, q_len, n + t), boolean (True = attend) or additive float.
+    scaling : multiplies the scores; softcap: optional ``tanh`` soft-capping of the scaled scores.
+
+    Returns
+    -------
+    (batch_size, q_len, num_heads, head_dim) in the query dtype (the layout transformers' attention functions return).
+    """
+    bsz, num_heads, q_len, dim = query.shape
+    num_kv = tail_keys.shape[1]
+    if num_heads % num_kv:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv} KV heads")
+    groups = num_heads // num_kv
+    n, t = keys.length, tail_keys.shape[-2]
+    mask = _additive_mask(attention_mask)
+    if mask is not None and mask.shape[-1] != n + t:
+        raise ValueError(f"attention mask covers {mask.shape[-1]} positions, the cache holds {n} + {t}")
+    # Query heads grouped by KV head: (B, H, G*Q, D), float32 accumulation throughout.
+    q = query.float().reshape(bsz, num_kv, groups * q_len, dim)
+    kc, vc = keys.codec, values.codec
+    q_perm = kc.permute(q, keys.perm)
+    q_rot = [q_perm[..., off : off + d] @ kc.tensors(i, q.device)[0] for i, (_, d, off) in enumerate(kc.groups)]
+    q_qjl = q @ kc.quantizer.qjl.matrix(q.device).T if kc.qjl else None
+
+    run_max = torch.full((bsz, num_kv, groups * q_len), float("-inf"), device=q.device)
+    run_sum = torch.zeros_like(run_max)
+    acc_rot = [q.new_zeros(bsz, num_kv, groups * q_len, d) for _, d, _ in vc.groups]
+    acc_tail = q.new_zeros(bsz, num_kv, groups * q_len, dim)
+
+    def softmax_step(scores: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        scores = scores * scaling
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if mask is not None:
+            view = scores.view(bsz, num_kv, groups, q_len, hi - lo) + mask[:, :, None, :, lo:hi]
+            scores = view.reshape(bsz, num_kv, groups * q_len, hi - lo)
+        new_max = torch.maximum(run_max, scores.amax(dim=-1))
+        correction = torch.exp(run_max - new_max)
+        p = torch.exp(scores - new_max[..., None])
+        run_sum.mul_(correction).add_(p.sum(dim=-1))
+        run_max.copy_(new_max)
+        for acc in (*acc_rot, acc_tail):
+            acc.mul_(correction[..., None])
+        return p
+
+    for lo in range(0, n, block_size):
+        hi = min(n, lo + block_size)
+        kf = {k: v[:, :, lo:hi] for k, v in keys.fields.items()}
+        scores = sum(
+            (q_rot[i] @ kc.unit_rotated(kf, i).transpose(-1, -2)) * kf[f"norms{i}"].float()[:, :, None, :]
+            for i in range(len(kc.groups))
+        )
+        if q_qjl is not None:
+            scale = kc.quantizer.qjl.scale(kf["rnorms"])[:, :, None, :]
+            scores = scores + scale * (q_qjl @ kc.qjl_signs(kf).transpose(-1, -2))
+        p = softmax_step(scores, lo, hi)
+        vf = {k: v[:, :, lo:hi] for k, v in values.fields.items()}
+        for i in range(len(vc.groups)):
+            acc_rot[i] += (p * vf[f"norms{i}"].float()[:, :, None, :]) @ vc.unit_rotated(vf, i)
+    if t:
+        p = softmax_step(q @ tail_keys.float().transpose(-1, -2), n, n + t)
+        acc_tail += p @ tail_values.float()
+
+    out = acc_tail
+    if n:
+        parts = [acc_rot[i] @ vc.tensors(i, q.device)[0].T for i in range(len(vc.groups))]
+        out = out + vc.unpermute(torch.cat(parts, dim=-1), values.perm)
+    out = out / run_sum[..., None]
+    out = out.reshape(bsz, num_kv, groups, q_len, dim).reshape(bsz, num_heads, q_len, dim)
+    return out.transpose(1, 2).contiguous().to(query.dtype)
+
+
+def turboquant_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface function: codes attention on TurboQuant layers, sdpa elsewhere."""
+    tag = getattr(key, _TAG, None)
+    if tag is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if dropout and module.training:
+        raise ValueError("attention on TurboQuant codes is inference-only (dropout > 0 in training mode)")
+    layer, num_codes = tag
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    out = attend_codes(
+        query,
+        layer.packed_keys(num_codes),
+        layer.packed_values(num_codes),
+        key,
+        value,
+        attention_mask,
+        scaling,
+        softcap,
+    )
+    return out, None
+
+
+def _codes_mask(*args, **kwargs):
+    """Mask builder for ``"turboquant"``: always a materialized additive float mask (transformers' eager mask)."""
+    from transformers.masking_utils import eager_mask
+
+    return eager_mask(*args, **kwargs)
+
+
+def register() -> None:
+    """Register ``"turboquant"`` in transformers' attention and mask registries (idempotent, additive)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, turboquant_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, _codes_mask)
+
+
+@contextmanager
+def codes_attention(model):
+    """Run ``model`` with attention on TurboQuant codes inside the block; restores its attention implementation."""
+    register()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_NAME)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)

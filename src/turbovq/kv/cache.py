@@ -1,0 +1,468 @@
+"""``TurboQuantCache``: a transformers ``Cache`` that keeps the KV cache as TurboQuant codes.
+
+Per full-attention layer, keys and values of shape ``(batch_size, num_kv_heads, seq_len, head_dim)`` are split:
+
+* a full-precision residual window (model dtype) holding the most recent tokens: between ``residual_length`` and
+  ``residual_length + flush_block - 1`` of them once the sequence is long enough;
+* everything older as packed TurboQuant_mse codes + per-vector norms (float16 by default), flushed from the
+  window in blocks of ``flush_block`` tokens. Nothing else is kept, and ``nbytes`` counts exactly these tensors.
+
+Fractional bits (e.g. 3.5) use the core outlier split: ``(bits - floor(bits)) * head_dim`` channels of each KV
+head at ``ceil(bits)``, the rest at ``floor(bits)``, each group with its own rotation and norm. With
+``outlier_channels="prefill"`` the outlier channels of every (layer, kv head) are the channels of largest RMS over
+the tokens seen at the layer's first flush (normally the prompt); ``"fixed"`` takes the first channels.
+
+Keys may use TurboQuant_prod instead (``qjl_keys=True``): ``key_bits - 1`` bits of mse codes plus a 1-bit QJL
+sketch of the residual, which makes ``<q, k>`` unbiased (at the cost of variance).
+
+Layers kept as the model expects: sliding-window / chunked layers stay exact ``DynamicSlidingWindowLayer`` (they
+hold at most one window); ``full_precision_layers`` stay exact ``DynamicLayer``.
+
+Two ways to attend:
+
+* attention on the codes (``turbovq.kv.attention``, attention implementation ``"turboquant"``): ``update`` returns
+  only the full-precision tail, tagged with its layer, and the attention function scores the codes directly;
+* any other attention implementation (sdpa, eager, ...): ``update`` returns dequantized keys/values concatenated
+  with the tail (a compatibility path that materializes K/V in the model dtype for the duration of the call).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+
+from turbovq import packing
+from turbovq.quantizer import TurboQuantMSE, TurboQuantProd
+from turbovq.rotation import derive_seed
+
+ATTN_NAME = "turboquant"  # the attention implementation that runs on the codes (registered by kv.attention)
+OUTLIER_MODES = ("prefill", "fixed")
+_TINY = 1e-30
+_FP16_MAX = float(torch.finfo(torch.float16).max)
+_TAG = "_turbovq_codes"
+
+
+class RowCodec:
+    """TurboQuant for the rows of ``(batch_size, num_kv_heads, n, head_dim)`` tensors, vectorized over heads.
+
+    Every head uses the same rotations and codebooks (they depend only on ``seed``); fractional bits put each
+    head's outlier channels first through a per-head channel permutation ``perm`` of shape ``(num_kv_heads,
+    head_dim)`` (``None``: identity, i.e. the first channels are the outliers).
+
+    Fields of the encoded rows (all ``(batch_size, num_kv_heads, n, ...)``): ``codes{i}`` packed uint8 and
+    ``norms{i}`` for each channel group ``i``; with QJL also ``qjl`` (packed signs) and ``rnorms``.
+    """
+
+    def __init__(self, dim: int, bits: float, seed: int = 0, rotation: str = "hadamard", qjl: bool = False):
+        self.dim, self.bits, self.qjl = int(dim), float(bits), bool(qjl)
+        if qjl:
+            if bits < 2:
+                raise ValueError(f"QJL keys need key_bits >= 2 (bits - 1 go to the mse codes), got {bits:g}")
+            self.quantizer = TurboQuantProd(dim, bits, seed=seed, rotation=rotation)
+            self.mse = self.quantizer._mse
+        else:
+            self.quantizer = TurboQuantMSE(dim, bits, seed=seed, rotation=rotation)
+            self.mse = self.quantizer
+        self.num_outliers = self.mse.num_outliers
+        # (bits, dim, offset in the permuted channel order) per group; group 0 holds the outliers when present.
+        self.groups: list[tuple[int, int, int]] = []
+        offset = 0
+        for g in self.mse._groups:
+            self.groups.append((g.bits, g.dim, offset))
+            offset += g.dim
+
+    def __repr__(self) -> str:
+        return f"RowCodec(dim={self.dim}, bits={self.bits:g}, qjl={self.qjl})"
+
+    def tensors(self, i: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rotation A with ``x_rot = x @ A``, centroids, boundaries) of group ``i`` on ``device``."""
+        a, cents, bounds, _ = self.mse._groups[i].tensors(device)
+        return a, cents, bounds
+
+    def bytes_per_row(self, norm_bytes: int = 2) -> float:
+        """Bytes per (token, head): packed codes + one norm per group (+ QJL signs and residual norm)."""
+        total = sum(packing.packed_size(d, b) + norm_bytes for b, d, _ in self.groups)
+        if self.qjl:
+            total += packing.packed_size(self.quantizer.qjl.rows, 1) + norm_bytes
+        return total
+
+    # --- channel permutation ---------------------------------------------------------------------------------
+    def calibrate(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Per-head permutation putting the ``num_outliers`` channels of largest RMS over ``x`` first, ``(H, D)``."""
+        if self.num_outliers == 0:
+            return None
+        ms = x.float().pow(2).mean(dim=(0, 2))  # (H, D)
+        top = torch.topk(ms, self.num_outliers, dim=-1).indices.sort(dim=-1).values
+        mask = torch.ones_like(ms, dtype=torch.bool).scatter_(-1, top, False)
+        rest = torch.arange(self.dim, device=x.device).expand_as(ms)[mask].reshape(ms.shape[0], -1)
+        return torch.cat([top, rest], dim=-1)
+
+    @staticmethod
+    def permute(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+        """``x[b, h, :, perm[h]]`` for x of shape (B, H, n, D)."""
+        if perm is None:
+            return x
+        return x.gather(-1, perm[None, :, None, :].expand(x.shape[0], -1, x.shape[2], -1))
+
+    @staticmethod
+    def unpermute(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+        if perm is None:
+            return x
+        index = perm[None, :, None, :].expand(x.shape[0], -1, x.shape[2], -1)
+        return torch.empty_like(x).scatter_(-1, index, x)
+
+    # --- encode / decode ---------------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor, perm: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Quantize rows of ``x`` (B, H, n, D); norms come back in float32 (the caller picks the storage dtype)."""
+        x = x.float()
+        xp = self.permute(x, perm)
+        fields = {}
+        for i, (bits, d, off) in enumerate(self.groups):
+            a, _, bounds = self.tensors(i, x.device)
+            xg = xp[..., off : off + d]
+            norms = torch.linalg.vector_norm(xg, dim=-1)
+            y = (xg / norms.clamp_min(_TINY)[..., None]) @ a
+            fields[f"codes{i}"] = packing.pack(torch.bucketize(y, bounds), bits)
+            fields[f"norms{i}"] = norms
+        if self.qjl:
+            r = x - self.decode(fields, perm, with_qjl=False)
+            signs, rnorms = self.quantizer.qjl.sketch(r.reshape(-1, self.dim))
+            fields["qjl"] = signs.reshape(*x.shape[:3], -1)
+            fields["rnorms"] = rnorms.reshape(x.shape[:3])
+        return fields
+
+    def unit_rotated(self, fields: dict[str, torch.Tensor], i: int) -> torch.Tensor:
+        """Centroids of group ``i`` in the rotated space (unit norm, before scaling): (B, H, n, d_i) float32."""
+        bits, d, _ = self.groups[i]
+        _, cents, _ = self.tensors(i, fields[f"codes{i}"].device)
+        return cents[packing.unpack(fields[f"codes{i}"], bits, d).long()]
+
+    def qjl_signs(self, fields: dict[str, torch.Tensor]) -> torch.Tensor:
+        packed = fields["qjl"]
+        return self.quantizer.qjl.signs(packed.reshape(-1, packed.shape[-1])).reshape(*packed.shape[:3], -1)
+
+    def decode(self, fields: dict[str, torch.Tensor], perm: torch.Tensor | None, with_qjl: bool = True) -> torch.Tensor:
+        """Dequantize to float32 (B, H, n, D)."""
+        parts = []
+        for i in range(len(self.groups)):
+            a, _, _ = self.tensors(i, fields[f"codes{i}"].device)
+            parts.append((self.unit_rotated(fields, i) * fields[f"norms{i}"].float()[..., None]) @ a.T)
+        out = self.unpermute(torch.cat(parts, dim=-1), perm)
+        if self.qjl and with_qjl:
+            qjl = self.quantizer.qjl
+            signs = self.qjl_signs(fields)
+            out = out + qjl.scale(fields["rnorms"])[..., None] * (signs @ qjl.matrix(out.device))
+        return out
+
+
+@dataclass
+class PackedRows:
+    """A read-only view of the first ``length`` compressed rows of one layer (keys or values)."""
+
+    codec: RowCodec
+    fields: dict[str, torch.Tensor]
+    perm: torch.Tensor | None
+    length: int
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codec.decode(self.fields, self.perm)
+
+
+def _norm_storage(norms: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.float16 and bool((norms > _FP16_MAX).any()):
+        return norms.float()  # too large for float16: this layer's norms move to float32 (see _append)
+    return norms.to(dtype)
+
+
+def _append(store: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not store:
+        return new
+    out = {}
+    for k, v in new.items():
+        old = store[k]
+        if old.dtype != v.dtype:
+            old, v = old.float(), v.float()
+        out[k] = torch.cat([old, v], dim=2)
+    return out
+
+
+class TurboQuantLayer(DynamicLayer):
+    """One full-attention layer: packed key/value codes + norms, and a full-precision residual window.
+
+    ``self.keys`` / ``self.values`` hold only the full-precision window ``(batch_size, num_kv_heads, w, head_dim)``.
+    """
+
+    is_croppable = False
+
+    def __init__(
+        self,
+        key_codec: RowCodec,
+        value_codec: RowCodec,
+        residual_length: int,
+        flush_block: int,
+        outlier_channels: str,
+        norm_dtype: torch.dtype,
+        attn_config,
+    ):
+        super().__init__()
+        self.key_codec, self.value_codec = key_codec, value_codec
+        self.residual_length, self.flush_block = residual_length, flush_block
+        self.outlier_channels, self.norm_dtype = outlier_channels, norm_dtype
+        self._attn_config = attn_config  # read at every update: codes attention or dequantized K/V
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.cumulative_length = 0
+        self.num_codes = 0
+        self.key_fields: dict[str, torch.Tensor] = {}
+        self.value_fields: dict[str, torch.Tensor] = {}
+        self.key_perm: torch.Tensor | None = None
+        self.value_perm: torch.Tensor | None = None
+        self._calibrated = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
+        self.is_initialized = True
+
+    @property
+    def codes_attention(self) -> bool:
+        return getattr(self._attn_config, "_attn_implementation", None) == ATTN_NAME
+
+    def packed_keys(self, length: int | None = None) -> PackedRows:
+        n = self.num_codes if length is None else length
+        fields = {k: v[:, :, :n] for k, v in self.key_fields.items()}
+        return PackedRows(self.key_codec, fields, self.key_perm, n)
+
+    def packed_values(self, length: int | None = None) -> PackedRows:
+        n = self.num_codes if length is None else length
+        fields = {k: v[:, :, :n] for k, v in self.value_fields.items()}
+        return PackedRows(self.value_codec, fields, self.value_perm, n)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``(batch_size, num_kv_heads, q_len, head_dim)`` states; return what the attention needs.
+
+        Codes attention: the full-precision tail (window + new states), tagged with ``(layer, num_codes)``.
+        Otherwise: dequantized codes + tail, in the model dtype (all ``seq_len`` positions).
+        Tokens leaving the window are quantized *after* the returned tensors were formed, so the current
+        step always sees its own tokens at full precision.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        tail_k = torch.cat([self.keys, key_states], dim=-2)
+        tail_v = torch.cat([self.values, value_states], dim=-2)
+        self.cumulative_length += key_states.shape[-2]
+        num_codes = self.num_codes
+        if self.codes_attention:
+            out_k = tail_k.view(tail_k.shape)  # a fresh tensor object carrying the tag
+            setattr(out_k, _TAG, (self, num_codes))
+            out = (out_k, tail_v)
+        elif num_codes:
+            keys = self.packed_keys().dequantize().to(tail_k.dtype)
+            values = self.packed_values().dequantize().to(tail_v.dtype)
+            out = (torch.cat([keys, tail_k], dim=-2), torch.cat([values, tail_v], dim=-2))
+        else:
+            out = (tail_k, tail_v)
+        self.keys, self.values = tail_k, tail_v
+        self._flush()
+        return out
+
+    def _flush(self) -> None:
+        """Quantize the oldest tokens of the window, in whole blocks, keeping at least ``residual_length``."""
+        extra = self.keys.shape[-2] - self.residual_length
+        if extra < self.flush_block:
+            return
+        n = (extra // self.flush_block) * self.flush_block
+        if not self._calibrated:
+            if self.outlier_channels == "prefill":  # statistics of every token seen so far (the prompt)
+                self.key_perm = self.key_codec.calibrate(self.keys)
+                self.value_perm = self.value_codec.calibrate(self.values)
+            self._calibrated = True
+        kf = self.key_codec.encode(self.keys[..., :n, :], self.key_perm)
+        vf = self.value_codec.encode(self.values[..., :n, :], self.value_perm)
+        for fields in (kf, vf):
+            for name in fields:
+                if "norms" in name:
+                    fields[name] = _norm_storage(fields[name], self.norm_dtype)
+        self.key_fields = _append(self.key_fields, kf)
+        self.value_fields = _append(self.value_fields, vf)
+        self.num_codes += n
+        self.keys = self.keys[..., n:, :].contiguous()
+        self.values = self.values[..., n:, :].contiguous()
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: packed codes, norms, QJL fields, channel permutations and the full-precision window."""
+        tensors = [*self.key_fields.values(), *self.value_fields.values(), self.key_perm, self.value_perm]
+        if self.is_initialized:
+            tensors += [self.keys, self.values]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    # --- batch manipulation (beam search, contrastive search) ------------------------------------------------------
+    def _map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        self.key_fields = {k: fn(v) for k, v in self.key_fields.items()}
+        self.value_fields = {k: fn(v) for k, v in self.value_fields.items()}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices, ...])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("TurboQuantCache layers cannot be cropped (quantized tokens cannot be restored)")
+
+    def reset(self) -> None:
+        self._reset_state()
+
+    def offload(self):
+        raise NotImplementedError("offloading is not supported by TurboQuantCache")
+
+
+def _layer_nbytes(layer) -> int:
+    if isinstance(layer, TurboQuantLayer):
+        return layer.nbytes
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if not getattr(layer, "is_initialized", False) or keys is None:
+        return 0
+    return sum(t.numel() * t.element_size() for t in (keys, values))
+
+
+def _layer_types(text_config) -> tuple[list[str], int | None]:
+    """Attention kind of every layer and the sliding window, as transformers' ``DynamicCache(config=...)`` sees them."""
+    types = getattr(text_config, "layer_types", None)
+    if types is None:
+        if getattr(text_config, "sliding_window", None) is not None:
+            types = ["sliding_attention"] * text_config.num_hidden_layers
+        elif getattr(text_config, "attention_chunk_size", None) is not None:
+            types = ["chunked_attention"] * text_config.num_hidden_layers
+        else:
+            types = ["full_attention"] * text_config.num_hidden_layers
+    shared = getattr(text_config, "num_kv_shared_layers", None)
+    if shared:
+        types = types[:-shared]
+    window = getattr(text_config, "sliding_window", None)
+    if "chunked_attention" in types:
+        window = text_config.attention_chunk_size
+    return list(types), window
+
+
+def _check_bits(bits, name: str) -> float:
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not 1 <= bits <= 8 or math.isnan(bits):
+        raise ValueError(f"{name} must be a number in [1, 8], got {bits!r}")
+    return float(bits)
+
+
+class TurboQuantCache(Cache):
+    """A transformers ``Cache`` storing keys/values as TurboQuant codes (see the module docstring).
+
+    Parameters
+    ----------
+    config : the model config (``model.config``); its text config gives layer types, heads and ``head_dim``.
+    key_bits, value_bits : bits per coordinate, 1..8, fractional allowed (multiples of 1/head_dim).
+    residual_length : most recent tokens kept in the model dtype (>= 0).
+    full_precision_layers : layer indices kept exact (negative indices count from the end), e.g. ``(0, -1)``.
+    outlier_channels : ``"prefill"`` (top-RMS channels per layer and KV head at the first flush) or ``"fixed"``.
+    qjl_keys : keys as TurboQuant_prod (``key_bits - 1`` mse bits + 1-bit QJL) instead of TurboQuant_mse.
+    flush_block : tokens are quantized in blocks of this many (>= 1).
+    seed, rotation : as in ``TurboQuantMSE``; keys and values use independent seeds.
+    norm_dtype : ``"float16"`` (default; a layer switches to float32 if a norm overflows) or ``"float32"``.
+    """
+
+    def __init__(
+        self,
+        config,
+        key_bits: float = 4,
+        value_bits: float = 4,
+        residual_length: int = 128,
+        full_precision_layers: Sequence[int] = (),
+        outlier_channels: str = "prefill",
+        qjl_keys: bool = False,
+        flush_block: int = 64,
+        seed: int = 0,
+        rotation: str = "hadamard",
+        norm_dtype: str = "float16",
+    ):
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        self.key_bits, self.value_bits = _check_bits(key_bits, "key_bits"), _check_bits(value_bits, "value_bits")
+        if isinstance(residual_length, bool) or not isinstance(residual_length, int) or residual_length < 0:
+            raise ValueError(f"residual_length must be an integer >= 0, got {residual_length!r}")
+        if isinstance(flush_block, bool) or not isinstance(flush_block, int) or flush_block < 1:
+            raise ValueError(f"flush_block must be an integer >= 1, got {flush_block!r}")
+        if outlier_channels not in OUTLIER_MODES:
+            raise ValueError(f"outlier_channels must be one of {OUTLIER_MODES}, got {outlier_channels!r}")
+        norm_dtypes = {"float16": torch.float16, "float32": torch.float32}
+        if norm_dtype not in norm_dtypes:
+            raise ValueError(f"norm_dtype must be one of {tuple(norm_dtypes)}, got {norm_dtype!r}")
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.num_layers = int(text.num_hidden_layers)
+        fp_layers = set()
+        for i in full_precision_layers:
+            if not -self.num_layers <= int(i) < self.num_layers:
+                raise ValueError(f"full_precision_layers: {i} is out of range for {self.num_layers} layers")
+            fp_layers.add(int(i) % self.num_layers)
+        self.full_precision_layers = tuple(sorted(fp_layers))
+        self.residual_length, self.flush_block, self.qjl_keys = residual_length, flush_block, bool(qjl_keys)
+        self.outlier_channels, self.seed, self.rotation = outlier_channels, int(seed), rotation
+        self.key_codec = RowCodec(self.head_dim, self.key_bits, derive_seed(self.seed, "keys"), rotation, qjl_keys)
+        self.value_codec = RowCodec(self.head_dim, self.value_bits, derive_seed(self.seed, "values"), rotation)
+
+        layer_types, window = _layer_types(text)
+        layers = []
+        for idx, kind in enumerate(layer_types):
+            if kind in ("sliding_attention", "chunked_attention"):
+                layers.append(DynamicSlidingWindowLayer(sliding_window=window))
+            elif kind != "full_attention":
+                raise ValueError(f"TurboQuantCache supports attention layers only; layer {idx} is {kind!r}")
+            elif idx in fp_layers:
+                layers.append(DynamicLayer())
+            else:
+                layers.append(
+                    TurboQuantLayer(
+                        self.key_codec,
+                        self.value_codec,
+                        residual_length,
+                        flush_block,
+                        outlier_channels,
+                        norm_dtypes[norm_dtype],
+                        text,
+                    )
+                )
+        super().__init__(layers=layers)
+
+    def __repr__(self) -> str:
+        return (
+            f"TurboQuantCache(key_bits={self.key_bits:g}, value_bits={self.value_bits:g}, "
+            f"residual_length={self.residual_length}, quantized_layers={self.quantized_layers}, "
+            f"qjl_keys={self.qjl_keys})"
+        )
+
+    @property
+    def quantized_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.layers) if isinstance(layer, TurboQuantLayer)]
+
+    @property
+    def nbytes(self) -> int:
+        """Real bytes held by all layers (codes, norms, full-precision windows, exact layers)."""
+        return sum(_layer_nbytes(layer) for layer in self.layers)
+
+    def bytes_per_token(self) -> float:
+        """``nbytes`` per cached token (batch rows counted separately); 0 when empty."""
+        batch = next((x.keys.shape[0] for x in self.layers if getattr(x, "is_initialized", False)), 1)
+        tokens = self.get_seq_length() * batch
+        return self.nbytes / tokens if tokens else 0.0

@@ -1,0 +1,161 @@
+"""Attention on TurboQuant codes vs dequantize-then-attend and vs exact attention."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from turbovq import TurboQuantMSE  # noqa: E402
+from turbovq.kv.attention import attend_codes, codes_attention  # noqa: E402
+from turbovq.kv.cache import PackedRows, RowCodec  # noqa: E402
+
+
+def reference_attention(query, keys, values, mask, scaling):
+    """Exact softmax attention, GQA by repeating KV heads: (B, Hq, Q, D) -> (B, Q, Hq, D), float64."""
+    groups = query.shape[1] // keys.shape[1]
+    k = keys.double().repeat_interleave(groups, dim=1)
+    v = values.double().repeat_interleave(groups, dim=1)
+    scores = query.double() @ k.transpose(-1, -2) * scaling
+    if mask is not None:
+        scores = scores + (mask.double() if mask.dtype != torch.bool else torch.where(mask, 0.0, -math.inf))
+    return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2)
+
+
+def make_inputs(b=2, hq=6, hkv=2, q=3, n=40, t=5, d=64, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(b, hq, q, d, generator=g)
+    keys = torch.randn(b, hkv, n + t, d, generator=g) * scale
+    keys[..., :3] *= 4  # a few outlier channels, as real keys have
+    values = torch.randn(b, hkv, n + t, d, generator=g)
+    return query, keys, values
+
+
+def packed(codec: RowCodec, x: torch.Tensor, calibrate: bool = True) -> PackedRows:
+    perm = codec.calibrate(x) if calibrate else None
+    return PackedRows(codec, codec.encode(x, perm), perm, x.shape[2])
+
+
+def causal_padding_mask(b, q, total, pad: int) -> torch.Tensor:
+    """Boolean (b, 1, q, total): causal for the last q positions, batch row 1 left-padded by ``pad`` tokens."""
+    pos_q = torch.arange(total - q, total)[:, None]
+    mask = (torch.arange(total)[None, :] <= pos_q).expand(b, 1, q, total).clone()
+    mask[1, :, :, :pad] = False
+    return mask
+
+
+@pytest.mark.parametrize("d,hq,hkv", [(64, 6, 2), (128, 4, 4), (256, 4, 1)])
+@pytest.mark.parametrize("key_bits,value_bits,qjl", [(4, 4, False), (3.5, 2.5, False), (3, 4, True)])
+def test_codes_attention_equals_dequantize_then_attend(d, hq, hkv, key_bits, value_bits, qjl):
+    query, keys, values = make_inputs(hq=hq, hkv=hkv, d=d)
+    n = 40
+    kc = RowCodec(d, key_bits, seed=1, qjl=qjl)
+    vc = RowCodec(d, value_bits, seed=2)
+    pk, pv = packed(kc, keys[:, :, :n]), packed(vc, values[:, :, :n])
+    mask = causal_padding_mask(2, 3, n + 5, pad=7)
+    out = attend_codes(query, pk, pv, keys[:, :, n:], values[:, :, n:], mask, d**-0.5, block_size=16)
+    k_hat = torch.cat([pk.dequantize(), keys[:, :, n:]], dim=2)
+    v_hat = torch.cat([pv.dequantize(), values[:, :, n:]], dim=2)
+    ref = reference_attention(query, k_hat, v_hat, mask, d**-0.5)
+    assert out.shape == (2, 3, hq, d)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_high_bits_close_to_exact_attention():
+    query, keys, values = make_inputs(n=64, t=0, scale=1.0)
+    exact = reference_attention(query, keys, values, None, 0.125)
+    errors = {}
+    for bits in (2, 4, 8):
+        kc, vc = RowCodec(64, bits, seed=3), RowCodec(64, bits, seed=4)
+        out = attend_codes(query, packed(kc, keys), packed(vc, values), keys[:, :, :0], values[:, :, :0], None, 0.125)
+        errors[bits] = float((out.double() - exact).norm() / exact.norm())
+    # Peaked softmax over random keys amplifies key error; each extra bit halves it (x16 from 4 to 8 bits).
+    assert errors[8] < 0.02, errors
+    assert errors[2] > 2 * errors[4] > 16 * errors[8], errors
+
+
+def test_block_size_and_empty_parts():
+    query, keys, values = make_inputs(n=50, t=6)
+    kc, vc = RowCodec(64, 3, seed=5), RowCodec(64, 3, seed=6)
+    pk, pv = packed(kc, keys[:, :, :50]), packed(vc, values[:, :, :50])
+    tail_k, tail_v = keys[:, :, 50:], values[:, :, 50:]
+    a = attend_codes(query, pk, pv, tail_k, tail_v, None, 0.125, block_size=7)
+    b = attend_codes(query, pk, pv, tail_k, tail_v, None, 0.125, block_size=4096)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # no codes at all: exact attention over the tail
+    empty_k = PackedRows(kc, {k: v[:, :, :0] for k, v in pk.fields.items()}, pk.perm, 0)
+    empty_v = PackedRows(vc, {k: v[:, :, :0] for k, v in pv.fields.items()}, pv.perm, 0)
+    out = attend_codes(query, empty_k, empty_v, tail_k, tail_v, None, 0.125)
+    torch.testing.assert_close(out.double(), reference_attention(query, tail_k, tail_v, None, 0.125), atol=1e-5, rtol=0)
+
+
+def test_boolean_and_additive_masks_agree_and_size_is_checked():
+    query, keys, values = make_inputs()
+    kc, vc = RowCodec(64, 4, seed=7), RowCodec(64, 4, seed=8)
+    pk, pv = packed(kc, keys[:, :, :40]), packed(vc, values[:, :, :40])
+    mask = causal_padding_mask(2, 3, 45, pad=11)
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    a = attend_codes(query, pk, pv, keys[:, :, 40:], values[:, :, 40:], mask, 0.125)
+    b = attend_codes(query, pk, pv, keys[:, :, 40:], values[:, :, 40:], additive, 0.125)
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="mask covers"):
+        attend_codes(query, pk, pv, keys[:, :, 40:], values[:, :, 40:], mask[..., 1:], 0.125)
+
+
+def test_row_codec_matches_core_quantizer_bit_exactly():
+    """Per-head codes equal TurboQuantMSE(outliers=that head's top channels).quantize of the same rows."""
+    _, keys, _ = make_inputs(n=30, t=0, d=64)
+    codec = RowCodec(64, 2.5, seed=9)
+    perm = codec.calibrate(keys)
+    fields = codec.encode(keys, perm)
+    for h in range(keys.shape[1]):
+        outliers = perm[h, : codec.num_outliers]
+        q = TurboQuantMSE(64, 2.5, seed=9, outliers=outliers.tolist())
+        ref = q.quantize(keys[0, h])
+        for i in range(2):
+            assert torch.equal(fields[f"codes{i}"][0, h], ref.fields[f"codes{i}"])
+            torch.testing.assert_close(fields[f"norms{i}"][0, h], ref.fields[f"norms{i}"].float())
+        torch.testing.assert_close(codec.decode(fields, perm)[0, h], q.dequantize(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_calibration_picks_largest_channels():
+    x = torch.randn(1, 2, 100, 64)
+    x[:, 0, :, [5, 9]] *= 50
+    x[:, 1, :, [60, 61]] *= 50
+    codec = RowCodec(64, 3 + 2 / 64, seed=0)  # exactly two outlier channels
+    perm = codec.calibrate(x)
+    assert perm[0, :2].tolist() == [5, 9] and perm[1, :2].tolist() == [60, 61]
+    assert torch.equal(perm.sort(dim=-1).values, torch.arange(64).expand(2, 64))  # a permutation per head
+    assert RowCodec(64, 3).calibrate(x) is None  # integer bits: no outliers
+
+
+def test_codes_attention_context_is_reversible():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config)
+    before = model.config._attn_implementation
+    with codes_attention(model):
+        assert model.config._attn_implementation == "turboquant"
+    assert model.config._attn_implementation == before
+    with pytest.raises(RuntimeError), codes_attention(model):
+        raise RuntimeError("boom")
+    assert model.config._attn_implementation == before
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    query, keys, values = make_inputs(n=40, t=5, scale=1.0)
+    kc, vc = RowCodec(64, 3.5, seed=10), RowCodec(64, 3.5, seed=11)
+    pk, pv = packed(kc, keys[:, :, :40].to(dtype)), packed(vc, values[:, :, :40].to(dtype))
+    out = attend_codes(query.to(dtype), pk, pv, keys[:, :, 40:].to(dtype), values[:, :, 40:].to(dtype), None, 0.125)
+    assert out.dtype == dtype
+    k_hat = torch.cat([pk.dequantize(), keys[:, :, 40:].to(dtype).float()], dim=2)
+    v_hat = torch.cat([pv.dequantize(), values[:, :, 40:].to(dtype).float()], dim=2)
+    ref = reference_attention(query.to(dtype), k_hat, v_hat, None, 0.125)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
