@@ -242,6 +242,9 @@ def test_bad_arguments_raise(kwargs):
 def test_prod_rejects_bits_between_1_and_2():
     with pytest.raises(ValueError, match="bits == 1 or >= 2"):
         tq.TurboQuantProd(64, 1.5)
+    for kwargs in (dict(dim=1), dict(dim=64, rotation="dct"), dict(dim=64, seed="x"), dict(dim=64, outliers=[1])):
+        with pytest.raises(ValueError):  # validated even when there is no mse stage (bits=1)
+            tq.TurboQuantProd(bits=1, **kwargs)
 
 
 def test_codes_from_another_quantizer_are_refused():

@@ -165,6 +165,10 @@ class TurboQuantMSE:
         outliers: Sequence[int] | None = None,
         norm_dtype: str = "float32",
     ):
+        self._set_common(dim, bits, seed, rotation, device, norm_dtype)
+        self._set_outliers(outliers)
+
+    def _set_common(self, dim, bits, seed, rotation, device, norm_dtype) -> None:
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 2:
             raise ValueError(f"dim must be an integer >= 2, got {dim!r}")
         if rotation not in ROTATIONS:
@@ -179,7 +183,6 @@ class TurboQuantMSE:
         self.rotation = rotation
         self.device = device
         self.norm_dtype = norm_dtype
-        self._set_outliers(outliers)
 
     # --- configuration -------------------------------------------------------------------------------------
     @property
@@ -331,20 +334,14 @@ class TurboQuantProd(TurboQuantMSE):
         outliers: Sequence[int] | None = None,
         norm_dtype: str = "float32",
     ):
-        bits = _check_bits(bits, 1, "bits")
-        if 1 < bits < 2:
+        self._set_common(dim, bits, seed, rotation, device, norm_dtype)
+        if 1 < self.bits < 2:
             raise ValueError(f"TurboQuantProd needs bits == 1 or >= 2 (bits-1 go to the mse stage), got {bits:g}")
-        self._mse = None if bits == 1 else TurboQuantMSE(dim, bits - 1, seed, rotation, device, outliers, norm_dtype)
-        if outliers is not None and self._mse is None:
+        if outliers is not None and self.bits == 1:
             raise ValueError("outliers= only applies to fractional bits")
-        self.dim = int(dim)
-        self.bits = bits
-        self.seed = int(seed)
-        self.rotation = rotation
-        self.device = device
-        self.norm_dtype = norm_dtype
-        if norm_dtype not in _NORM_DTYPES:
-            raise ValueError(f"norm_dtype must be one of {tuple(_NORM_DTYPES)}, got {norm_dtype!r}")
+        self._mse = (
+            None if self.bits == 1 else TurboQuantMSE(dim, self.bits - 1, seed, rotation, device, outliers, norm_dtype)
+        )
         self.qjl = QJL(self.dim, derive_seed(self.seed, "qjl"))
 
     @property
