@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,11 +32,44 @@ def machine() -> dict:
         "torch_threads": torch.get_num_threads(),
         "numpy": numpy.__version__,
         "faiss": faiss_version,
+        "loadavg_1_5_15min": os.getloadavg(),  # other work on the machine skews timings
+        "git": git_state(),
     }
+
+
+def git_state() -> str | None:
+    """HEAD commit of the repository, with "+dirty" when tracked files under src/ are modified."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "src"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def command() -> str:
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+
+
+def busy_processes() -> list[str]:
+    """Other processes using CPU right now (from /proc), so a timing run can say it was not alone."""
+    try:
+        out = subprocess.run(
+            ["ps", "-eo", "pid,pcpu,args", "--sort=-pcpu"], capture_output=True, text=True, check=True
+        ).stdout.splitlines()[1:]
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    me = str(os.getpid())
+    return [line.strip()[:120] for line in out if float(line.split()[1]) > 20 and line.split()[0] != me]
 
 
 def write_json(name: str, payload: dict) -> Path:

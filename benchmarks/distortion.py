@@ -91,7 +91,8 @@ def plot(rows: list[dict], dims: list[int], path) -> None:
 
 def markdown(rows: list[dict], max_bits: int) -> str:
     lines = [
-        "| d | b | D_mse measured | D_mse theory | d·D_prod measured | d·D_prod theory | lower 4^-b | upper √3π/2·4^-b |",
+        "| d | b | D_mse measured | D_mse theory | d·D_prod measured | d·D_prod theory | lower 4^-b "
+        "| upper √3π/2·4^-b |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -124,9 +125,12 @@ def main() -> None:
             t = time.perf_counter()
             rows.append(measure(d, b, ns[d], args.queries, args.rotation, args.seed))
             r = rows[-1]
-            print(f"d={d:5d} b={b}  mse {r['d_mse_measured']:.5g} (theory {r['d_mse_theory']:.5g})  "
-                  f"prod {r['d_prod_measured']:.5g} (theory {r['d_prod_theory']:.5g})  "
-                  f"[{time.perf_counter() - t:.1f}s]", flush=True)
+            print(
+                f"d={d:5d} b={b}  mse {r['d_mse_measured']:.5g} (theory {r['d_mse_theory']:.5g})  "
+                f"prod {r['d_prod_measured']:.5g} (theory {r['d_prod_theory']:.5g})  "
+                f"[{time.perf_counter() - t:.1f}s]",
+                flush=True,
+            )
 
     name = "distortion_quick" if args.quick else "distortion"
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ d = 128 and 1536, against faiss-cpu in the same process on the same data and thr
 ``index_factory(d, "RR,SQtqmse{2,4}")`` (dense random rotation + TurboQuant codebook, when this faiss has it).
 Each encode is warmed up once, then timed ``--repeats`` times (best reported, median kept in the JSON), for
 1 and 2 threads (torch.set_num_threads and faiss.omp_set_num_threads). Then a stage-by-stage profile of our
-encode at b = 4 (validation, gather, norm, rotation matmul, bucketize, pack, concatenation).
+encode at b = 4 (validation, norm, rotation matmul, normalization, scalar quantization, pack).
 Writes results/encode_cpu.json and .png.
 
     python benchmarks/encode_cpu.py            # 200k vectors at d=128, 20k at d=1536
@@ -26,28 +26,30 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from _common import RESULTS, write_json
+from _common import RESULTS, busy_processes, write_json
 
 import turbovq as tq
-from turbovq import packing
+from turbovq import codebook, packing
 from turbovq.quantizer import _as_matrix, _chunks
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """Warm up once, then (best, median) wall seconds over ``repeats`` runs.
+def timed(fn, repeats: int) -> tuple[float, float, float]:
+    """Warm up once, then (best, median) wall seconds and the best process CPU seconds over ``repeats`` runs.
 
     torch and faiss each bring their own libgomp, whose idle workers spin-wait for a while after a parallel
     region; on 2 cores those spinning threads would steal the other library's cores, so every run starts after
-    a short pause.
+    a short pause. CPU seconds (all threads, spin-waits included) are less sensitive to other processes sharing
+    the machine; at 1 thread they are the cleaner number when the machine is not idle.
     """
     fn()
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
         time.sleep(0.2)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - t)
-    return min(times), statistics.median(times)
+        cpu.append(time.process_time() - c)
+    return min(times), statistics.median(times), min(cpu)
 
 
 def methods(d: int, x: np.ndarray, train: np.ndarray) -> dict:
@@ -88,50 +90,71 @@ def throughput(dims, ns, threads_list, repeats) -> tuple[list[dict], dict]:
                 if fn is None:
                     unavailable[name] = size
                     continue
-                best, med = timed(fn, repeats)
-                block.append({"dim": d, "bits": bits, "method": name, "threads": threads, "n": n,
-                              "vectors_per_s": n / best, "vectors_per_s_median": n / med,
-                              "bytes_per_vector": size})
+                best, med, cpu = timed(fn, repeats)
+                block.append(
+                    {
+                        "dim": d,
+                        "bits": bits,
+                        "method": name,
+                        "threads": threads,
+                        "n": n,
+                        "vectors_per_s": n / best,
+                        "vectors_per_s_median": n / med,
+                        "vectors_per_cpu_s": n / cpu,
+                        "bytes_per_vector": size,
+                    }
+                )
             ref = next(r["vectors_per_s"] for r in block if r["method"] == "faiss-SQ4")
+            tqmse = {r["bits"]: r["vectors_per_s"] for r in block if r["method"].startswith("faiss-RR,SQtqmse")}
             for r in block:
                 r["ratio_vs_faiss_sq4"] = r["vectors_per_s"] / ref
-                print(f"d={d:5d} t={threads} {r['method']:20s} {r['vectors_per_s']:12,.0f} vec/s  "
-                      f"x{r['ratio_vs_faiss_sq4']:.2f} vs SQ4", flush=True)
+                r["ratio_vs_faiss_tqmse_same_bits"] = r["vectors_per_s"] / tqmse[r["bits"]] if tqmse else None
+                print(
+                    f"d={d:5d} t={threads} {r['method']:20s} {r['vectors_per_s']:12,.0f} vec/s  "
+                    f"x{r['ratio_vs_faiss_sq4']:.2f} vs SQ4",
+                    flush=True,
+                )
             rows += block
     return rows, unavailable
 
 
 def profile(d: int, bits: int, n: int, threads: int, repeats: int) -> dict:
-    """Seconds per stage of TurboQuantMSE.quantize, replaying its steps (quantizer.py: quantize, _Group.encode)."""
+    """Seconds per stage of TurboQuantMSE.quantize, replaying its steps (quantizer.py: quantize, _Group.encode),
+    plus torch.profiler's top operators of one real quantize() call (independent of the replay)."""
     torch.set_num_threads(threads)
     x = torch.randn(n, d, generator=torch.Generator().manual_seed(0))
     q = tq.TurboQuantMSE(d, bits, seed=0)
-    g = q._groups[0]
-    a, _, bounds, ch = g.tensors(x.device)
-    stages = dict.fromkeys(["validate (_as_matrix: isfinite)", "gather x[:, ch]", "norm", "normalize (divide)",
-                            "rotate (x @ A)", "bucketize (-> int64)", "pack: int64 -> uint8",
-                            "pack: pad + shift-or", "norms to dtype", "torch.cat chunks"], 0.0)
+    (g,) = q._groups
+    assert g.whole, "the replay below assumes one group over all channels"
+    a, _, bounds, _ = g.tensors(x.device)
+    names = ["validate (_as_matrix)", "norm", "rotate (x @ A)", "normalize (div_)", "quantize_coordinates", "pack"]
+    stages = dict.fromkeys([*names, "norms dtype + torch.cat"], 0.0)
+    clock = [0.0]
 
-    def step(name, fn):
-        t = time.perf_counter()
-        out = fn()
-        stages[name] += time.perf_counter() - t
-        return out
+    def lap(name):  # charge the time since the previous lap to stage `name`
+        now = time.perf_counter()
+        stages[name] += now - clock[0]
+        clock[0] = now
 
     def run():
-        xm = step("validate (_as_matrix: isfinite)", lambda: _as_matrix(x, d)[0])
+        clock[0] = time.perf_counter()
+        xm = _as_matrix(x, d)[0]
+        lap("validate (_as_matrix)")
         parts = []
         for sl in _chunks(n, d):
-            xg = step("gather x[:, ch]", lambda: xm[sl][:, ch])
-            norms = step("norm", lambda: torch.linalg.vector_norm(xg, dim=1))
-            u = step("normalize (divide)", lambda: xg / norms.clamp_min(1e-30)[:, None])
-            y = step("rotate (x @ A)", lambda: u @ a)
-            idx = step("bucketize (-> int64)", lambda: torch.bucketize(y, bounds))
-            idx8 = step("pack: int64 -> uint8", lambda: idx.to(torch.uint8))
-            packed = step("pack: pad + shift-or", lambda: packing.pack(idx8, bits))
-            norms = step("norms to dtype", lambda: q._norms_out(norms))
-            parts.append((packed, norms))
-        step("torch.cat chunks", lambda: (torch.cat([p for p, _ in parts]), torch.cat([m for _, m in parts])))
+            xc = xm[sl]
+            norms = torch.linalg.vector_norm(xc, dim=1)
+            lap("norm")
+            y = xc @ a
+            lap("rotate (x @ A)")
+            y.div_(norms.clamp_min(1e-30)[:, None])
+            lap("normalize (div_)")
+            codes = codebook.quantize_coordinates(y, bounds)
+            lap("quantize_coordinates")
+            parts.append((packing.pack(codes, bits), norms))
+            lap("pack")
+        torch.cat([p for p, _ in parts]), torch.cat([q._norms_out(m) for _, m in parts])
+        lap("norms dtype + torch.cat")
 
     run()  # warm-up
     stages = dict.fromkeys(stages, 0.0)
@@ -140,13 +163,31 @@ def profile(d: int, bits: int, n: int, threads: int, repeats: int) -> dict:
         run()
     stages = {k: v / repeats for k, v in stages.items()}
     total = sum(stages.values())
-    actual, _ = timed(lambda: q.quantize(x), repeats)
-    print(f"\nprofile d={d} b={bits} n={n:,} threads={threads}: sum of stages {total * 1e3:.1f} ms, "
-          f"quantize() best {actual * 1e3:.1f} ms ({n / actual:,.0f} vec/s)")
+    actual, _, _ = timed(lambda: q.quantize(x), repeats)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        q.quantize(x)
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    top_ops = [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3} for e in ops]
+    print(
+        f"\nprofile d={d} b={bits} n={n:,} threads={threads}: sum of stages {total * 1e3:.1f} ms, "
+        f"quantize() best {actual * 1e3:.1f} ms ({n / actual:,.0f} vec/s)"
+    )
     for k, v in stages.items():
-        print(f"  {k:34s} {v * 1e3:8.1f} ms  {100 * v / total:5.1f}%")
-    return {"dim": d, "bits": bits, "n": n, "threads": threads, "quantize_best_s": actual, "stages_s": stages,
-            "stages_share": {k: v / total for k, v in stages.items()}}
+        print(f"  {k:28s} {v * 1e3:8.1f} ms  {100 * v / total:5.1f}%")
+    print(
+        "  torch.profiler, top self-CPU ops of one quantize(): "
+        + ", ".join(f"{o['op']} {o['self_cpu_ms']:.0f} ms" for o in top_ops[:5])
+    )
+    return {
+        "dim": d,
+        "bits": bits,
+        "n": n,
+        "threads": threads,
+        "quantize_best_s": actual,
+        "stages_s": stages,
+        "stages_share": {k: v / total for k, v in stages.items()},
+        "torch_profiler_top_ops": top_ops,
+    }
 
 
 def plot(rows: list[dict], path) -> None:
@@ -155,8 +196,10 @@ def plot(rows: list[dict], path) -> None:
     width = 0.8 / len(names)
     fig, ax = plt.subplots(figsize=(11, 4.8))
     for i, name in enumerate(names):
-        vals = [next((r["vectors_per_s"] for r in rows if (r["dim"], r["threads"]) == g and r["method"] == name),
-                     0) for g in groups]
+        vals = [
+            next((r["vectors_per_s"] for r in rows if (r["dim"], r["threads"]) == g and r["method"] == name), 0)
+            for g in groups
+        ]
         ax.bar(np.arange(len(groups)) + (i - (len(names) - 1) / 2) * width, vals, width, label=name)
     ax.set_xticks(np.arange(len(groups)), [f"d={d}\n{t} thread{'s' * (t > 1)}" for d, t in groups])
     ax.set_yscale("log")
@@ -169,10 +212,17 @@ def plot(rows: list[dict], path) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| d | threads | method | bytes/vec | vectors/s | vs FAISS SQ4 |", "|---:|---:|---|---:|---:|---:|"]
+    lines = [
+        "| d | threads | method | bytes/vec | vectors/s | vs FAISS SQ4 | vs FAISS RR,SQtqmse (same b) |",
+        "|---:|---:|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['dim']} | {r['threads']} | {r['method']} | {r['bytes_per_vector']} | "
-                     f"{r['vectors_per_s']:,.0f} | {r['ratio_vs_faiss_sq4']:.2f}x |")
+        tq_ratio = r["ratio_vs_faiss_tqmse_same_bits"]
+        lines.append(
+            f"| {r['dim']} | {r['threads']} | {r['method']} | {r['bytes_per_vector']} | "
+            f"{r['vectors_per_s']:,.0f} | {r['ratio_vs_faiss_sq4']:.2f}x | "
+            f"{'-' if tq_ratio is None else f'{tq_ratio:.2f}x'} |"
+        )
     return "\n".join(lines)
 
 
@@ -187,14 +237,23 @@ def main() -> None:
     if args.quick:
         args.n, args.repeats = [20_000, 2_000], 1
 
+    busy = busy_processes()
+    if busy:
+        print("WARNING: other processes are using the CPU, timings will be skewed:\n  " + "\n  ".join(busy))
     rows, unavailable = throughput(args.dims, args.n, args.threads, args.repeats)
     profiles = [profile(d, 4, n, t, args.repeats) for d, n in zip(args.dims, args.n) for t in args.threads]
 
     name = "encode_cpu_quick" if args.quick else "encode_cpu"
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(rows, RESULTS / f"{name}.png")
-    settings = {"repeats": args.repeats, "timing": "best of repeats after 1 warm-up, 0.2 s pause before each run", "data": "unit gaussian, float32",
-                "faiss_unavailable": unavailable}
+    settings = {
+        "repeats": args.repeats,
+        "timing": "best of repeats after 1 warm-up, 0.2 s pause before each",
+        "data": "unit gaussian rows, float32",
+        "faiss_unavailable": unavailable,
+        "busy_processes_at_start": busy,
+        "busy_processes_at_end": busy_processes(),
+    }
     path = write_json(name, {"settings": settings, "rows": rows, "profile": profiles})
     print()
     print(markdown(rows))
