@@ -22,6 +22,10 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
 
 
+def _word_dtype(bits: int) -> torch.dtype:
+    return torch.int32 if 8 * bits <= 31 else torch.int64  # 8 codes of 3 bits fit an int32
+
+
 def _as_torch(x) -> tuple[torch.Tensor, bool]:
     if isinstance(x, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(x)), True
@@ -46,14 +50,15 @@ def pack(codes, bits: int):
         out = c[..., 0].clone()
         for k in range(1, per):
             out |= c[..., k] << (k * bits)
-    else:
+    else:  # 3, 5, 6, 7 bits: 8 codes -> one word (24..56 bits) -> `bits` bytes
         groups = (n + 7) // 8
-        c = torch.nn.functional.pad(t.to(torch.int64), (0, groups * 8 - n)).reshape(*lead, groups, 8)
-        shifts = torch.arange(8, device=t.device, dtype=torch.int64) * bits
-        word = (c << shifts).sum(dim=-1, keepdim=True)  # 8 codes -> one integer of 8*bits <= 56 bits
-        byte_shifts = torch.arange(bits, device=t.device, dtype=torch.int64) * 8
-        out = ((word >> byte_shifts) & 0xFF).to(torch.uint8).reshape(*lead, groups * bits)
-        out = out[..., : packed_size(n, bits)].contiguous()
+        wt = _word_dtype(bits)
+        c = torch.nn.functional.pad(t.to(wt), (0, groups * 8 - n)).reshape(*lead, groups, 8)
+        word = c[..., 0].clone()
+        for k in range(1, 8):
+            word |= c[..., k] << (k * bits)
+        out = torch.stack([((word >> (8 * k)) & 0xFF).to(torch.uint8) for k in range(bits)], dim=-1)
+        out = out.reshape(*lead, groups * bits)[..., : packed_size(n, bits)].contiguous()
     return out.numpy() if was_numpy else out
 
 
@@ -76,11 +81,12 @@ def unpack(packed, bits: int, n: int):
         out = out.contiguous()
     else:
         groups = (n + 7) // 8
-        b = torch.nn.functional.pad(t.to(torch.int64), (0, groups * bits - t.shape[-1]))
-        b = b.reshape(*lead, groups, bits)
-        byte_shifts = torch.arange(bits, device=t.device, dtype=torch.int64) * 8
-        word = (b << byte_shifts).sum(dim=-1, keepdim=True)
-        shifts = torch.arange(8, device=t.device, dtype=torch.int64) * bits
-        out = ((word >> shifts) & ((1 << bits) - 1)).to(torch.uint8).reshape(*lead, groups * 8)[..., :n]
-        out = out.contiguous()
+        wt = _word_dtype(bits)
+        b = torch.nn.functional.pad(t.to(wt), (0, groups * bits - t.shape[-1])).reshape(*lead, groups, bits)
+        word = b[..., 0].clone()
+        for k in range(1, bits):
+            word |= b[..., k] << (8 * k)
+        mask = (1 << bits) - 1
+        out = torch.stack([((word >> (k * bits)) & mask).to(torch.uint8) for k in range(8)], dim=-1)
+        out = out.reshape(*lead, groups * 8)[..., :n].contiguous()
     return out.numpy() if was_numpy else out
