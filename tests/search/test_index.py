@@ -466,6 +466,10 @@ def test_ivf_ids_and_errors(data):
     assert not np.isin(ivf.search(q[:5], k=3, nprobe=8)[1], ids[:, 0]).any()
     with pytest.raises(ValueError, match="larger than"):
         ivf.search(q, k=10_000)
+    with pytest.raises(ValueError, match="already in the index"):  # ids are unique across lists, not only within one
+        ivf.add_with_ids(x[500:1000], np.arange(500) + 1000)
+    with pytest.raises(ValueError, match="must be integers"):
+        ivf.add_with_ids(x[:2], [0.5, 1.5])
     with pytest.raises(ValueError, match="nprobe"):
         ivf.nprobe = 0
     with pytest.raises(ValueError, match="at least 8"):

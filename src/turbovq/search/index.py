@@ -211,7 +211,35 @@ class _GroupScorer:
         return self.centroids[packing.unpack(packed, self.bits, self.dim).long()]
 
 
-class TurboQuantIndex:
+class _IdsMixin:
+    """``add`` / ``add_with_ids`` for indexes that define ``_prepare``, ``_add``, ``_all_ids`` and ``_next_id``."""
+
+    def add(self, x) -> np.ndarray:
+        """Add vectors (n, dim); returns their ids (consecutive int64, continuing from the last id given)."""
+        x = self._prepare(x)
+        ids = torch.arange(self._next_id, self._next_id + len(x), dtype=torch.int64)
+        self._add(x, ids)
+        return ids.numpy()
+
+    def add_with_ids(self, x, ids) -> np.ndarray:
+        """Add vectors with caller-chosen int64 ids (distinct, not already in the index)."""
+        x = self._prepare(x)
+        ids_t = torch.as_tensor(np.asarray(ids).reshape(-1))
+        if ids_t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise ValueError(f"ids must be integers, got {ids_t.dtype}")
+        ids_t = ids_t.to(torch.int64)
+        if len(ids_t) != len(x):
+            raise ValueError(f"got {len(x)} vectors but {len(ids_t)} ids")
+        if torch.unique(ids_t).numel() != len(ids_t):
+            raise ValueError("ids must be distinct")
+        clash = torch.isin(ids_t, self._all_ids())
+        if bool(clash.any()):
+            raise ValueError(f"id {int(ids_t[clash][0])} is already in the index")
+        self._add(x, ids_t)
+        return ids_t.numpy()
+
+
+class TurboQuantIndex(_IdsMixin):
     """Flat TurboQuant index: ``add`` / ``add_with_ids`` / ``search`` / ``remove_ids`` / ``save`` / ``load``.
 
     Parameters
@@ -408,30 +436,6 @@ class TurboQuantIndex:
         self._scorers = None
         self.is_trained = True
         return self
-
-    def add(self, x) -> np.ndarray:
-        """Add vectors (n, dim); returns their ids (consecutive int64, continuing from the last id given)."""
-        x = self._prepare(x)
-        ids = torch.arange(self._next_id, self._next_id + len(x), dtype=torch.int64)
-        self._add(x, ids)
-        return ids.numpy()
-
-    def add_with_ids(self, x, ids) -> np.ndarray:
-        """Add vectors with caller-chosen int64 ids (distinct, not already in the index)."""
-        x = self._prepare(x)
-        ids_t = torch.as_tensor(np.asarray(ids).reshape(-1))
-        if ids_t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-            raise ValueError(f"ids must be integers, got {ids_t.dtype}")
-        ids_t = ids_t.to(torch.int64)
-        if len(ids_t) != len(x):
-            raise ValueError(f"got {len(x)} vectors but {len(ids_t)} ids")
-        if torch.unique(ids_t).numel() != len(ids_t):
-            raise ValueError("ids must be distinct")
-        clash = torch.isin(ids_t, self._all_ids())
-        if bool(clash.any()):
-            raise ValueError(f"id {int(ids_t[clash][0])} is already in the index")
-        self._add(x, ids_t)
-        return ids_t.numpy()
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.projection is None else x @ self.projection

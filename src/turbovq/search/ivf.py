@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from turbovq.search.index import METRICS, TurboQuantIndex, _as_float_matrix, _unit
+from turbovq.search.index import METRICS, TurboQuantIndex, _as_float_matrix, _IdsMixin, _unit
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
@@ -44,7 +44,7 @@ def assign_l2(x: torch.Tensor, c: torch.Tensor, chunk: int = 16_384) -> torch.Te
     return torch.cat([(cn[None] - 2 * x[lo : lo + chunk] @ c.T).argmin(1) for lo in range(0, len(x), chunk)])
 
 
-class TurboQuantIVFIndex:
+class TurboQuantIVFIndex(_IdsMixin):
     """Inverted-file TurboQuant index: ``train`` / ``add`` / ``add_with_ids`` / ``search`` / ``remove_ids``.
 
     Parameters
@@ -128,19 +128,8 @@ class TurboQuantIVFIndex:
         lst.mean, lst.projection, lst.parts, lst.is_trained = t.mean, t.projection, t.parts, True
         return lst
 
-    def add(self, x) -> np.ndarray:
-        x = self._prepare(x)
-        ids = torch.arange(self._next_id, self._next_id + len(x), dtype=torch.int64)
-        self._add(x, ids)
-        return ids.numpy()
-
-    def add_with_ids(self, x, ids) -> np.ndarray:
-        x = self._prepare(x)
-        ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64).reshape(-1))
-        if len(ids_t) != len(x):
-            raise ValueError(f"got {len(x)} vectors but {len(ids_t)} ids")
-        self._add(x, ids_t)
-        return ids_t.numpy()
+    def _all_ids(self) -> torch.Tensor:
+        return torch.cat([torch.zeros(0, dtype=torch.int64), *(lst._all_ids() for lst in self.lists)])
 
     def _add(self, x: torch.Tensor, ids: torch.Tensor) -> None:
         if not self.is_trained:
@@ -148,7 +137,7 @@ class TurboQuantIVFIndex:
         assign = assign_l2(x, self.centroids)
         for lst_id in torch.unique(assign).tolist():
             rows = (assign == lst_id).nonzero()[:, 0]
-            self.lists[lst_id].add_with_ids(x[rows] - self.centroids[lst_id], ids[rows])
+            self.lists[lst_id]._add(x[rows] - self.centroids[lst_id], ids[rows])  # ids checked by add_with_ids
         if len(ids):
             self._next_id = max(self._next_id, int(ids.max()) + 1)
 
