@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -175,12 +176,15 @@ def quantize_coordinates(y: torch.Tensor, boundaries: torch.Tensor) -> torch.Ten
     return g + (y > padded[gl + 1]).to(torch.uint8) - (y <= padded[gl]).to(torch.uint8)
 
 
-_GRIDS: dict = {}
+# id(boundaries) -> (weak reference, grid): callers keep their boundaries cached, so the hot path neither hashes
+# the values nor syncs with the device; an entry dies with its tensor.
+_GRIDS: dict[int, tuple] = {}
 
 
 def _grid(boundaries: torch.Tensor):
-    key = (str(boundaries.device), boundaries.dtype, tuple(boundaries.tolist()))
-    if key not in _GRIDS:
+    key = id(boundaries)
+    entry = _GRIDS.get(key)
+    if entry is None or entry[0]() is not boundaries:
         b = boundaries.double().cpu()
         gap = (b[1:] - b[:-1]).min().item()
         lo, hi = b[0].item() - gap, b[-1].item() + gap
@@ -189,8 +193,10 @@ def _grid(boundaries: torch.Tensor):
         guess = torch.searchsorted(b, edges).to(torch.uint8)  # #(b < edge), exact in float64
         inf = torch.tensor([math.inf], dtype=boundaries.dtype)
         padded = torch.cat([-inf, boundaries.cpu(), inf]).to(boundaries.device)
-        _GRIDS[key] = (guess.to(boundaries.device), lo, bins / (hi - lo), padded)
-    return _GRIDS[key]
+        grid = (guess.to(boundaries.device), lo, bins / (hi - lo), padded)
+        entry = (weakref.ref(boundaries, lambda _, key=key: _GRIDS.pop(key, None)), grid)
+        _GRIDS[key] = entry
+    return entry[1]
 
 
 def mse_distortion(dim: int, bits: int) -> float:

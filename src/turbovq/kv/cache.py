@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-from turbovq import packing
+from turbovq import codebook, packing
 from turbovq.quantizer import TurboQuantMSE, TurboQuantProd
 from turbovq.rotation import derive_seed
 
@@ -126,7 +126,7 @@ class RowCodec:
             xg = xp[..., off : off + d]
             norms = torch.linalg.vector_norm(xg, dim=-1)
             y = (xg / norms.clamp_min(_TINY)[..., None]) @ a
-            fields[f"codes{i}"] = packing.pack(torch.bucketize(y, bounds), bits)
+            fields[f"codes{i}"] = packing.pack(codebook.quantize_coordinates(y, bounds), bits)
             fields[f"norms{i}"] = norms
         if self.qjl:
             r = x - self.decode(fields, perm, with_qjl=False)
