@@ -124,13 +124,14 @@ def test_nbytes_counts_exactly_the_packed_storage(llama):
     expected = 0
     for layer in cache.layers:
         if isinstance(layer, TurboQuantLayer):
-            n, w = layer.num_codes, layer.keys.shape[-2]
-            assert n + w == 100
+            n, w, sink = layer.num_codes, layer.keys.shape[-2], layer.sink_keys.shape[-2]
+            assert n + w + sink == 100 and sink == 4
             assert layer.value_perm is None  # integer value bits: no outlier split
             key_row = packing.packed_size(32, 4) + packing.packed_size(32, 3) + 2 * 2  # two groups, fp16 norms
             value_row = packing.packed_size(64, 2) + 2
-            window = 2 * b * h * w * d * 4  # float32 model
-            expected += b * h * n * (key_row + value_row) + window + h * d * 8  # + int64 key permutation
+            window = 2 * b * h * (w + sink) * d * 4  # float32 model: window and sink tokens
+            means = 4 * b * h * d * 4  # float32 key and value means and channel scales
+            expected += b * h * n * (key_row + value_row) + window + h * d * 8 + means  # + int64 key permutation
         else:
             assert isinstance(layer, DynamicLayer)
             expected += 2 * b * h * 100 * d * 4
@@ -145,8 +146,9 @@ def test_residual_window_is_flushed_in_blocks(llama):
     with torch.no_grad(), codes_attention(llama):
         for t in range(60):
             llama(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            window = layer.keys.shape[-2]
-            assert layer.num_codes + window == t + 1 == cache.get_seq_length()
+            window, sink = layer.keys.shape[-2], layer.sink_keys.shape[-2]
+            assert layer.num_codes + window + sink == t + 1 == cache.get_seq_length()
+            assert sink == (4 if t + 1 >= 12 + 5 else 0)  # taken at the first flush
             assert layer.num_codes % 5 == 0
             assert window < 12 + 5
             assert window >= min(12, t + 1)
@@ -171,7 +173,7 @@ def test_full_precision_layers_are_exact(llama):
 
 
 def test_prefill_calibration_and_fixed_mode(llama):
-    layer_kwargs = {"key_bits": 2.5, "value_bits": 3.5, "residual_length": 4, "flush_block": 4}
+    layer_kwargs = {"key_bits": 2.5, "value_bits": 3.5, "residual_length": 4, "flush_block": 4, "sink_tokens": 0}
     cache = TurboQuantCache(llama.config, **layer_kwargs)
     k = torch.randn(1, 2, 20, 64)
     k[:, 0, :, 40:] *= 30  # head 0: channels 40..63 are loud
@@ -183,6 +185,21 @@ def test_prefill_calibration_and_fixed_mode(llama):
     fixed = TurboQuantCache(llama.config, outlier_channels="fixed", **layer_kwargs)
     fixed.update(k, v, 0)
     assert fixed.layers[0].key_perm is None  # first channels are the outliers
+
+
+def test_sink_tokens_stay_exact_and_statistics_skip_them(llama):
+    cache = TurboQuantCache(llama.config, key_bits=2, value_bits=2, residual_length=4, flush_block=4, sink_tokens=3)
+    k, v = torch.randn(1, 2, 20, 64), torch.randn(1, 2, 20, 64)
+    k[:, :, 0] *= 50  # an attention-sink-like first token, far from the rest
+    cache.update(k, v, 0)
+    layer = cache.layers[0]
+    assert torch.equal(layer.sink_keys, k[:, :, :3]) and torch.equal(layer.sink_values, v[:, :, :3])
+    assert layer.num_codes == 12 and layer.keys.shape[-2] == 5
+    torch.testing.assert_close(layer.key_mean, k[:, :, 3:].mean(dim=2, keepdim=True))  # the sink is not averaged in
+    keys, values = cache.update(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64), 0)  # dequantized path
+    assert keys.shape[-2] == 21 and torch.equal(keys[:, :, :3], k[:, :, :3])
+    rel = (keys[:, :, 3:15] - k[:, :, 3:15]).norm() / k[:, :, 3:15].norm()
+    assert 0.05 < rel < 0.5  # 2-bit codes in position order after the sink
 
 
 def test_batch_reordering(llama):
@@ -200,7 +217,7 @@ def test_batch_reordering(llama):
 
 
 def test_float16_norm_overflow_moves_norms_to_float32(llama):
-    cache = TurboQuantCache(llama.config, key_bits=4, value_bits=4, residual_length=0, flush_block=4)
+    cache = TurboQuantCache(llama.config, key_bits=4, value_bits=4, residual_length=0, flush_block=4, sink_tokens=0)
     k = torch.randn(1, 2, 8, 64)
     cache.update(k[:, :, :4], k[:, :, :4], 0)
     assert cache.layers[0].key_fields["norms0"].dtype == torch.float16
@@ -221,6 +238,8 @@ def test_float16_norm_overflow_moves_norms_to_float32(llama):
         ({"full_precision_layers": (3,)}, "out of range"),
         ({"norm_dtype": "bfloat16"}, "norm_dtype"),
         ({"key_bits": 1, "qjl_keys": True}, "QJL"),
+        ({"channel_scaling": 2}, "channel_scaling"),
+        ({"sink_tokens": -1}, "sink_tokens"),
     ],
 )
 def test_invalid_arguments(llama, kw, match):
@@ -243,7 +262,7 @@ def test_perplexity_kl_through_the_cache(llama):
     nll = float(-logp.gather(-1, ids[0, 50:, None]).mean())
     assert res["full"].tokens == 40
     assert abs(res["full"].nll - nll) < 1e-4 and res["full"].kl < 1e-6 and res["full"].top1 == 1.0
-    assert res["tq"].kl > 1e-4  # 2-bit codes are attended to
+    assert res["tq"].kl > 1e-5  # 2-bit codes are attended to (an exact cache gives < 1e-9)
     assert res["tq"].bytes_fp16 < res["full"].bytes_fp16
     assert 0 < res["tq"].steady_bytes_per_token_fp16 < res["full"].steady_bytes_per_token_fp16
 

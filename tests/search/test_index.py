@@ -3,6 +3,8 @@ metrics, ids, persistence, errors) and its memory planning."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -489,3 +491,51 @@ def test_numpy_input_kinds(tmp_path, data):
         np.testing.assert_array_equal(idx.search(q.astype(np.float64), k=5)[1], want)
     with pytest.raises(ValueError, match="floating point"):
         ref.search(q.astype(np.int32), k=1)
+
+
+@pytest.mark.parametrize("keep", [1, 7, 40])
+def test_tiled_topk_merge_equals_one_topk(keep):
+    """The running merge (dense top-k while filling, sparse above-threshold gathering after) = one global topk."""
+    from turbovq.search.index import _merge_topk
+
+    g = torch.Generator().manual_seed(keep)
+    scores = torch.randn(9, 1000, generator=g)
+    scores[3, 500:] += 5  # a late tile that beats everything (dense fallback path)
+    best_s, best_p = torch.full((9, 0), -math.inf), torch.zeros((9, 0), dtype=torch.int64)
+    for lo in range(0, 1000, 64):
+        best_s, best_p = _merge_topk(best_s, best_p, scores[:, lo : lo + 64], lo, keep)
+    ref_s, ref_p = torch.topk(scores, keep, dim=1)
+    torch.testing.assert_close(best_s, ref_s)
+    assert torch.equal(best_p, ref_p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_gpu_search_matches_cpu(cuda, metric):
+    """Codes moved with ``to("cuda")`` score the same there (bf16 tiles, float32 re-scoring of the shortlist);
+    an index built on the GPU finds the same neighbours."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(6000, 96, generator=g) * torch.linspace(2, 0.1, 96)).numpy()
+    q = x[:50] + 0.01
+    cpu = TurboQuantIndex(96, 4, metric=metric, scan_precision="float32")
+    cpu.add(x)
+    d_cpu, i_cpu = cpu.search(q, 10)
+    d_gpu, i_gpu = cpu.to(cuda).search(q, 10)
+    assert (i_cpu[:, 0] == i_gpu[:, 0]).mean() > 0.95
+    np.testing.assert_allclose(d_gpu[:, 0], d_cpu[:, 0], rtol=1e-4, atol=1e-4)
+    built = TurboQuantIndex(96, 4, metric=metric).to(cuda)
+    built.add(x)
+    assert (built.search(q, 10)[1][:, 0] == np.arange(50)).mean() > 0.95
+    built.remove_ids(np.arange(10))
+    assert len(built) == 5990 and not np.isin(built.search(q, 10)[1], np.arange(10)).any()
+
+
+def test_to_cpu_is_a_no_op_and_cuda_absence_is_reported():
+    idx = TurboQuantIndex(16, 4)
+    idx.add(np.random.default_rng(0).standard_normal((100, 16)).astype(np.float32))
+    before = idx.search(np.ones((1, 16), np.float32), 3)
+    assert idx.to("cpu") is idx
+    np.testing.assert_array_equal(idx.search(np.ones((1, 16), np.float32), 3)[1], before[1])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            idx.to("cuda")

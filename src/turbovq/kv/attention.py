@@ -4,8 +4,12 @@ For one layer with ``n`` compressed tokens and a full-precision tail of ``t`` to
 query head ``h * G + g`` reads KV head ``h``), with channel groups ``i`` (one, or outliers + regular), rotations
 ``A_i`` (``x_rot = x @ A_i``), centroids ``c_i``, codes ``k_ij`` and norms ``||k_j||_i``:
 
-    score_j  = scaling * sum_i ||k_j||_i * <q[ch_i] @ A_i, c_i[k_ij]>   (+ QJL term for TurboQuant_prod keys)
-    out      = sum_i scatter_{ch_i}( (sum_j p_j ||v_j||_i c_i[v_ij]) @ A_i^T ) + sum_{tail} p_j v_j
+    score_j  = scaling * (<q, mu_k> + sum_i ||k_j||_i * <q[ch_i] @ A_i, c_i[k_ij]>)   (+ QJL term for prod keys)
+    out      = sum_i scatter_{ch_i}( (sum_j p_j (||v_j||_i c_i[v_ij] + mu_v[ch_i] @ A_i)) @ A_i^T ) + sum_{tail} p_j v_j
+
+(``mu_k``, ``mu_v``: the per-head means a centered cache subtracted before encoding; zero otherwise. With per-channel
+scales ``s`` the codes hold ``(x - mu) / s``: the query is multiplied by ``s_k`` before its rotation and the value
+output by ``s_v`` after the inverse rotation, with ``mu_v / s_v`` in place of ``mu_v``.)
 
 The query is rotated once per group; keys are scored from the codebook (centroid lookups scaled by the norm);
 values are accumulated in the rotated space and rotated back once at the end. The compressed tokens are visited
@@ -20,6 +24,7 @@ transformers' registries and restores the model's previous implementation on exi
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
@@ -75,9 +80,14 @@ def attend_codes(
     # Query heads grouped by KV head: (B, H, G*Q, D), float32 accumulation throughout.
     q = query.float().reshape(bsz, num_kv, groups * q_len, dim)
     kc, vc = keys.codec, values.codec
-    q_perm = kc.permute(q, keys.perm)
+    q_codes = q if keys.scale is None else q * keys.scale  # <q, s * k'> = <q * s, k'>
+    q_perm = kc.permute(q_codes, keys.perm)
     q_rot = [q_perm[..., off : off + d] @ kc.tensors(i, q.device)[0] for i, (_, d, off) in enumerate(kc.groups)]
-    q_qjl = q @ kc.quantizer.qjl.matrix(q.device).T if kc.qjl else None
+    q_qjl = q_codes @ kc.quantizer.qjl.matrix(q.device).T if kc.qjl else None
+    # Normalized caches store k' = (k - mean) / scale: <q, k> = <q, mean> + <q * scale, k'>; values are accumulated
+    # as sum_j p_j (v'_j + mean / scale) in the rotated space, then multiplied by the scale once at the end.
+    q_mean = None if keys.mean is None else q @ keys.mean.transpose(-1, -2)  # (B, H, G*Q, 1)
+    v_mean = [values.rotated_mean(i) for i in range(len(vc.groups))]
 
     run_max = torch.full((bsz, num_kv, groups * q_len), float("-inf"), device=q.device)
     run_sum = torch.zeros_like(run_max)
@@ -110,10 +120,14 @@ def attend_codes(
         if q_qjl is not None:
             scale = kc.quantizer.qjl.scale(kf["rnorms"])[:, :, None, :]
             scores = scores + scale * (q_qjl @ kc.qjl_signs(kf).transpose(-1, -2))
+        if q_mean is not None:
+            scores = scores + q_mean
         p = softmax_step(scores, lo, hi)
         vf = {k: v[:, :, lo:hi] for k, v in values.fields.items()}
         for i in range(len(vc.groups)):
             acc_rot[i] += (p * vf[f"norms{i}"].float()[:, :, None, :]) @ vc.unit_rotated(vf, i)
+            if v_mean[i] is not None:
+                acc_rot[i] += p.sum(dim=-1, keepdim=True) * v_mean[i]
     if t:
         p = softmax_step(q @ tail_keys.float().transpose(-1, -2), n, n + t)
         acc_tail += p @ tail_values.float()
@@ -121,10 +135,20 @@ def attend_codes(
     out = acc_tail
     if n:
         parts = [acc_rot[i] @ vc.tensors(i, q.device)[0].T for i in range(len(vc.groups))]
-        out = out + vc.unpermute(torch.cat(parts, dim=-1), values.perm)
+        codes_out = vc.unpermute(torch.cat(parts, dim=-1), values.perm)
+        out = out + (codes_out if values.scale is None else codes_out * values.scale)
     out = out / run_sum[..., None]
     out = out.reshape(bsz, num_kv, groups, q_len, dim).reshape(bsz, num_heads, q_len, dim)
     return out.transpose(1, 2).contiguous().to(query.dtype)
+
+
+def codes_first_mask(mask: torch.Tensor | None, num_sink: int, num_codes: int) -> torch.Tensor | None:
+    """Reorder mask columns from position order (sink, codes, window) to the order of ``attend_codes``'s inputs
+    (codes, then the full-precision tokens: sink followed by window)."""
+    if mask is None or not num_sink:
+        return mask
+    cols = [mask[..., num_sink : num_sink + num_codes], mask[..., :num_sink], mask[..., num_sink + num_codes :]]
+    return torch.cat(cols, dim=-1)
 
 
 def turboquant_attention_forward(
@@ -148,18 +172,19 @@ def turboquant_attention_forward(
         )
     if dropout and module.training:
         raise ValueError("attention on TurboQuant codes is inference-only (dropout > 0 in training mode)")
-    layer, num_codes = tag
+    layer, num_codes, num_sink = tag
+    attention_mask = codes_first_mask(attention_mask, num_sink, num_codes)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out = attend_codes(
-        query,
-        layer.packed_keys(num_codes),
-        layer.packed_values(num_codes),
-        key,
-        value,
-        attention_mask,
-        scaling,
-        softcap,
-    )
+    keys, values = layer.packed_keys(num_codes), layer.packed_values(num_codes)
+    # Single-token decode on CUDA: the fused Triton kernel (same result, reads the codes once); TURBOVQ_KERNELS=0
+    # forces this reference everywhere.
+    if os.environ.get("TURBOVQ_KERNELS", "1") != "0" and query.is_cuda and query.shape[2] == 1:
+        from turbovq.kernels import decode as kernels_decode
+
+        if kernels_decode.supported(query, keys, values):
+            out = kernels_decode.decode_attention(query, keys, values, key, value, attention_mask, scaling, softcap)
+            return out, None
+    out = attend_codes(query, keys, values, key, value, attention_mask, scaling, softcap)
     return out, None
 
 

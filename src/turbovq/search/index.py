@@ -56,6 +56,7 @@ METRICS = ("ip", "l2", "cosine")
 ESTIMATORS = ("mse", "prod")
 _NORM_BYTES = 2  # float16 norms when fit_norms=True
 _TILE_ELEMENTS = 1 << 20  # a decoded tile holds ~1M float32 (4 MB): stays in L2/L3
+_TILE_ELEMENTS_GPU = 1 << 25  # on a GPU: tiles of ~32M values (64 MB in bf16), few kernel launches
 _QUERY_BLOCK = 1024
 _REFINE_EXTRA = 16  # bfloat16 scans keep k + this many candidates for the exact float32 re-score
 SCAN_PRECISIONS = ("auto", "float32", "bfloat16")
@@ -186,29 +187,66 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-30)
 
 
+def _merge_topk(best_s, best_p, s: torch.Tensor, offset: int, keep: int):
+    """Merge the scores ``s`` (m, T) of rows ``offset..offset+T`` into the running top-``keep`` (descending).
+
+    Once every query holds ``keep`` results, only entries above its current k-th best can enter; after the first
+    tiles these are few, so they are gathered sparsely (one comparison pass over the tile) instead of running a
+    full ``topk`` per tile, which costs ~4x more per entry.
+    """
+    m, width = s.shape
+    if best_s.shape[1] == keep and not s.is_cuda:  # (on a GPU one topk per large tile is cheaper than syncing)
+        mask = s > best_s[:, -1:]
+        counts = mask.sum(dim=1)
+        most = int(counts.max())
+        if most == 0:
+            return best_s, best_p
+        if most <= keep:
+            rows, cols = mask.nonzero(as_tuple=True)
+            slot = torch.arange(len(rows), device=s.device) - (torch.cumsum(counts, 0) - counts)[rows]
+            tile_s = torch.full((m, most), -math.inf, device=s.device)
+            tile_p = torch.zeros((m, most), dtype=torch.int64, device=s.device)
+            tile_s[rows, slot] = s[rows, cols].float()
+            tile_p[rows, slot] = cols + offset
+        else:
+            tile_s, tile_p = torch.topk(s, min(keep, width), dim=1)
+            tile_p = tile_p + offset
+    else:
+        tile_s, tile_p = torch.topk(s, min(keep, width), dim=1)
+        tile_p = tile_p + offset
+    cat_s = torch.cat([best_s, tile_s.float()], dim=1)
+    cat_p = torch.cat([best_p, tile_p], dim=1)
+    best_s, top = torch.topk(cat_s, min(keep, cat_s.shape[1]), dim=1)
+    return best_s, torch.gather(cat_p, 1, top)
+
+
 class _GroupScorer:
     """Decodes tiles of one channel group's packed codes to centroid values (rotated space, unit norm)."""
 
-    def __init__(self, group):
-        a, cents, _, ch = group.tensors("cpu")
+    def __init__(self, group, device):
+        a, cents, _, ch = group.tensors(device)
         self.rotation, self.channels, self.bits, self.dim = a, ch, group.bits, group.dim
         self.centroids = cents
         if 8 % self.bits == 0:  # byte table: one packed byte -> its 8/b centroid values (LSB first)
             per = 8 // self.bits
             codes = packing.unpack(torch.arange(256, dtype=torch.uint8)[:, None], self.bits, per)
-            self.table = cents[codes.long()]  # (256, per)
+            self.table = cents[codes.long().to(device)]  # (256, per)
         else:
             self.table = None
+        self._tables = {torch.float32: (self.centroids, self.table)}
 
     def rotate(self, q: torch.Tensor) -> torch.Tensor:
         return q[:, self.channels] @ self.rotation  # (m, d_g)
 
-    def decode(self, packed: torch.Tensor) -> torch.Tensor:
-        """(T, bytes) uint8 -> (T, d_g) float32 centroid values."""
-        if self.table is not None:
-            vals = torch.nn.functional.embedding(packed.long(), self.table)  # (T, bytes, per)
+    def decode(self, packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(T, bytes) uint8 -> (T, d_g) centroid values in ``dtype`` (bfloat16 for the bf16 scan: half the bytes)."""
+        if dtype not in self._tables:
+            self._tables[dtype] = tuple(None if t is None else t.to(dtype) for t in self._tables[torch.float32])
+        centroids, table = self._tables[dtype]
+        if table is not None:
+            vals = torch.nn.functional.embedding(packed.long(), table)  # (T, bytes, per)
             return vals.reshape(len(packed), -1)[:, : self.dim]
-        return self.centroids[packing.unpack(packed, self.bits, self.dim).long()]
+        return centroids[packing.unpack(packed, self.bits, self.dim).long()]
 
 
 class _IdsMixin:
@@ -321,7 +359,8 @@ class TurboQuantIndex(_IdsMixin):
         self.is_trained = mode == "oblivious"
         self._fields: dict[str, torch.Tensor] = {}
         self._pending: list[dict[str, torch.Tensor]] = []
-        self._ids = torch.empty(0, dtype=torch.int64)
+        self._ids = torch.empty(0, dtype=torch.int64)  # always in host memory
+        self.device = torch.device("cpu")  # where codes live and search runs (see ``to``)
         self._pending_ids: list[torch.Tensor] = []
         self._next_id = 0
         self._scorers = None
@@ -398,8 +437,26 @@ class TurboQuantIndex(_IdsMixin):
 
     # --- building ---------------------------------------------------------------------------------------------
     def _prepare(self, x, name: str = "x") -> torch.Tensor:
-        x = _as_float_matrix(x, self.dim, name)
+        x = _as_float_matrix(x, self.dim, name).to(self.device)
         return _unit(x) if self.metric == "cosine" else x
+
+    def to(self, device) -> TurboQuantIndex:
+        """Move the codes (and centre, projection) to ``device``, e.g. ``"cuda"``; returns ``self``.
+
+        Search then runs there: tiles of codes are decoded and scored with bf16 matrix products on the device,
+        and (D, I) still come back as numpy. Ids stay in host memory. ``add`` also works on the device.
+        """
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("CUDA is not available on this machine")
+        self._consolidate()
+        self.device = device
+        self._fields = {k: v.to(device) for k, v in self._fields.items()}
+        for name in ("mean", "projection"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
+        self._scorers = None
+        return self
 
     def train(self, x, max_samples: int = 20_000) -> TurboQuantIndex:
         """Learn the centre (and, in mode ``"pca"``, the principal axes and bit allocation) from ``x``.
@@ -413,7 +470,7 @@ class TurboQuantIndex(_IdsMixin):
             raise ValueError("train before adding vectors: the codes already stored depend on the old centre")
         x = self._prepare(x)
         if len(x) > max_samples:
-            x = x[torch.linspace(0, len(x) - 1, max_samples).long()]
+            x = x[torch.linspace(0, len(x) - 1, max_samples, device=x.device).long()]
         self.mean = x.mean(dim=0)
         xc = x - self.mean
         if self.mode == "pca":
@@ -422,7 +479,7 @@ class TurboQuantIndex(_IdsMixin):
             order = torch.argsort(evals, descending=True)
             self.projection = evecs[:, order].to(torch.float32).contiguous()
             budget = self.code_size - (4 if self._has_tail else 0)
-            groups = allocate_bits(evals[order].clamp_min(0).numpy(), budget)
+            groups = allocate_bits(evals[order].clamp_min(0).cpu().numpy(), budget)
             self.parts = [
                 (a, b, TurboQuantMSE(b - a, nb, seed=derive_seed(self.seed, f"part{j}") % (1 << 62),
                                      rotation=self.rotation, norm_dtype="float16"))
@@ -494,7 +551,7 @@ class TurboQuantIndex(_IdsMixin):
         keep = ~torch.isin(self._ids, ids_t)
         removed = int((~keep).sum())
         if removed:
-            self._fields = {k: v[keep] for k, v in self._fields.items()}
+            self._fields = {k: v[keep.to(v.device)] for k, v in self._fields.items()}
             self._ids = self._ids[keep]
         return removed
 
@@ -512,7 +569,8 @@ class TurboQuantIndex(_IdsMixin):
             for j, (a, _, q) in enumerate(self.parts):
                 mse = q._mse if isinstance(q, TurboQuantProd) else q
                 if mse is not None:
-                    self._scorers += [(f"p{j}.", a, i, _GroupScorer(g)) for i, g in enumerate(mse._groups)]
+                    scorers = [_GroupScorer(g, self.device) for g in mse._groups]
+                    self._scorers += [(f"p{j}.", a, i, sc) for i, sc in enumerate(scorers)]
         return self._scorers
 
     def _norm_sq(self, fields: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -535,7 +593,7 @@ class TurboQuantIndex(_IdsMixin):
         rot = [sc.rotate(qp[:, off:]) for _, off, _, sc in scorers]
         q0 = self.parts[0][2]
         qjl = q0.qjl if isinstance(q0, TurboQuantProd) else None
-        sq = qp @ qjl.matrix("cpu").T if (qjl is not None and (full or not scorers)) else None
+        sq = qp @ qjl.matrix(qp.device).T if (qjl is not None and (full or not scorers)) else None
         return rot, sq
 
     def _scan(self, qc: torch.Tensor, k: int, full: bool, rotated=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -563,30 +621,26 @@ class TurboQuantIndex(_IdsMixin):
         cols = [r for r in rot] + ([sq] if sq is not None else [])
         q_cat = torch.cat(cols, dim=1).to(dt).contiguous()  # (m, K)
         widths = [c.shape[1] for c in cols]
-        tile = max(256, _TILE_ELEMENTS // self.dim)
+        dev = self.device
+        tile = max(256, (_TILE_ELEMENTS_GPU if dev.type == "cuda" else _TILE_ELEMENTS) // self.dim)
         m = len(qc)
-        best_s = torch.full((m, 0), -math.inf)
-        best_p = torch.zeros((m, 0), dtype=torch.int64)
+        best_s = torch.full((m, 0), -math.inf, device=dev)
+        best_p = torch.zeros((m, 0), dtype=torch.int64, device=dev)
         for lo in range(0, n, tile):
             hi = min(n, lo + tile)
-            buf = torch.empty(hi - lo, sum(widths))
+            buf = torch.empty(hi - lo, sum(widths), dtype=dt, device=dev)
             at = 0
             for (prefix, _, i, sc), w in zip(scorers, widths):
-                norms = fields[f"{prefix}norms{i}"][lo:hi].float()[:, None]
-                torch.mul(sc.decode(fields[f"{prefix}codes{i}"][lo:hi]), norms, out=buf[:, at : at + w])
+                norms = fields[f"{prefix}norms{i}"][lo:hi].to(dt)[:, None]
+                torch.mul(sc.decode(fields[f"{prefix}codes{i}"][lo:hi], dt), norms, out=buf[:, at : at + w])
                 at += w
             if sq is not None:
-                torch.mul(qjl.signs(fields["p0.qjl"][lo:hi]), qjl.scale(fields["p0.rnorms"][lo:hi])[:, None],
-                          out=buf[:, at:])
-            s = q_cat @ buf.to(dt).T  # (m, T)
+                signs = qjl.signs(fields["p0.qjl"][lo:hi]) * qjl.scale(fields["p0.rnorms"][lo:hi])[:, None]
+                buf[:, at:] = signs
+            s = q_cat @ buf.T  # (m, T)
             if self.metric == "l2":
                 s = s.float().mul_(2).sub_(self._norm_sq({k_: v[lo:hi] for k_, v in fields.items()})[None, :])
-            # partial selection inside the tile first, then a small merge with the running best
-            tile_s, tile_p = torch.topk(s, min(keep, hi - lo), dim=1)
-            cat_s = torch.cat([best_s, tile_s.float()], dim=1)
-            cat_p = torch.cat([best_p, tile_p + lo], dim=1)
-            best_s, top = torch.topk(cat_s, min(keep, cat_s.shape[1]), dim=1)
-            best_p = torch.gather(cat_p, 1, top)
+            best_s, best_p = _merge_topk(best_s, best_p, s, lo, keep)
         if low:
             exact = self._exact(rot, sq, best_p)
             best_s, top = torch.topk(exact, k, dim=1)
@@ -596,7 +650,7 @@ class TurboQuantIndex(_IdsMixin):
     def _exact(self, rot: list[torch.Tensor], sq: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
         """Float32 scores, as the scan defines them, of the rows ``pos`` (m, L) for each query: (m, L)."""
         m, length = pos.shape
-        out = torch.empty(m, length)
+        out = torch.empty(m, length, device=self.device)
         scorers = self._get_scorers()
         qjl = self.parts[0][2].qjl if sq is not None else None
         step = max(1, (1 << 21) // max(1, length * self.dim))
@@ -604,7 +658,7 @@ class TurboQuantIndex(_IdsMixin):
             hi = min(m, lo + step)
             flat = pos[lo:hi].reshape(-1)
             rows = {k: v[flat] for k, v in self._fields.items()}
-            s = torch.zeros(hi - lo, length)
+            s = torch.zeros(hi - lo, length, device=self.device)
             for (prefix, _, i, sc), r in zip(scorers, rot):
                 vals = sc.decode(rows[f"{prefix}codes{i}"]) * rows[f"{prefix}norms{i}"].float()[:, None]
                 s += torch.einsum("mld,md->ml", vals.reshape(hi - lo, length, -1), r[lo:hi])
@@ -618,7 +672,7 @@ class TurboQuantIndex(_IdsMixin):
 
     def _scan_dtype(self) -> torch.dtype:
         if self.scan_precision == "auto":
-            return torch.bfloat16 if _fast_bf16() else torch.float32
+            return torch.bfloat16 if (self.device.type == "cuda" or _fast_bf16()) else torch.float32
         return torch.bfloat16 if self.scan_precision == "bfloat16" else torch.float32
 
     def _rescore(self, qc: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -648,7 +702,7 @@ class TurboQuantIndex(_IdsMixin):
         if k > n:
             raise ValueError(f"k={k} is larger than the number of vectors in the index ({n})")
         d, ids = self._search_prepared(q, k)
-        return d.numpy(), ids.numpy()
+        return d.cpu().numpy(), ids.numpy()
 
     def _search_prepared(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``search`` on already validated (and, for cosine, normalised) float32 queries; torch out."""
@@ -671,7 +725,7 @@ class TurboQuantIndex(_IdsMixin):
             else:
                 d = s + (0 if self.mean is None else (qb @ self.mean)[:, None])
             out_d.append(d)
-            out_i.append(self._ids[pos])
+            out_i.append(self._ids[pos.cpu()])
         return torch.cat(out_d), torch.cat(out_i)
 
     # --- persistence ------------------------------------------------------------------------------------------
@@ -681,8 +735,8 @@ class TurboQuantIndex(_IdsMixin):
         tensors = {"ids": self._ids}
         for name in ("mean", "projection"):
             if getattr(self, name) is not None:
-                tensors[name] = getattr(self, name)
-        tensors.update({f"field.{k}": v for k, v in self._fields.items()})
+                tensors[name] = getattr(self, name).cpu()
+        tensors.update({f"field.{k}": v.cpu() for k, v in self._fields.items()})
         meta = {
             "index_version": INDEX_VERSION,
             "config": self.config,
