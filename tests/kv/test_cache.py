@@ -130,7 +130,7 @@ def test_nbytes_counts_exactly_the_packed_storage(llama):
             key_row = packing.packed_size(32, 4) + packing.packed_size(32, 3) + 2 * 2  # two groups, fp16 norms
             value_row = packing.packed_size(64, 2) + 2
             window = 2 * b * h * (w + sink) * d * 4  # float32 model: window and sink tokens
-            means = 4 * b * h * d * 4  # float32 key and value means and channel scales
+            means = 2 * b * h * d * 4  # float32 key and value channel scales (no means: center=False)
             expected += b * h * n * (key_row + value_row) + window + h * d * 8 + means  # + int64 key permutation
         else:
             assert isinstance(layer, DynamicLayer)
@@ -188,7 +188,9 @@ def test_prefill_calibration_and_fixed_mode(llama):
 
 
 def test_sink_tokens_stay_exact_and_statistics_skip_them(llama):
-    cache = TurboQuantCache(llama.config, key_bits=2, value_bits=2, residual_length=4, flush_block=4, sink_tokens=3)
+    cache = TurboQuantCache(
+        llama.config, key_bits=2, value_bits=2, residual_length=4, flush_block=4, sink_tokens=3, center=True
+    )
     k, v = torch.randn(1, 2, 20, 64), torch.randn(1, 2, 20, 64)
     k[:, :, 0] *= 50  # an attention-sink-like first token, far from the rest
     cache.update(k, v, 0)

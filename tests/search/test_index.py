@@ -455,6 +455,37 @@ def test_ivf_recall_grows_with_nprobe(data, metric):
         assert np.median(np.abs(D - true_d) / true_d) < 0.1
 
 
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_ivf_save_load_roundtrip(data, metric, tmp_path):
+    from turbovq.search.ivf import TurboQuantIVFIndex
+
+    x, q = data
+    ivf = TurboQuantIVFIndex(64, 3.5, nlist=16, metric=metric, nprobe=5, rotation="hadamard")
+    ivf.add_with_ids(x, np.arange(len(x)) * 3)
+    ivf.remove_ids([0, 3])
+    before = ivf.search(q, k=7)
+    ivf.save(tmp_path / "x.tvq")
+    for mmap in (True, False):
+        back = TurboQuantIVFIndex.load(tmp_path / "x.tvq", mmap=mmap)
+        assert back.config == ivf.config and len(back) == len(ivf) == len(x) - 2
+        for a, b in zip(back.search(q, k=7), before):
+            np.testing.assert_array_equal(a, b)
+    back.add(x[:3])  # a loaded index keeps growing: new ids continue after the largest
+    assert len(back) == len(x) + 1 and back._all_ids().max() == 3 * (len(x) - 1) + 3
+    raw = bytearray((tmp_path / "x.tvq").read_bytes())
+    raw[-100] ^= 0xFF
+    (tmp_path / "bad.tvq").write_bytes(bytes(raw))
+    with pytest.raises(tio.FormatError):
+        TurboQuantIVFIndex.load(tmp_path / "bad.tvq")
+    with pytest.raises(tio.FormatError, match="turbovq_index|kind"):  # a flat index file is not an IVF index
+        flat = TurboQuantIndex(64, 4)
+        flat.add(x[:50])
+        flat.save(tmp_path / "flat.tvq")
+        TurboQuantIVFIndex.load(tmp_path / "flat.tvq")
+    with pytest.raises(ValueError, match="not trained"):
+        TurboQuantIVFIndex(64, 4, nlist=4).save(tmp_path / "empty.tvq")
+
+
 def test_ivf_ids_and_errors(data):
     from turbovq.search.ivf import TurboQuantIVFIndex
 

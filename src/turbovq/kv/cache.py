@@ -451,7 +451,8 @@ class TurboQuantCache(Cache):
     center : subtract each (layer, batch row, KV head)'s mean key and value over the first flushed tokens (the
         prompt) before quantizing and add it back when reading. Keys of real models carry a large constant
         component (61-69% of the key energy in Gemma-3's full layers); quantizing only the deviation cuts the
-        key error ~3x there, for 2 x head_dim floats per (layer, row, head).
+        key error ~3x there and halves Gemma-3's KL at 3.5 bits, but raised SmolLM2's (RoPE'd keys drift away
+        from the prompt's mean), so it is off by default.
     channel_scaling : exponent ``a`` of a per-channel scale ``s_c = (rms_c / mean rms)^a`` (prompt statistics, per
         layer, row and KV head) divided out before the rotation and multiplied back when reading (0 disables).
         A rotation spreads the error evenly over channels; real keys/values have channels of very different
@@ -477,7 +478,7 @@ class TurboQuantCache(Cache):
         seed: int = 0,
         rotation: str = "hadamard",
         norm_dtype: str = "float16",
-        center: bool = True,
+        center: bool = False,
         channel_scaling: float = 0.5,
         sink_tokens: int = 4,
     ):

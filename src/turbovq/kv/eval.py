@@ -94,14 +94,10 @@ def build_methods(names: list[str] | None = None, residual_length: int = 128) ->
     for k, v in [(4, 4), (3.5, 3.5), (3, 3), (2.5, 2.5), (4, 3), (4, 2)]:
         methods.append(_turboquant(f"tq-k{k:g}v{v:g}", k, v, residual_length=residual_length))
     methods.append(_turboquant("tq-k3.5v3.5-qjl", 3.5, 3.5, residual_length=residual_length, qjl_keys=True))
-    for b in (3.5, 2.5):  # the same settings without mean-centering, to show what it buys
-        methods.append(_turboquant(f"tq-k{b:g}v{b:g}-nocenter", b, b, residual_length=residual_length, center=False))
-    methods.append(
-        _turboquant("tq-k3.5v3.5-fp01", 3.5, 3.5, residual_length=residual_length, full_precision_layers=(0, 1))
-    )
-    methods.append(
-        _turboquant("tq-k2.5v2.5-fp01", 2.5, 2.5, residual_length=residual_length, full_precision_layers=(0, 1))
-    )
+    for b in (3.5, 2.5):  # the defaults' ablations: + mean-centering; - channel scaling and sinks (the paper's)
+        methods.append(_turboquant(f"tq-k{b:g}v{b:g}-center", b, b, residual_length=residual_length, center=True))
+        plain = {"channel_scaling": 0, "sink_tokens": 0}
+        methods.append(_turboquant(f"tq-k{b:g}v{b:g}-plain", b, b, residual_length=residual_length, **plain))
     registry = {m.name: m for m in methods}
     if names is None:
         return registry
