@@ -40,13 +40,14 @@ QJL bits are worth more as mse bits.)
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from turbovq import io, packing
+from turbovq import codebook, io, packing
 from turbovq.quantizer import TurboQuantMSE, TurboQuantProd, from_config
 from turbovq.rotation import derive_seed
 
@@ -108,7 +109,10 @@ def plan_bits(dim: int, bits: float, estimator: str = "mse", norm_bytes: int = _
     return q_bits + 1 if estimator == "prod" else q_bits
 
 
-_GAUSS_D = (1.0, 0.3634, 0.1175, 0.03454, 0.009497, 0.002499, 0.0006, 0.00016, 0.00004)  # D_mse(b), b = 0..8
+@functools.cache
+def _gaussian_distortions(max_bits: int) -> tuple[float, ...]:
+    """D_mse(b) for b = 0..max_bits of Lloyd-Max on the Gaussian limit (the law of one rotated coordinate)."""
+    return (1.0, *(codebook.mse_distortion(10**6, b) for b in range(1, max_bits + 1)))
 
 
 def allocate_bits(variances, budget_bytes: int, norm_bytes: int = _NORM_BYTES, max_bits: int = 8) -> list[tuple]:
@@ -121,7 +125,8 @@ def allocate_bits(variances, budget_bytes: int, norm_bytes: int = _NORM_BYTES, m
     """
     var = np.asarray(variances, dtype=np.float64)
     d = len(var)
-    gains = np.array([_GAUSS_D[b] - _GAUSS_D[b + 1] for b in range(max_bits)])
+    dist = _gaussian_distortions(max_bits)
+    gains = np.array([dist[b] - dist[b + 1] for b in range(max_bits)])
     bits = np.zeros(d, dtype=np.int64)
 
     def groups(bits):
@@ -196,13 +201,12 @@ def _merge_topk(best_s, best_p, s: torch.Tensor, offset: int, keep: int):
     """
     m, width = s.shape
     if best_s.shape[1] == keep and not s.is_cuda:  # (on a GPU one topk per large tile is cheaper than syncing)
-        mask = s > best_s[:, -1:]
-        counts = mask.sum(dim=1)
-        most = int(counts.max())
-        if most == 0:
+        rows, cols = (s > best_s[:, -1:]).nonzero(as_tuple=True)
+        if len(rows) == 0:
             return best_s, best_p
+        counts = torch.bincount(rows, minlength=m)
+        most = int(counts.max())
         if most <= keep:
-            rows, cols = mask.nonzero(as_tuple=True)
             slot = torch.arange(len(rows), device=s.device) - (torch.cumsum(counts, 0) - counts)[rows]
             tile_s = torch.full((m, most), -math.inf, device=s.device)
             tile_p = torch.zeros((m, most), dtype=torch.int64, device=s.device)
