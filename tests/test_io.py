@@ -11,6 +11,8 @@ TENSORS = {
     "norms": torch.randn(7),
     "half": torch.randn(7).to(torch.bfloat16),
     "ids": torch.arange(7, dtype=torch.int64),
+    "empty_ids": torch.zeros(0, dtype=torch.int64),  # an emptied index still saves and loads
+    "empty_rows": torch.zeros(0, 16, dtype=torch.float32),
 }
 
 

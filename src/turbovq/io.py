@@ -131,6 +131,9 @@ def load(path, kind: str, mmap: bool = False, verify: bool = True) -> tuple[dict
     data = np.memmap(path, mode="r", dtype=np.uint8) if mmap else np.fromfile(path, dtype=np.uint8)
     tensors = {}
     for name, spec in header["tensors"].items():
+        if spec["nbytes"] == 0:  # (a zero-length buffer cannot be viewed as a wider dtype)
+            tensors[name] = torch.empty(spec["shape"], dtype=_DTYPES[spec["dtype"]])
+            continue
         lo = start + spec["offset"]
         raw = data[lo : lo + spec["nbytes"]]
         if not mmap:

@@ -14,89 +14,70 @@ import typer
 
 from turbovq.io import FormatError
 from turbovq.search.index import METRICS, TurboQuantIndex
+from turbovq.search.stream import build_index, open_source
 
 index_app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
 def load_vectors(path: Path, column: str | None = None) -> np.ndarray:
-    """(n, dim) float array from a .npy file (memory-mapped) or a .parquet column of float lists."""
-    if not path.exists():
-        raise typer.BadParameter(f"{path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        try:
-            x = np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as e:
-            raise typer.BadParameter(f"{path} is not a readable .npy file ({e})") from None
-    elif suffix == ".parquet":
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise typer.BadParameter("reading .parquet needs pyarrow: pip install 'turbovq[search]'") from None
-        table = pq.read_table(path)
-        if column is None:
-            lists = [f.name for f in table.schema if pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)]
-            if not lists:
-                raise typer.BadParameter(f"{path} has no list column of vectors; name one with --column")
-            column = lists[0]
-        if column not in table.column_names:
-            raise typer.BadParameter(f"{path} has no column {column!r} (columns: {table.column_names})")
-        col = table.column(column).combine_chunks()
-        try:
-            x = np.stack(col.to_numpy(zero_copy_only=False)).astype(np.float32)
-        except ValueError as e:
-            raise typer.BadParameter(f"column {column!r} of {path} does not hold equal-length vectors ({e})") from None
-    else:
-        raise typer.BadParameter(f"{path}: expected a .npy or .parquet file")
-    if x.ndim != 2 or x.dtype.kind != "f":
-        raise typer.BadParameter(f"{path}: expected a float array of shape (n, dim), got {x.dtype} {x.shape}")
-    return x
+    """(n, dim) float array from a .npy file (memory-mapped), a .parquet / .arrow file (a column of float lists) or
+    a directory of them (read by :mod:`turbovq.search.stream`)."""
+    try:
+        return open_source(path, column).to_array()
+    except (ValueError, OSError, ImportError) as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 def _or_exit(fn):
     try:
         return fn()
-    except (ValueError, OSError, FormatError) as e:
+    except (ValueError, OSError, FormatError, ImportError) as e:  # ImportError: --ray without Ray installed
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2) from None
 
 
-def _progress(total: int, desc: str, quiet: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="vec", unit_scale=True, disable=quiet or None, leave=False)
-
-
 @index_app.command()
 def build(
-    data: Path = typer.Argument(..., help="vectors: .npy (n, dim) or .parquet (a column of float lists)"),
-    output: Path = typer.Option(..., "-o", "--output", help="index file to write (.tvq)"),
+    data: Path = typer.Argument(..., help="vectors: .npy (n, dim), .parquet / .arrow (a column of float lists), or a "
+                                "directory of such files"),
+    output: Path = typer.Option(..., "-o", "--output", help="index file to write (.tvq); a directory with --ray"),
     bits: float = typer.Option(4.0, help="bits per coordinate, norms included (bytes/vector = dim*bits/8)"),
     metric: str = typer.Option("ip", help=f"one of {', '.join(METRICS)}"),
     mode: str = typer.Option("pca", help="pca (default), center, or oblivious (data-oblivious, streaming)"),
     seed: int = typer.Option(0),
     column: str = typer.Option(None, help="parquet column holding the vectors (default: the first list column)"),
-    batch: int = typer.Option(65_536, help="vectors encoded per batch"),
+    batch: int = typer.Option(65_536, help="vectors read and encoded per chunk (bounds memory)"),
+    checkpoint_every: int = typer.Option(1, help="save a checkpoint after this many chunks"),
+    resume: bool = typer.Option(True, help="continue an interrupted build of OUTPUT from its last checkpoint"),
+    ray: bool = typer.Option(False, "--ray", help="build a sharded index on Ray; OUTPUT is then a directory"),
+    ray_address: str = typer.Option(None, help="Ray cluster to join (e.g. auto, ray://host:10001); implies --ray"),
+    shards: int = typer.Option(2, help="shards of a --ray index (one Ray actor each)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON summary"),
 ):
-    """Build a flat TurboQuant index (train on a sample, then add in batches) and save it."""
-    x = load_vectors(data, column)
-    idx = _or_exit(lambda: TurboQuantIndex(x.shape[1], bits, metric=metric, seed=seed, mode=mode))
+    """Build a flat TurboQuant index (train on a sample, then add in chunks, resumably) and save it.
+
+    DATA may be larger than memory: it is read a chunk at a time (see turbovq.search.stream).
+    """
+    try:
+        src = open_source(data, column)
+    except (ValueError, OSError, ImportError) as e:
+        raise typer.BadParameter(str(e)) from None
+    if ray or ray_address:
+        from turbovq.search.distributed import ShardedIndex
+
+        idx = _or_exit(lambda: ShardedIndex(src.dim, bits, metric=metric, seed=seed, num_shards=shards, mode=mode,
+                                            address=ray_address))
+    else:
+        idx = _or_exit(lambda: TurboQuantIndex(src.dim, bits, metric=metric, seed=seed, mode=mode))
     t0 = time.perf_counter()
-    if idx.mode != "oblivious":
-        sample = np.asarray(x[np.linspace(0, len(x) - 1, min(len(x), 20_000)).astype(np.int64)])
-        _or_exit(lambda: idx.train(sample))
-    with _progress(len(x), "encoding", quiet) as bar:
-        for lo in range(0, len(x), batch):
-            part = np.asarray(x[lo : lo + batch])
-            _or_exit(lambda part=part: idx.add(part))
-            bar.update(len(part))
+    idx = _or_exit(lambda: build_index(src, output, idx, chunk_rows=batch, checkpoint_every=checkpoint_every,
+                                       resume=resume, progress=not quiet))
     build_s = time.perf_counter() - t0
-    _or_exit(lambda: idx.save(output))
     summary = {"output": str(output), "ntotal": len(idx), "dim": idx.dim, "code_size": idx.code_size,
                "nbytes": idx.nbytes, "build_s": round(build_s, 3), "config": idx.config}
+    if ray or ray_address:
+        idx.close()
     if as_json:
         typer.echo(json.dumps(summary))
     else:
@@ -112,9 +93,16 @@ def search(
     output: Path = typer.Option(None, "-o", "--output", help="write D and I to this .npz"),
     column: str = typer.Option(None, help="parquet column of the queries"),
     as_json: bool = typer.Option(False, "--json", help="print ids and scores as JSON"),
+    ray: bool = typer.Option(False, "--ray", help="INDEX is a sharded index directory (`build --ray`): search on Ray"),
+    ray_address: str = typer.Option(None, help="Ray cluster to join (e.g. auto, ray://host:10001); implies --ray"),
 ):
     """Search an index: the k best ids (and scores or distances) for every query."""
-    idx = _or_exit(lambda: TurboQuantIndex.load(index))
+    if ray or ray_address:
+        from turbovq.search.distributed import ShardedIndex
+
+        idx = _or_exit(lambda: ShardedIndex.load(index, address=ray_address))
+    else:
+        idx = _or_exit(lambda: TurboQuantIndex.load(index))
     q = load_vectors(queries, column)
     t0 = time.perf_counter()
     D, ids = _or_exit(lambda: idx.search(np.asarray(q), k))
