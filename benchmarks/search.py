@@ -249,6 +249,8 @@ def plot_ivf(results: dict, path: Path) -> None:
             continue
         v = e["ivf"]
         qps_ = [r["qps_1t"] for r in v["sweep"]]
+        for r in v["sweep"]:  # recall keys are ints in memory, strings once read back from JSON
+            r["recall_1_at"] = {str(a): b for a, b in r["recall_1_at"].items()}
         for k, style in (("1", "-o"), ("8", "--s")):
             ax.plot(qps_, [r["recall_1_at"][k] for r in v["sweep"]], style, ms=4,
                     label=f"{ds} IVF{v['nlist']} ({v['bytes_per_vector']} B) R@1@{k}")
@@ -256,7 +258,8 @@ def plot_ivf(results: dict, path: Path) -> None:
             ax.annotate(str(r["nprobe"]), (r["qps_1t"], r["recall_1_at"]["1"]), fontsize=7)
         for row in e["levels"].get(v["bits"], e["levels"].get(str(v["bits"]), [])):
             if row["method"] == "ours":
-                ax.plot([row["qps_1t"]], [row["recall_1_at"]["1"]], "k*", ms=10, label=f"{ds} flat ours R@1@1")
+                rec = {str(a): b for a, b in row["recall_1_at"].items()}
+                ax.plot([row["qps_1t"]], [rec["1"]], "k*", ms=10, label=f"{ds} flat ours R@1@1")
     ax.set_xlabel("queries/s (1 thread, batch of 500)")
     ax.set_ylabel("recall")
     ax.set_xscale("log")

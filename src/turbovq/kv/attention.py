@@ -164,7 +164,9 @@ def turboquant_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention-interface function: codes attention on TurboQuant layers, sdpa elsewhere."""
     tag = getattr(key, _TAG, None)
-    if tag is None:
+    # No codes in this layer yet (a prompt's prefill): every token is exact and in position order, so this is plain
+    # attention; sdpa does it without the (q_len x seq_len) float32 scores the reference would hold.
+    if tag is None or (tag[1] == 0 and softcap is None):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
