@@ -30,15 +30,6 @@ def recall_at(ids_found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([truth[i] in ids_found[i] for i in range(len(truth))]))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small matrices on a shared, loaded machine: one thread avoids spin-wait stalls (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data():
     x = anisotropic(3000, 64, seed=1)

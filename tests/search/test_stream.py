@@ -10,21 +10,11 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 
 from turbovq.search import TurboQuantIndex
 from turbovq.search.stream import NpySource, build_index, open_source, progress_path, training_rows
 
 N, DIM, CHUNK = 2300, 32, 500
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Bit-exact comparisons need one BLAS thread count throughout (MKL rounds differently across counts)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from turbovq import io
-from turbovq.search.index import TurboQuantIndex, _as_float_matrix
+from turbovq.search.index import TurboQuantIndex, _as_float_matrix, check_k
 
 MANIFEST = "manifest.tvq"
 MANIFEST_KIND = "turbovq_sharded_index"
@@ -393,13 +393,7 @@ class ShardedIndex:
         """The ``k`` best vectors for each query over all shards: ``(D, I)`` of shape (m, k), best first, as
         ``TurboQuantIndex.search`` (every shard returns its own top-k, the driver keeps the best k of those)."""
         q = _as_float_matrix(queries, self.dim, "queries")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
-        n = len(self)
-        if n == 0:
-            raise ValueError("the index is empty: add vectors before searching")
-        if k > n:
-            raise ValueError(f"k={k} is larger than the number of vectors in the index ({n})")
+        check_k(k, len(self))
         q_ref = _ray().put(q.numpy())
         calls = {i: ("search", q_ref, min(k, s.ntotal)) for i, s in enumerate(self._shards) if s.ntotal}
         parts = self._gather(calls)

@@ -188,6 +188,16 @@ def _as_float_matrix(x, dim: int, name: str) -> torch.Tensor:
     return x.contiguous()
 
 
+def check_k(k, n: int) -> None:
+    """Refuse a ``k`` that is not a positive integer, an empty index, or ``k`` above its size, by name."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if n == 0:
+        raise ValueError("the index is empty: add vectors before searching")
+    if k > n:
+        raise ValueError(f"k={k} is larger than the number of vectors in the index ({n})")
+
+
 def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-30)
 
@@ -698,13 +708,7 @@ class TurboQuantIndex(_IdsMixin):
         as estimated from the codes; ``I`` the int64 ids.
         """
         q = self._prepare(queries, "queries")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
-        n = len(self)
-        if n == 0:
-            raise ValueError("the index is empty: add vectors before searching")
-        if k > n:
-            raise ValueError(f"k={k} is larger than the number of vectors in the index ({n})")
+        check_k(k, len(self))
         d, ids = self._search_prepared(q, k)
         return d.cpu().numpy(), ids.numpy()
 

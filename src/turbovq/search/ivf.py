@@ -22,7 +22,7 @@ import torch
 
 from turbovq import io
 from turbovq.quantizer import from_config
-from turbovq.search.index import METRICS, TurboQuantIndex, _as_float_matrix, _IdsMixin, _unit
+from turbovq.search.index import METRICS, TurboQuantIndex, _as_float_matrix, _IdsMixin, _unit, check_k
 
 FILE_KIND = "turbovq_ivf_index"
 IVF_VERSION = 1
@@ -155,12 +155,7 @@ class TurboQuantIVFIndex(_IdsMixin):
         """(D, I) of shape (m, k) as :meth:`TurboQuantIndex.search`; slots not filled (the probed lists held fewer
         than k vectors) have id -1 and score -inf (ip) or +inf (l2)."""
         q = self._prepare(queries, "queries")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
-        if len(self) == 0:
-            raise ValueError("the index is empty: add vectors before searching")
-        if k > len(self):
-            raise ValueError(f"k={k} is larger than the number of vectors in the index ({len(self)})")
+        check_k(k, len(self))
         nprobe = min(self.nlist, self.nprobe if nprobe is None else nprobe)
         coarse = q @ self.centroids.T
         if self.metric == "l2":

@@ -1,0 +1,446 @@
+"""Triton kernels on the GPU: decode attention on codes vs torch bf16 SDPA, encode throughput, roofline.
+
+Everything in one run on one card, so the numbers are ratios measured side by side:
+
+* copy bandwidth: a 2 GiB device-to-device ``copy_`` (bytes read + written) -- the roofline;
+* decode attention, one query token, Llama-3.1-8B heads (32 query / 8 KV heads, head_dim 128), B x T grid:
+  ours (codes + float16 norms, centered cache with outlier permutation, 128-token bf16 tail) vs
+  ``F.scaled_dot_product_attention(..., enable_gqa=True)`` on bf16 K/V of the same length; achieved bandwidth on
+  the compressed bytes;
+* encode: ``encode_rows`` (B=8, H=8, T=32k rows of bf16) vs the roofline and vs ``RowCodec.encode``;
+* ``overhead`` phase: one K4/V3 call timed as a whole (do_bench), as a replayed CUDA graph (GPU only), as host
+  enqueue time, per kernel (torch profiler tables in ``profile.txt``) and checked for host syncs;
+* optional end-to-end greedy decode at 32k context of a randomly initialised Llama-3.1-8B-shape model with fewer
+  layers (``--e2e-layers``), ours vs bf16 ``DynamicCache``.
+
+Timing: ``triton.testing.do_bench`` medians (it clears the L2 before every repetition).
+
+    PYTHONPATH=src python3 benchmarks/kernels.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from turbovq.kernels.decode import decode_attention
+from turbovq.kernels.encode import encode_rows
+from turbovq.kv.cache import PackedRows, RowCodec
+
+CONFIGS = {"K4/V3": (4, 3), "K4/V4": (4, 4), "3.5": (3.5, 3.5), "2.5": (2.5, 2.5)}
+HQ, HKV, D, TAIL = 32, 8, 128, 128
+
+
+def bench(fn, rep=100) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def copy_bandwidth(dev) -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev).random_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() / ms / 1e9  # TB/s
+
+
+def synthetic_rows(codec: RowCodec, b: int, t: int, dev, seed: int) -> PackedRows:
+    """Random valid codes + float16 norms, a per-head permutation and mean: what a 32k-token cache holds."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    fields = {}
+    for i, (bits, d, _) in enumerate(codec.groups):
+        nbytes = (d * bits + 7) // 8
+        fields[f"codes{i}"] = torch.randint(0, 256, (b, HKV, t, nbytes), device=dev, dtype=torch.uint8, generator=g)
+        fields[f"norms{i}"] = (torch.rand(b, HKV, t, device=dev, generator=g) * 4 + 8).half()
+    perm = torch.stack([torch.randperm(D, device=dev, generator=g) for _ in range(HKV)]) if codec.groups[1:] else None
+    mean = torch.randn(b, HKV, 1, D, device=dev, generator=g)
+    return PackedRows(codec, fields, perm, t, mean)
+
+
+def decode_grid(dev, copy_tbs, batches, lengths, configs, block_t, num_warps) -> list[dict]:
+    rows = []
+    free = torch.cuda.mem_get_info(dev)[0]
+    for b in batches:
+        for t in lengths:
+            kv_bytes = 2 * b * HKV * t * D * 2
+            row = {"B": b, "T": t}
+            q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.bfloat16)
+            if 2 * kv_bytes < free * 0.8:
+                k = torch.randn(b, HKV, t, D, device=dev, dtype=torch.bfloat16)
+                v = torch.randn_like(k)
+                ms = bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+                row["sdpa_ms"], row["sdpa_TBps"] = ms, kv_bytes / ms / 1e9
+                del k, v
+            else:
+                row["sdpa_ms"] = None  # does not fit next to its own copy
+            torch.cuda.empty_cache()
+            tk = torch.randn(b, HKV, TAIL, D, device=dev, dtype=torch.bfloat16)
+            tv = torch.randn_like(tk)
+            for name in configs:
+                kb, vb = CONFIGS[name]
+                kc, vc = RowCodec(D, kb, seed=1), RowCodec(D, vb, seed=2)
+                n = t - TAIL
+                pk, pv = synthetic_rows(kc, b, n, dev, 1), synthetic_rows(vc, b, n, dev, 2)
+                nbytes = sum(x.numel() * x.element_size() for p in (pk, pv) for x in p.fields.values())
+                nbytes += 2 * tk.numel() * tk.element_size()
+
+                def fn(q=q, pk=pk, pv=pv, tk=tk, tv=tv):
+                    return decode_attention(q, pk, pv, tk, tv, None, D**-0.5, block_t=block_t, num_warps=num_warps)
+
+                ms = bench(fn)
+                tbs = nbytes / ms / 1e9
+                row[name] = {
+                    "ms": ms,
+                    "bytes": nbytes,
+                    "TBps": tbs,
+                    "roofline_frac": tbs / copy_tbs,
+                    "speedup_vs_sdpa": None if row["sdpa_ms"] is None else row["sdpa_ms"] / ms,
+                }
+                del pk, pv
+            rows.append(row)
+            cells = " ".join(
+                f"{c}={row[c]['ms'] * 1e3:.0f}us({row[c]['speedup_vs_sdpa'] or 0:.2f}x,{row[c]['roofline_frac']:.0%})"
+                for c in configs
+            )
+            sd = f"{row['sdpa_ms'] * 1e3:.0f}us" if row["sdpa_ms"] else "n/a"
+            print(f"B={b:>2} T={t:>6} sdpa={sd} {cells}", flush=True)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def tune(dev) -> list[dict]:
+    """Decoder (PRMT vs centroid gather), block size, warps and stages at the target cell (B=8, T=32k, K4/V3)."""
+    from turbovq.kernels import decode as kdecode
+
+    out = []
+    b, t = 8, 32768
+    q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.bfloat16)
+    kk = torch.randn(b, HKV, t, D, device=dev, dtype=torch.bfloat16)
+    vv = torch.randn_like(kk)
+    sdpa = bench(lambda kk=kk, vv=vv: F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True))
+    print(f"tune: sdpa {sdpa * 1e3:.1f} us", flush=True)
+    out.append({"sdpa_ms": sdpa})
+    del kk, vv
+    tk = torch.randn(b, HKV, TAIL, D, device=dev, dtype=torch.bfloat16)
+    kc, vc = RowCodec(D, 4, seed=1), RowCodec(D, 3, seed=2)
+    pk, pv = synthetic_rows(kc, b, t - TAIL, dev, 1), synthetic_rows(vc, b, t - TAIL, dev, 2)
+    default = kdecode._PRMT
+    for prmt in (False, True):
+        kdecode._PRMT = prmt
+        for block_t in (64, 128):
+            for warps in (4, 8):
+                for stages in (1, 2):
+                    try:
+                        ms = bench(
+                            lambda bt=block_t, w=warps, st=stages: decode_attention(
+                                q, pk, pv, tk, tk, None, D**-0.5, block_t=bt, num_warps=w, num_stages=st
+                            )
+                        )
+                    except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for a config
+                        ms = float("nan")
+                        print("config failed", block_t, warps, stages, repr(e)[:200])
+                    out.append({"prmt": prmt, "block_t": block_t, "num_warps": warps, "num_stages": stages, "ms": ms})
+                    print(f"tune prmt={prmt} block_t={block_t} warps={warps} stages={stages}: {ms * 1e3:.1f} us "
+                          f"({sdpa / ms:.2f}x sdpa)", flush=True)  # fmt: skip
+    kdecode._PRMT = default
+    return out
+
+
+def _graph_ms(fn, dev) -> float:
+    """GPU time of one call without its host overhead: the call captured in a CUDA graph, replayed."""
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):  # warm up on the capture stream (compiles, caches, per-stream buffers)
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        fn()
+    return bench(graph.replay)
+
+
+def _host_us(fn, dev, calls: int = 100) -> float:
+    """Host time per call (enqueue only: no synchronisation inside the loop)."""
+    fn()
+    torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize(dev)
+    return (t1 - t0) / calls * 1e6
+
+
+def _profile(call, dev, rec: dict, log_dir: Path | None, tag: str) -> None:
+    """Host syncs of one call (sync debug mode) and a torch profiler table of 10 calls (per-kernel device time)."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        call()
+        torch.cuda.set_sync_debug_mode(0)
+    rec["sync_warnings"] = [str(w.message)[:200] for w in caught]
+    torch.cuda.synchronize(dev)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            call()
+        torch.cuda.synchronize(dev)
+    ka = prof.key_averages()
+    per_call = {e.key[:60]: e.self_device_time_total / 10 for e in ka if e.self_device_time_total > 0}
+    rec["kernels_us_per_call"] = per_call
+    rec["triton_kernels_us"] = sum(v for k, v in per_call.items() if k.startswith("_"))
+    rec["all_kernels_us"] = sum(per_call.values())
+    if log_dir is not None:
+        with open(log_dir / "profile.txt", "a") as f:
+            f.write(f"===== {tag}: by self CUDA time =====\n")
+            f.write(ka.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=50))
+            f.write(f"\n===== {tag}: by CPU time total =====\n")
+            f.write(ka.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=50))
+            f.write("\n")
+
+
+def overhead(dev, modules: list[str], cells: list[tuple[int, int]], log_dir: Path | None) -> list[dict]:
+    """Where the time of one decode call goes (K4/V3): full call (do_bench, as in the grid), GPU only (the call
+    captured in a CUDA graph and replayed), host enqueue time, per-kernel device times and host syncs."""
+    import importlib
+
+    out = []
+    kc, vc = RowCodec(D, 4, seed=1), RowCodec(D, 3, seed=2)
+    for b, t in cells:
+        q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.bfloat16)
+        kk = torch.randn(b, HKV, t, D, device=dev, dtype=torch.bfloat16)
+        vv = torch.randn_like(kk)
+
+        def sdpa(q=q, kk=kk, vv=vv):
+            return F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
+
+        row = {"B": b, "T": t, "sdpa_ms": bench(sdpa), "sdpa_graph_ms": _graph_ms(sdpa, dev)}
+        del kk, vv, sdpa
+        torch.cuda.empty_cache()
+        tk = torch.randn(b, HKV, TAIL, D, device=dev, dtype=torch.bfloat16)
+        tv = torch.randn_like(tk)
+        pk, pv = synthetic_rows(kc, b, t - TAIL, dev, 1), synthetic_rows(vc, b, t - TAIL, dev, 2)
+        ref = None
+        for name in modules:
+            mod = importlib.import_module(name)
+            variants = {"default": {}}
+            if "fused_reduce" in mod.decode_attention.__kwdefaults__:
+                variants.update({"waves4": {"waves": 4}, "fused": {"fused_reduce": True}})
+            for vname, kw in variants.items():
+
+                def call(mod=mod, kw=kw, q=q, pk=pk, pv=pv, tk=tk, tv=tv):
+                    return mod.decode_attention(q, pk, pv, tk, tv, None, D**-0.5, **kw)
+
+                res = call().float()
+                ref = res if ref is None else ref
+                rec = {"module": name, "variant": vname, "max_abs_diff_vs_first": (res - ref).abs().max().item()}
+                rec.update(full_ms=bench(call), graph_ms=_graph_ms(call, dev), host_us=_host_us(call, dev))
+                if vname == "default":
+                    _profile(call, dev, rec, log_dir, f"{name.rsplit('.', 1)[-1]}_B{b}_T{t // 1024}k")
+                    try:  # registers / spills / shared memory of every compiled variant (triton internals)
+                        rec["decode_kernel_compiled"] = [
+                            {"regs": ck.n_regs, "spills": ck.n_spills, "shared": ck.metadata.shared}
+                            for cache in mod._decode_kernel.device_caches.values()
+                            for ck in cache[0].values()
+                        ]
+                    except Exception as e:  # noqa: BLE001
+                        rec["decode_kernel_compiled"] = repr(e)[:200]
+                out.append({**row, **rec})
+                kern = f"{rec.get('triton_kernels_us', math.nan):.1f}/{rec.get('all_kernels_us', math.nan):.1f}"
+                print(
+                    f"overhead B={b} T={t} {name} {vname}: full {rec['full_ms'] * 1e3:.1f} us "
+                    f"({row['sdpa_ms'] / rec['full_ms']:.2f}x sdpa {row['sdpa_ms'] * 1e3:.1f}), "
+                    f"graph {rec['graph_ms'] * 1e3:.1f} us ({row['sdpa_graph_ms'] / rec['graph_ms']:.2f}x sdpa graph "
+                    f"{row['sdpa_graph_ms'] * 1e3:.1f}), host {rec['host_us']:.1f} us, kernels (triton/all) {kern} us, "
+                    f"syncs {len(rec.get('sync_warnings', []))}, diff {rec['max_abs_diff_vs_first']:.2e}",
+                    flush=True,
+                )
+        del pk, pv
+        torch.cuda.empty_cache()
+    return out
+
+
+def encode_bench(dev, copy_tbs) -> list[dict]:
+    b, t = 8, 32768
+    x = torch.randn(b, HKV, t, D, device=dev, dtype=torch.bfloat16)
+    mean = x.float().mean(2, keepdim=True)
+    out = []
+    for bits in (4, 3, 3.5, 2.5):
+        codec = RowCodec(D, bits, seed=1)
+        perm = codec.calibrate(x[:, :, :1024].float() - mean) if codec.num_outliers else None
+        written = sum(v.numel() * v.element_size() for v in encode_rows(x[:, :, :64], codec, perm, mean).values())
+        nbytes = x.numel() * 2 + written // 64 * t  # read bf16 rows once, write codes + float32 norms
+        ms = bench(lambda codec=codec, perm=perm: encode_rows(x, codec, perm, mean), rep=50)
+        ms_torch = bench(lambda codec=codec, perm=perm: codec.encode(x.float() - mean, perm), rep=20)
+        tbs = nbytes / ms / 1e9
+        out.append(
+            {
+                "bits": bits,
+                "rows": b * HKV * t,
+                "ms": ms,
+                "torch_ms": ms_torch,
+                "TBps": tbs,
+                "roofline_frac": tbs / copy_tbs,
+                "Grows_per_s": b * HKV * t / ms / 1e6,
+            }
+        )
+        print(f"encode bits={bits}: {ms:.3f} ms ({tbs:.2f} TB/s, {tbs / copy_tbs:.0%}), torch {ms_torch:.2f} ms")
+    return out
+
+
+def e2e(dev, layers: int, context: int, new_tokens: int, batches) -> dict:
+    """Greedy decode tokens/s and peak memory, random Llama-3.1-8B-shape model with ``layers`` layers."""
+    import transformers
+
+    from turbovq.kv import TurboQuantCache, codes_attention
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=context + 1024,
+        rope_theta=500000.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    model.config._attn_implementation = "sdpa"
+    weights = torch.cuda.memory_allocated(dev)
+    res = {"layers": layers, "context": context, "new_tokens": new_tokens, "weights_bytes": weights, "runs": []}
+    for b in batches:
+        for kind in ("bf16", "K4/V3"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+            ids = torch.randint(0, cfg.vocab_size, (b, context), device=dev)
+            try:
+                if kind == "bf16":
+                    cache = transformers.DynamicCache(config=model.config)
+                else:
+                    cache = TurboQuantCache(model.config, key_bits=4, value_bits=3, residual_length=128)
+                with torch.no_grad():
+                    for lo in range(0, context, 4096):  # chunked prefill through sdpa (dequantized path)
+                        model.model(ids[:, lo : lo + 4096], past_key_values=cache, use_cache=True)
+                    tok = ids[:, -1:]
+                    ctx = codes_attention(model) if kind != "bf16" else _null()
+                    with ctx:
+                        for i in range(new_tokens + 3):
+                            if i == 3:
+                                torch.cuda.synchronize()
+                                t0 = time.perf_counter()
+                            logits = model(tok, past_key_values=cache, use_cache=True).logits
+                            tok = logits[:, -1:].argmax(-1)
+                    torch.cuda.synchronize()
+                    dt = time.perf_counter() - t0
+                run = {
+                    "batch": b,
+                    "cache": kind,
+                    "tokens_per_s": b * new_tokens / dt,
+                    "ms_per_step": dt / new_tokens * 1e3,
+                    "peak_bytes": torch.cuda.max_memory_allocated(dev),
+                    "cache_bytes": getattr(cache, "nbytes", None) or _dyn_bytes(cache),
+                }
+            except torch.OutOfMemoryError:
+                run = {"batch": b, "cache": kind, "oom": True}
+            res["runs"].append(run)
+            print("e2e", run, flush=True)
+            del cache
+    return res
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def _dyn_bytes(cache) -> int:
+    return sum(x.keys.numel() * 2 * x.keys.element_size() for x in cache.layers if x.keys is not None)
+
+
+def plot(decode_rows, copy_tbs, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    cells = [f"B{r['B']}\nT{r['T'] // 1024}k" for r in decode_rows]
+    x = range(len(cells))
+    for name in CONFIGS:
+        if name in decode_rows[0]:
+            axes[0].plot(x, [r[name]["speedup_vs_sdpa"] or math.nan for r in decode_rows], "o-", label=name)
+            axes[1].plot(x, [r[name]["roofline_frac"] for r in decode_rows], "o-", label=name)
+    axes[0].axhline(1, color="gray", lw=0.8)
+    axes[0].axhline(3, color="red", lw=0.8, ls="--", label="target 3x")
+    axes[0].set_ylabel("speed-up vs bf16 SDPA")
+    axes[1].axhline(0.7, color="red", lw=0.8, ls="--", label="target 70%")
+    axes[1].set_ylabel(f"bandwidth on compressed bytes / copy ({copy_tbs:.2f} TB/s)")
+    for ax in axes:
+        ax.set_xticks(list(x), cells, fontsize=7)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Decode attention on TurboQuant codes, Llama-3.1-8B heads (32q/8kv, d=128)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--name", default="kernels")
+    ap.add_argument("--phases", default="tune,decode,encode")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--lengths", default="8192,32768,131072")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--block-t", type=int, default=128)
+    ap.add_argument("--num-warps", type=int, default=4)
+    ap.add_argument("--e2e-layers", type=int, default=2)
+    ap.add_argument("--e2e-batches", default="1,8")
+    ap.add_argument("--overhead-modules", default="turbovq.kernels.decode")
+    ap.add_argument("--overhead-cells", default="8x32768,1x8192")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    phases = args.phases.split(",")
+    res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__}
+    res["copy_TBps"] = copy_bw = copy_bandwidth(dev)
+    print(f"{res['device']}: copy {copy_bw:.2f} TB/s", flush=True)
+    if "tune" in phases:
+        res["tune"] = tune(dev)
+    if "decode" in phases:
+        res["decode"] = decode_grid(
+            dev,
+            copy_bw,
+            [int(x) for x in args.batches.split(",")],
+            [int(x) for x in args.lengths.split(",")],
+            args.configs.split(","),
+            args.block_t,
+            args.num_warps,
+        )
+        res["decode_settings"] = {"block_t": args.block_t, "num_warps": args.num_warps, "tail": TAIL}
+    if "overhead" in phases:
+        cells = [tuple(int(v) for v in c.split("x")) for c in args.overhead_cells.split(",")]
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        res["overhead"] = overhead(dev, args.overhead_modules.split(","), cells, out_dir)
+    if "encode" in phases:
+        res["encode"] = encode_bench(dev, copy_bw)
+    if "e2e" in phases:
+        res["e2e"] = e2e(dev, args.e2e_layers, 32768, 32, [int(x) for x in args.e2e_batches.split(",")])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    if "decode" in res:
+        plot(res["decode"], copy_bw, out / f"{args.name}.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,664 @@
+"""Split-T flash-decoding directly on TurboQuant codes (Triton), one query token per sequence.
+
+Why it can beat bf16 attention: decode attention is a pass over the KV cache, so its time is bytes over bandwidth.
+K4/V3 codes + float16 norms are 116 bytes per (token, KV head) at head_dim 128 instead of 512 in bf16.
+
+Algorithm (the torch twin is :func:`turbovq.kernels.reference.split_decode_reference`):
+
+1. Query kernel, grid ``(B * H,)``: ``q_rot = (q * s_k) @ R_k[h]`` (3xTF32 tensor-core dot, float32-accurate;
+   ``s``: per-channel scales of a normalized cache, else 1) and ``<q, mu_k>`` into a float32 workspace. ``R``
+   folds the outlier permutation and every group's rotation into one orthogonal ``D x D`` matrix per KV head
+   (:func:`~turbovq.kernels.reference.fused_rotation`, cached per layer like every other constant here).
+2. Main kernel, grid ``(S + 1, B * H)``: program ``(s, b, h)`` with ``s < S`` streams its share of the compressed
+   tokens in blocks of ``BLOCK_T``, for *all* ``G`` query heads of KV head ``h`` (each code byte is read once):
+   turn int32 words of codes into float16 centroids (3- and 4-bit groups: inline-PTX ``prmt`` byte-permute table
+   lookups in registers, ~2.5 ALU instructions per code and no memory access; other widths and the interpreter:
+   shift/mask unpack + centroid gather), ``tl.dot`` with the rotated queries (tensor cores; the
+   ``G`` rows are padded to 16), scale by the norms, online softmax in base 2, ``p * ||v||`` dotted with the value
+   centroids into an accumulator in the rotated space. Program ``s = S`` does the full-precision tail window in
+   the original space. Centered caches add ``<q, mu_k>`` to every code score. ``S`` targets ~8 waves of programs
+   (at most 64 splits).
+3. Merge kernel, grid ``(B * H, D / BN)``: combine the ``S + 1`` partials with ``exp2(m_s - M)`` (4 splits'
+   loads in flight at a time), rotate the code part of ``BN`` output columns back with ``R_v[h]^T`` (3xTF32 dot),
+   multiply by ``s_v``, add ``(sum_codes p) * mu_v`` and the tail part, divide by the total. With
+   ``fused_reduce=True`` the last program of each ``(b, h)`` to finish (an arrival counter) merges instead of a
+   third launch; measured slower on an H200 (the merge then runs on the critical tail), so it is off by default.
+
+Per call the host only builds a few Python values, allocates the workspace and the output and launches three
+kernels (no other torch op, no host synchronisation). Float32 ``tl.dot(..., input_precision="ieee")`` is avoided:
+Triton lowers it to a slow FMA loop (~20-30 us per 16 x 128 x 64 product on an H200), which was most of the
+former fixed per-call cost.
+
+Scores and values use float16 tensor-core operands with float32 accumulation (centroids are in [-1, 1] and the
+query is rotated in float32 first); the tail uses the model dtype, as flash attention does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+
+import torch
+
+from turbovq.kernels.reference import fused_rotation
+from turbovq.kv.cache import PackedRows, RowCodec
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs: the torch reference is used
+    HAS_TRITON = False
+
+_LOG2E = 1.4426950408889634
+_PRMT = os.environ.get("TRITON_INTERPRET", "0") != "1"  # inline PTX decoders; the interpreter cannot run PTX
+
+# PRMT decoders (GPU only): a byte permute looks 4 bytes up in an 8-byte table at once, so a b32 word of codes
+# becomes float16 centroids in ~2.5 ALU instructions per code, with no memory access (the interpreter uses the
+# centroid gather instead). The tables hold the low and high bytes of 8 float16 centroids (4 b32 registers).
+# 4 bits (symmetric table, c[15 - k] = -c[k]): |c[k]| = P[(k & 7) ^ (k < 8 ? 7 : 0)], sign = k < 8.
+_ASM4 = """{
+.reg .b32 ns, m7, idx, idh, la, ha, lb, hb, x, s, r0, r1, r2, r3;
+shr.b32 ns, $8, 3;
+and.b32 ns, ns, 0x11111111;
+xor.b32 ns, ns, 0x11111111;
+mul.lo.u32 m7, ns, 7;
+xor.b32 idx, $8, m7;
+and.b32 idx, idx, 0x77777777;
+shr.b32 idh, idx, 16;
+prmt.b32 la, $9, $10, idx;
+prmt.b32 ha, $11, $12, idx;
+prmt.b32 lb, $9, $10, idh;
+prmt.b32 hb, $11, $12, idh;
+prmt.b32 x, $8, $8, 0x1100;
+shl.b32 s, x, 4;
+and.b32 s, s, 0x00800080;
+and.b32 x, x, 0x80008000;
+or.b32 s, s, x;
+not.b32 s, s;
+and.b32 s, s, 0x80808080;
+or.b32 ha, ha, s;
+prmt.b32 x, $8, $8, 0x3322;
+shl.b32 s, x, 4;
+and.b32 s, s, 0x00800080;
+and.b32 x, x, 0x80008000;
+or.b32 s, s, x;
+not.b32 s, s;
+and.b32 s, s, 0x80808080;
+or.b32 hb, hb, s;
+prmt.b32 r0, la, ha, 0x5140;
+prmt.b32 r1, la, ha, 0x7362;
+prmt.b32 r2, lb, hb, 0x5140;
+prmt.b32 r3, lb, hb, 0x7362;
+mov.b32 {$0, $1}, r0;
+mov.b32 {$2, $3}, r1;
+mov.b32 {$4, $5}, r2;
+mov.b32 {$6, $7}, r3;
+}"""
+
+
+def _asm3() -> str:
+    """32 codes of 3 bits in 3 words ($32..$34) -> 32 float16 ($0..$31); 8-entry table in $35..$38."""
+    lines = ["{", ".reg .b32 g, y, t, u, uh, la, ha, lb, hb, r0, r1, r2, r3;"]
+    extract = [
+        "and.b32 g, $32, 0xFFFFFF;",
+        "shf.r.clamp.b32 g, $32, $33, 24;\nand.b32 g, g, 0xFFFFFF;",
+        "shf.r.clamp.b32 g, $33, $34, 16;\nand.b32 g, g, 0xFFFFFF;",
+        "shr.b32 g, $34, 8;",
+    ]
+    for q in range(4):  # 8 codes at bits 3i of g -> nibbles 4i of u (bit 3 clear)
+        # fmt: off
+        lines += [
+            extract[q],
+            "shl.b32 t, g, 4;", "and.b32 t, t, 0xFFF0000;", "and.b32 y, g, 0xFFF;", "or.b32 y, y, t;",
+            "shl.b32 t, y, 2;", "and.b32 t, t, 0x3F003F00;", "and.b32 y, y, 0x3F003F;", "or.b32 y, y, t;",
+            "shl.b32 t, y, 1;", "and.b32 t, t, 0x70707070;", "and.b32 u, y, 0x07070707;", "or.b32 u, u, t;",
+            "shr.b32 uh, u, 16;",
+            "prmt.b32 la, $35, $36, u;", "prmt.b32 ha, $37, $38, u;",
+            "prmt.b32 lb, $35, $36, uh;", "prmt.b32 hb, $37, $38, uh;",
+            "prmt.b32 r0, la, ha, 0x5140;", "prmt.b32 r1, la, ha, 0x7362;",
+            "prmt.b32 r2, lb, hb, 0x5140;", "prmt.b32 r3, lb, hb, 0x7362;",
+        ]
+        # fmt: on
+        lines += [f"mov.b32 {{${8 * q + 2 * j}, ${8 * q + 2 * j + 1}}}, r{j};" for j in range(4)]
+    return "\n".join(lines + ["}"])
+
+
+_ASM3 = _asm3()
+_C3 = ",".join(["=h"] * 32 + ["r"] * 7)
+if HAS_TRITON:
+    _ASM4, _ASM3, _C3 = tl.constexpr(_ASM4), tl.constexpr(_ASM3), tl.constexpr(_C3)
+_DOT_BITS = (1, 2, 3, 4, 8)  # code widths the unpacker handles (3 through 96-bit groups of 32 codes)
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def codec_supported(codec: RowCodec) -> bool:
+    """Whether the kernels handle this codec: mse codes, power-of-two groups of >= 16 channels in whole words."""
+    if codec.qjl or not _pow2(codec.dim) or codec.dim < 16:
+        return False
+    for bits, d, _ in codec.groups:
+        if bits not in _DOT_BITS or not _pow2(d) or d < 16 or (d * bits) % 32 or (bits == 3 and d % 32):
+            return False
+    return True
+
+
+def supported(query: torch.Tensor, keys: PackedRows, values: PackedRows) -> bool:
+    """True when :func:`decode_attention` can run this call (else use ``attend_codes``)."""
+    return (
+        HAS_TRITON
+        and query.is_cuda
+        and query.shape[2] == 1
+        and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and keys.length > 0
+        and codec_supported(keys.codec)
+        and codec_supported(values.codec)
+    )
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _unpack(ptr, word_off, t_mask, BITS: tl.constexpr, DG: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Codes ``(BLOCK_T, DG)`` int32 of rows starting at int32 word offsets ``word_off`` (packing.py layout)."""
+        if BITS == 3:
+            # 32 codes = 3 words; code k sits at bit 3k of the 96-bit group: k <= 20 in (w0 | w1 << 32),
+            # k >= 21 in (w1 | w2 << 32) at bit 3k - 32.
+            NG: tl.constexpr = DG // 32
+            base = ptr + word_off[:, None] + 3 * tl.arange(0, NG)[None, :]
+            m = t_mask[:, None]
+            w0 = tl.load(base, mask=m, other=0).to(tl.uint32).to(tl.uint64)
+            w1 = tl.load(base + 1, mask=m, other=0).to(tl.uint32).to(tl.uint64)
+            w2 = tl.load(base + 2, mask=m, other=0).to(tl.uint32).to(tl.uint64)
+            lo = w0 | (w1 << 32)
+            hi = w1 | (w2 << 32)
+            k = tl.arange(0, 32)
+            first = k <= 20
+            src = tl.where(first[None, None, :], lo[:, :, None], hi[:, :, None])
+            shift = tl.where(first, 3 * k, 3 * k - 32).to(tl.uint64)
+            codes = ((src >> shift[None, None, :]) & 7).to(tl.int32)
+        else:
+            CPW: tl.constexpr = 32 // BITS
+            NW: tl.constexpr = DG // CPW
+            w = tl.load(ptr + word_off[:, None] + tl.arange(0, NW)[None, :], mask=t_mask[:, None], other=0)
+            shift = tl.arange(0, CPW) * BITS
+            codes = (w[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)
+        return tl.reshape(codes, (BLOCK_T, DG))
+
+    @triton.jit
+    def _tree8(o0, o1, o2, o3, o4, o5, o6, o7):
+        """(..., 8) with [..., k] = o_k (joins add a trailing dim: the first join is the slowest)."""
+        return tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
+
+    @triton.jit
+    def _dec4(w, tab):
+        """int32 words (BLOCK_T, NW) of 4-bit codes -> float16 centroids (BLOCK_T, NW, 8) (PRMT lookups)."""
+        o = tl.inline_asm_elementwise(
+            _ASM4, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r",
+            [w, tl.load(tab), tl.load(tab + 1), tl.load(tab + 2), tl.load(tab + 3)],
+            dtype=(tl.float16,) * 8, is_pure=True, pack=1,
+        )  # fmt: skip
+        return _tree8(o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7])
+
+    @triton.jit
+    def _dec3(w0, w1, w2, tab):
+        """int32 words (BLOCK_T, NG) x 3 of 3-bit codes -> float16 centroids (BLOCK_T, NG, 32) (PRMT lookups)."""
+        o = tl.inline_asm_elementwise(
+            _ASM3, _C3,
+            [w0, w1, w2, tl.load(tab), tl.load(tab + 1), tl.load(tab + 2), tl.load(tab + 3)],
+            dtype=(tl.float16,) * 32, is_pure=True, pack=1,
+        )  # fmt: skip
+        # [..., 8a + b]: join over a (slowest) first, then over b
+        u0 = tl.join(tl.join(o[0], o[16]), tl.join(o[8], o[24]))
+        u1 = tl.join(tl.join(o[1], o[17]), tl.join(o[9], o[25]))
+        u2 = tl.join(tl.join(o[2], o[18]), tl.join(o[10], o[26]))
+        u3 = tl.join(tl.join(o[3], o[19]), tl.join(o[11], o[27]))
+        u4 = tl.join(tl.join(o[4], o[20]), tl.join(o[12], o[28]))
+        u5 = tl.join(tl.join(o[5], o[21]), tl.join(o[13], o[29]))
+        u6 = tl.join(tl.join(o[6], o[22]), tl.join(o[14], o[30]))
+        u7 = tl.join(tl.join(o[7], o[23]), tl.join(o[15], o[31]))
+        return _tree8(u0, u1, u2, u3, u4, u5, u6, u7)
+
+    @triton.jit
+    def _centroids(ptr, word_off, t_mask, cent, tab, BITS: tl.constexpr, DG: tl.constexpr, BLOCK_T: tl.constexpr,
+                   PRMT: tl.constexpr):  # fmt: skip
+        """float16 centroids (BLOCK_T, DG) of the code rows at int32 word offsets ``word_off``."""
+        if PRMT and BITS == 4:
+            w = tl.load(ptr + word_off[:, None] + tl.arange(0, DG // 8)[None, :], mask=t_mask[:, None], other=0)
+            out = tl.reshape(_dec4(w, tab), (BLOCK_T, DG))
+        elif PRMT and BITS == 3:
+            base = ptr + word_off[:, None] + 3 * tl.arange(0, DG // 32)[None, :]
+            m = t_mask[:, None]
+            w0 = tl.load(base, mask=m, other=0)
+            w1 = tl.load(base + 1, mask=m, other=0)
+            w2 = tl.load(base + 2, mask=m, other=0)
+            out = tl.reshape(_dec3(w0, w1, w2, tab), (BLOCK_T, DG))
+        else:
+            out = tl.load(cent + _unpack(ptr, word_off, t_mask, BITS, DG, BLOCK_T))
+        return out
+
+    @triton.jit
+    def _scale_scores(
+        s, t, t_mask, b, mask_ptr, stride_mb, stride_mt, scaling, softcap,
+        HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, SOFTCAP: tl.constexpr,
+    ):  # fmt: skip
+        """scaling, optional tanh soft-cap, mask (additive float, or boolean: True = attend), then base 2;
+        positions past the block end -> -inf."""
+        s = s * scaling
+        if SOFTCAP:
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))  # tanh, saturating without NaN
+        if HAS_MASK:
+            mv = tl.load(mask_ptr + b * stride_mb + t * stride_mt, mask=t_mask, other=0)
+            if MASK_BOOL:  # False adds float32 min, which becomes -inf in base 2 (as _additive_mask does)
+                s = tl.where((mv != 0)[None, :], s, float("-inf"))
+            else:
+                s = s + mv.to(tl.float32)[None, :]
+        s = s * 1.4426950408889634
+        return tl.where(t_mask[None, :], s, float("-inf"))
+
+    @triton.jit
+    def _prep_kernel(
+        ws, q_ptr, stride_qb, stride_qh, kscale_ptr, kmean_ptr, rk_ptr, rk_sh, H,
+        G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+        HAS_KSCALE: tl.constexpr, HAS_KMEAN: tl.constexpr,
+    ):  # fmt: skip
+        """Per (b, h): ``q_rot = (q * s_k) @ R_k[h]`` (3xTF32 dot) and ``<q, mu_k>`` into the workspace."""
+        pid_bh = tl.program_id(0)
+        BH = tl.num_programs(0)
+        b = pid_bh // H
+        h = pid_bh % H
+        g = tl.arange(0, BLOCK_G)
+        gmask = g < G
+        dd = tl.arange(0, D)
+        q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + dd[None, :], mask=gmask[:, None],
+                    other=0.0).to(tl.float32)  # fmt: skip
+        if HAS_KMEAN:
+            qm = tl.sum(q * tl.load(kmean_ptr + pid_bh * D + dd)[None, :], axis=1)
+            tl.store(ws + BH * G * D + pid_bh * G + g, qm, mask=gmask)
+        if HAS_KSCALE:
+            q = q * tl.load(kscale_ptr + pid_bh * D + dd)[None, :]
+        for n0 in tl.static_range(0, D, BN):
+            cols = n0 + tl.arange(0, BN)
+            r = tl.load(rk_ptr + h * rk_sh + dd[:, None] * D + cols[None, :])
+            o = tl.dot(q, r, input_precision="tf32x3")  # float32-accurate on tensor cores (ieee is ~20x slower)
+            tl.store(ws + (pid_bh * G + g)[:, None] * D + cols[None, :], o, mask=gmask[:, None])
+
+    @triton.jit
+    def _combine(
+        ws, pid_bh, h, n0, S, BH, rv_ptr, rv_sh, vmean_ptr, vscale_ptr, out_ptr,
+        G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+        HAS_VMEAN: tl.constexpr, HAS_VSCALE: tl.constexpr,
+    ):  # fmt: skip
+        """Output columns ``n0 : n0 + BN`` of (b, h): merge the S code splits and the tail split (4 splits' loads
+        in flight at a time), one inverse rotation ``R_v[h]^T`` (3xTF32 tensor-core dot: float32-accurate), then
+        ``* s_v``, ``+ l_codes * mu_v`` and the tail, all divided by the total."""
+        PG = BH * (S + 1) * G
+        m_ptr = ws + BH * G * (D + 1)
+        l_ptr = m_ptr + PG
+        acc_ptr = l_ptr + PG
+        g = tl.arange(0, BLOCK_G)
+        gmask = g < G
+        dd = tl.arange(0, D)
+        base = pid_bh * (S + 1)
+        big = tl.full([BLOCK_G], -1e30, tl.float32)
+        for s0 in range(0, S + 1, 4):
+            for j in tl.static_range(4):
+                ok = gmask & (s0 + j <= S)
+                big = tl.maximum(big, tl.load(m_ptr + (base + s0 + j) * G + g, mask=ok, other=-1e30))
+        acc = tl.zeros([BLOCK_G, D], tl.float32)
+        l_codes = tl.zeros([BLOCK_G], tl.float32)
+        for s0 in range(0, S, 4):
+            for j in tl.static_range(4):
+                ok = gmask & (s0 + j < S)
+                row = (base + s0 + j) * G + g
+                w = tl.exp2(tl.load(m_ptr + row, mask=ok, other=-1e30) - big)
+                l_codes += w * tl.load(l_ptr + row, mask=ok, other=0.0)
+                acc += w[:, None] * tl.load(acc_ptr + row[:, None] * D + dd[None, :], mask=ok[:, None], other=0.0)
+        trow = (base + S) * G + g
+        w_tail = tl.exp2(tl.load(m_ptr + trow, mask=gmask, other=-1e30) - big)
+        inv = 1.0 / tl.where(gmask, l_codes + w_tail * tl.load(l_ptr + trow, mask=gmask, other=0.0), 1.0)
+        cols = n0 + tl.arange(0, BN)
+        r = tl.load(rv_ptr + h * rv_sh + cols[:, None] * D + dd[None, :])  # R[cols, :] (coalesced rows)
+        o = tl.dot(acc * inv[:, None], tl.trans(r), input_precision="tf32x3")  # acc @ R^T[:, cols]
+        if HAS_VSCALE:  # the codes hold (v - mu) / s: scale after the inverse rotation, then add mu
+            o = o * tl.load(vscale_ptr + pid_bh * D + cols)[None, :]
+        if HAS_VMEAN:
+            o += (l_codes * inv)[:, None] * tl.load(vmean_ptr + pid_bh * D + cols)[None, :]
+        tail = tl.load(acc_ptr + trow[:, None] * D + cols[None, :], mask=gmask[:, None], other=0.0)
+        o += (w_tail * inv)[:, None] * tail
+        out_rows = pid_bh * G + g  # (b * Hq + h * G + g): out is (B, 1, Hq, D)
+        tl.store(out_ptr + out_rows[:, None] * D + cols[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=gmask[:, None])  # fmt: skip
+
+    @triton.jit(do_not_specialize=["iters", "S"])  # no recompiles as the split count changes
+    def _decode_kernel(
+        ws, q_ptr, stride_qb, stride_qh,
+        kc0, kn0, kc1, kn1, kcent, ktab,
+        vc0, vn0, vc1, vn1, vcent, vtab,
+        tk_ptr, tv_ptr, st_b, st_h, st_t, t_len,
+        mask_ptr, stride_mb, stride_mt,
+        cnt_ptr, rv_ptr, rv_sh, vmean_ptr, vscale_ptr, out_ptr,
+        n, k_alloc, v_alloc, split_len, iters, S, H, scaling, softcap,
+        G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+        KB0: tl.constexpr, KD0: tl.constexpr, KB1: tl.constexpr, KD1: tl.constexpr,
+        VB0: tl.constexpr, VD0: tl.constexpr, VB1: tl.constexpr, VD1: tl.constexpr,
+        BLOCK_T: tl.constexpr, BN: tl.constexpr,
+        HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KMEAN: tl.constexpr, HAS_VMEAN: tl.constexpr,
+        HAS_VSCALE: tl.constexpr, SOFTCAP: tl.constexpr, PRMT: tl.constexpr, FUSED: tl.constexpr,
+    ):  # fmt: skip
+        pid_s = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        BH = tl.num_programs(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        g = tl.arange(0, BLOCK_G)
+        gmask = g < G
+        dd = tl.arange(0, D)
+        tt = tl.arange(0, BLOCK_T)
+        m_i = tl.full([BLOCK_G], -1e30, tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        PG = BH * (S + 1) * G
+        m_out = ws + BH * G * (D + 1)  # workspace: q_rot (BH, G, D), <q, mu_k> (BH, G), m, l, acc partials
+        part = pid_bh * (S + 1) + pid_s
+        if pid_s < S:
+            lo = pid_s * split_len  # split_len = iters * BLOCK_T; the last split is masked at n
+            qrow = (pid_bh * G + g)[:, None] * D
+            q0 = tl.load(ws + qrow + tl.arange(0, KD0)[None, :], mask=gmask[:, None], other=0.0).to(tl.float16)
+            if KD1 > 0:
+                q1 = tl.load(ws + qrow + KD0 + tl.arange(0, KD1)[None, :], mask=gmask[:, None], other=0.0)
+                q1 = q1.to(tl.float16)
+            qm = tl.zeros([BLOCK_G], tl.float32)
+            if HAS_KMEAN:  # <q, mu_k>, the centered cache's constant key component
+                qm = tl.load(ws + BH * G * D + pid_bh * G + g, mask=gmask, other=0.0)
+            # per-(b, h) row bases in int64 (B * H * N_alloc * words can pass 2^31), offsets within in int32
+            kw0 = kc0.to(tl.pointer_type(tl.int32)) + pid_bh.to(tl.int64) * k_alloc * (KD0 * KB0 // 32)
+            kw1 = kc1.to(tl.pointer_type(tl.int32)) + pid_bh.to(tl.int64) * k_alloc * (KD1 * KB1 // 32)
+            vw0 = vc0.to(tl.pointer_type(tl.int32)) + pid_bh.to(tl.int64) * v_alloc * (VD0 * VB0 // 32)
+            vw1 = vc1.to(tl.pointer_type(tl.int32)) + pid_bh.to(tl.int64) * v_alloc * (VD1 * VB1 // 32)
+            kn0_b = kn0 + pid_bh.to(tl.int64) * k_alloc
+            kn1_b = kn1 + pid_bh.to(tl.int64) * k_alloc
+            vn0_b = vn0 + pid_bh.to(tl.int64) * v_alloc
+            vn1_b = vn1 + pid_bh.to(tl.int64) * v_alloc
+            acc0 = tl.zeros([BLOCK_G, VD0], tl.float32)
+            if VD1 > 0:
+                acc1 = tl.zeros([BLOCK_G, VD1], tl.float32)
+            for it in range(iters):  # a trip count shared by all programs (pipelines; interpreter-friendly)
+                t = lo + it * BLOCK_T + tt
+                t_mask = t < n
+                kv = _centroids(kw0, t * (KD0 * KB0 // 32), t_mask, kcent, ktab, KB0, KD0, BLOCK_T, PRMT)
+                kn = tl.load(kn0_b + t, mask=t_mask, other=0.0).to(tl.float32)
+                s = tl.dot(q0, tl.trans(kv)) * kn[None, :]
+                if KD1 > 0:
+                    kv = _centroids(kw1, t * (KD1 * KB1 // 32), t_mask, kcent + (1 << KB0), ktab + 4, KB1, KD1,
+                                    BLOCK_T, PRMT)  # fmt: skip
+                    kn = tl.load(kn1_b + t, mask=t_mask, other=0.0).to(tl.float32)
+                    s += tl.dot(q1, tl.trans(kv)) * kn[None, :]
+                s = _scale_scores(s + qm[:, None], t, t_mask, b, mask_ptr, stride_mb, stride_mt, scaling, softcap,
+                                  HAS_MASK, MASK_BOOL, SOFTCAP)  # fmt: skip
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                m_i = m_new
+                vv = _centroids(vw0, t * (VD0 * VB0 // 32), t_mask, vcent, vtab, VB0, VD0, BLOCK_T, PRMT)
+                vn = tl.load(vn0_b + t, mask=t_mask, other=0.0).to(tl.float32)
+                acc0 = acc0 * alpha[:, None] + tl.dot((p * vn[None, :]).to(tl.float16), vv)
+                if VD1 > 0:
+                    vv = _centroids(vw1, t * (VD1 * VB1 // 32), t_mask, vcent + (1 << VB0), vtab + 4, VB1, VD1,
+                                    BLOCK_T, PRMT)  # fmt: skip
+                    vn = tl.load(vn1_b + t, mask=t_mask, other=0.0).to(tl.float32)
+                    acc1 = acc1 * alpha[:, None] + tl.dot((p * vn[None, :]).to(tl.float16), vv)
+            arow = m_out + 2 * PG + (part * G + g)[:, None] * D
+            tl.store(arow + tl.arange(0, VD0)[None, :], acc0, mask=gmask[:, None])
+            if VD1 > 0:
+                tl.store(arow + VD0 + tl.arange(0, VD1)[None, :], acc1, mask=gmask[:, None])
+        else:  # the full-precision tail window, in the original space
+            qu = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + dd[None, :],
+                         mask=gmask[:, None], other=0.0)  # fmt: skip
+            acc = tl.zeros([BLOCK_G, D], tl.float32)
+            tbase = b * st_b + h * st_h
+            for start in range(0, t_len, BLOCK_T):
+                t = start + tt
+                t_mask = t < t_len
+                k = tl.load(tk_ptr + tbase + t[:, None] * st_t + dd[None, :], mask=t_mask[:, None], other=0.0)
+                s = _scale_scores(tl.dot(qu, tl.trans(k)), n + t, t_mask, b, mask_ptr, stride_mb, stride_mt, scaling,
+                                  softcap, HAS_MASK, MASK_BOOL, SOFTCAP)  # fmt: skip
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                m_i = m_new
+                v = tl.load(tv_ptr + tbase + t[:, None] * st_t + dd[None, :], mask=t_mask[:, None], other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            tl.store(m_out + 2 * PG + (part * G + g)[:, None] * D + dd[None, :], acc, mask=gmask[:, None])
+        tl.store(m_out + part * G + g, m_i, mask=gmask)
+        tl.store(m_out + PG + part * G + g, l_i, mask=gmask)
+        if FUSED:  # the last of the S + 1 programs of (b, h) to finish merges them (no second launch)
+            tl.debug_barrier()  # every thread's partial stores precede the release below
+            done = tl.atomic_add(cnt_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
+            if done == S:
+                for n0 in tl.static_range(0, D, BN):
+                    _combine(ws, pid_bh, h, n0, S, BH, rv_ptr, rv_sh, vmean_ptr, vscale_ptr, out_ptr,
+                             G, BLOCK_G, D, BN, HAS_VMEAN, HAS_VSCALE)  # fmt: skip
+                tl.store(cnt_ptr + pid_bh, 0)  # ready for the next call on this stream
+
+    @triton.jit(do_not_specialize=["S"])
+    def _reduce_kernel(
+        ws, S, H, rv_ptr, rv_sh, vmean_ptr, vscale_ptr, out_ptr,
+        G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+        HAS_VMEAN: tl.constexpr, HAS_VSCALE: tl.constexpr,
+    ):  # fmt: skip
+        """The merge as a second launch, grid ``(B * H, D / BN)``: one program per (b, h) and output column chunk."""
+        pid_bh = tl.program_id(0)
+        _combine(ws, pid_bh, pid_bh % H, tl.program_id(1) * BN, S, tl.num_programs(0), rv_ptr, rv_sh, vmean_ptr,
+                 vscale_ptr, out_ptr, G, BLOCK_G, D, BN, HAS_VMEAN, HAS_VSCALE)  # fmt: skip
+
+
+def _rows_layout(fields: dict[str, torch.Tensor], num_heads: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Fields as (B, H, N_alloc, ...) row-major storage sliced to n rows; returns them and N_alloc.
+
+    The cache slices ``[:, :, :n]`` of tensors grown by ``torch.cat``, so rows of head ``(b, h)`` start at
+    ``(b * H + h) * N_alloc``; anything else (rare) is copied to a contiguous tensor.
+    """
+    first = fields["norms0"]
+    n_alloc = first.stride(1) if first.dim() == 3 else 0
+    for t in fields.values():
+        st = t.stride()
+        row = st[2]  # elements per row (1 for norms): must be dense rows of n_alloc per head
+        if st[-1] != 1 or st[1] != n_alloc * row or (st[0] != num_heads * n_alloc * row and t.shape[0] != 1):
+            fields = {k: v.contiguous() for k, v in fields.items()}
+            return fields, first.shape[2]
+        if t.dim() == 4 and row != t.shape[3]:
+            fields = {k: v.contiguous() for k, v in fields.items()}
+            return fields, first.shape[2]
+    return fields, n_alloc
+
+
+def _prmt_table(half: torch.Tensor) -> torch.Tensor:
+    """4 int32 words: low bytes then high bytes of 8 float16 centroids (3 bits: the table; 4 bits: its upper half)."""
+    c = torch.nn.functional.pad(half[-8:].float().cpu(), (0, max(0, 8 - half.numel()))).half()  # other widths: unused
+    u16 = c.view(torch.int16).to(torch.int32) & 0xFFFF
+    lo, hi = (u16 & 0xFF).tolist(), (u16 >> 8).tolist()
+    words = [sum(v[4 * i + j] << (8 * j) for j in range(4)) for v in (lo, hi) for i in range(2)]
+    return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
+
+
+class _Side:
+    """Per-layer constants of one side (keys or values) on one device, built once: fused rotation, float32
+    mean/scale rows, float16 centroid tables (group 0 then group 1) and PRMT tables (4 words per group)."""
+
+    __slots__ = ("rot", "rot_sh", "mean", "scale", "cent", "tab", "consts", "prmt")
+
+    def __init__(self, rows: PackedRows, device):
+        codec = rows.codec
+        self.rot = fused_rotation(codec, rows.perm, device)
+        self.rot_sh = 0 if self.rot.shape[0] == 1 else codec.dim * codec.dim
+        flat = lambda x: None if x is None else x.reshape(-1, codec.dim).float().contiguous()  # noqa: E731
+        self.mean, self.scale = flat(rows.mean), flat(rows.scale)
+        halves = [codec.tensors(min(i, len(codec.groups) - 1), device)[1].half() for i in range(2)]
+        self.cent = torch.cat(halves)
+        self.tab = torch.cat([_prmt_table(h) for h in halves]).to(device)
+        (b0, d0, _), rest = codec.groups[0], codec.groups[1:]
+        b1, d1 = (rest[0][0], rest[0][1]) if rest else (b0, 0)
+        self.consts = (b0, d0, b1, d1)
+        self.prmt = _prmt_ok(codec)
+
+
+# (id of key codec, perm, mean, scale, then the same for values, device) -> (weakrefs, key side, value side).
+# Built once per layer (the cache replaces, never mutates, these tensors); an entry dies with any of its objects,
+# so a recycled id never returns another layer's constants.
+_LAYERS: dict[tuple, tuple] = {}
+
+
+def _layer(keys: PackedRows, values: PackedRows, device) -> tuple[_Side, _Side]:
+    objs = (keys.codec, keys.perm, keys.mean, keys.scale, values.codec, values.perm, values.mean, values.scale)
+    key = (*map(id, objs), device)
+    entry = _LAYERS.get(key)
+    if entry is not None and all(r is None if o is None else r() is o for r, o in zip(entry[0], objs)):
+        return entry[1], entry[2]
+
+    def drop(_, key=key):
+        _LAYERS.pop(key, None)
+
+    refs = tuple(None if o is None else weakref.ref(o, drop) for o in objs)
+    entry = _LAYERS[key] = (refs, _Side(keys, device), _Side(values, device))
+    return entry[1], entry[2]
+
+
+_PRMT_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _prmt_ok(codec: RowCodec) -> bool:
+    """Every group decodes through PRMT: 3 bits, or 4 bits with a symmetric float16 table (as Lloyd-Max gives)."""
+    ok = _PRMT_OK.get(codec)
+    if ok is None:
+        ok = True
+        for i, (bits, _, _) in enumerate(codec.groups):
+            half = codec.tensors(i, "cpu")[1].half()
+            ok = ok and (bits == 3 or (bits == 4 and torch.equal(half, -half.flip(0))))
+        _PRMT_OK[codec] = ok
+    return ok
+
+
+_SMS: dict = {}
+
+
+def default_splits(n: int, num_bh: int, block_t: int, device, waves: float = 8.0, max_splits: int = 64) -> int:
+    """About ``waves`` x the card's SMs programs (3 fit on an SM at once), at most ``max_splits`` per (b, h) (the
+    merge reads them all) and never less than one block per split. The SM count is cached (no device query)."""
+    sms = _SMS.get(device)
+    if sms is None:
+        props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+        sms = _SMS[device] = props.multi_processor_count if props is not None else 132
+    return max(1, min(math.ceil(waves * sms / num_bh), max_splits, math.ceil(n / block_t)))
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device, size: int) -> torch.Tensor:
+    """Arrival counters of the fused merge, one per (b, h), zeroed once and reset by the kernel itself; one buffer
+    per stream, so calls on one stream (ordered) share it."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < size:
+        buf = _COUNTERS[key] = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
+def decode_attention(
+    query: torch.Tensor,
+    keys: PackedRows,
+    values: PackedRows,
+    tail_keys: torch.Tensor,
+    tail_values: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+    *,
+    block_t: int = 128,
+    num_splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 1,
+    waves: float = 8.0,
+    fused_reduce: bool = False,
+) -> torch.Tensor:
+    """Attention of one query token over compressed tokens + a full-precision tail (see the module docstring).
+
+    Parameters are those of :func:`turbovq.kv.attention.attend_codes` with ``q_len == 1``; returns
+    ``(batch_size, 1, num_heads, head_dim)`` in the query dtype. Per call: three launches (query rotation, split
+    pass, merge; two with ``fused_reduce``, where the last program of each (b, h) merges), one workspace and the
+    output allocated, no other torch op and no host synchronisation. Layer constants are built once per layer.
+    """
+    bsz, num_heads, q_len, dim = query.shape
+    num_kv = tail_keys.shape[1]
+    if q_len != 1 or num_heads % num_kv:
+        raise ValueError(f"decode_attention needs q_len == 1 and num_heads % num_kv_heads == 0, got {query.shape}")
+    groups = num_heads // num_kv
+    n, t_len = keys.length, tail_keys.shape[2]
+    dev = query.device
+    ks, vs = _layer(keys, values, dev)
+    kf, k_alloc = _rows_layout(keys.fields, num_kv)
+    vf, v_alloc = _rows_layout(values.fields, num_kv)
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    mask = attention_mask
+    stride_mb = stride_mt = 0
+    if mask is not None:
+        if mask.shape[-1] != n + t_len:
+            raise ValueError(f"attention mask covers {mask.shape[-1]} positions, the cache holds {n} + {t_len}")
+        if mask.numel() != mask.shape[0] * mask.shape[-1]:
+            raise ValueError(f"decode_attention needs a mask broadcast over heads, got {tuple(mask.shape)}")
+        stride_mb = 0 if mask.shape[0] == 1 else mask.stride(0)
+        stride_mt = mask.stride(-1)
+    tk, tv = tail_keys, tail_values
+    if tk.dtype != query.dtype:
+        tk, tv = tk.to(query.dtype), tv.to(query.dtype)
+    if t_len and (tk.stride() != tv.stride() or tk.stride(-1) != 1):
+        tk, tv = tk.contiguous(), tv.contiguous()
+
+    bh = bsz * num_kv
+    splits = num_splits or default_splits(n, bh, block_t, dev, waves)
+    split_len = math.ceil(math.ceil(n / splits) / block_t) * block_t
+    splits = math.ceil(n / split_len)
+    block_g = max(16, triton.next_power_of_2(groups))
+    bn = min(dim, 8192 // dim)  # inverse-rotation columns per program: a (BN, D) float32 tile of R_v
+    ws = torch.empty(bh * groups * (dim + 1) + bh * (splits + 1) * groups * (dim + 2), device=dev, dtype=torch.float32)
+    out = torch.empty(bsz, 1, num_heads, dim, device=dev, dtype=query.dtype)
+    kb0, kd0, kb1, kd1 = ks.consts
+    vb0, vd0, vb1, vd1 = vs.consts
+    prmt = _PRMT and ks.prmt and vs.prmt
+    _prep_kernel[(bh,)](
+        ws, query, query.stride(0), query.stride(1), ks.scale if ks.scale is not None else ws,
+        ks.mean if ks.mean is not None else ws, ks.rot, ks.rot_sh, num_kv,
+        G=groups, BLOCK_G=block_g, D=dim, BN=bn, HAS_KSCALE=ks.scale is not None,
+        HAS_KMEAN=ks.mean is not None, num_warps=4,
+    )  # fmt: skip
+    cnt = _counters(dev, bh) if fused_reduce else ws
+    k1, v1 = min(1, len(keys.codec.groups) - 1), min(1, len(values.codec.groups) - 1)
+    _decode_kernel[(splits + 1, bh)](
+        ws, query, query.stride(0), query.stride(1),
+        kf["codes0"], kf["norms0"], kf[f"codes{k1}"], kf[f"norms{k1}"], ks.cent, ks.tab,
+        vf["codes0"], vf["norms0"], vf[f"codes{v1}"], vf[f"norms{v1}"], vs.cent, vs.tab,
+        tk, tv, tk.stride(0), tk.stride(1), tk.stride(2), t_len,
+        ws if mask is None else mask, stride_mb, stride_mt,
+        cnt, vs.rot, vs.rot_sh, ws if vs.mean is None else vs.mean, ws if vs.scale is None else vs.scale, out,
+        n, k_alloc, v_alloc, split_len, split_len // block_t, splits, num_kv, float(scaling), float(softcap or 1.0),
+        G=groups, BLOCK_G=block_g, D=dim, KB0=kb0, KD0=kd0, KB1=kb1, KD1=kd1, VB0=vb0, VD0=vd0, VB1=vb1,
+        VD1=vd1, BLOCK_T=block_t, BN=bn, HAS_MASK=mask is not None,
+        MASK_BOOL=mask is not None and mask.dtype == torch.bool, HAS_KMEAN=ks.mean is not None,
+        HAS_VMEAN=vs.mean is not None, HAS_VSCALE=vs.scale is not None, SOFTCAP=softcap is not None, PRMT=prmt,
+        FUSED=fused_reduce, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    if not fused_reduce:
+        _reduce_kernel[(bh, dim // bn)](
+            ws, splits, num_kv, vs.rot, vs.rot_sh, ws if vs.mean is None else vs.mean,
+            ws if vs.scale is None else vs.scale, out,
+            G=groups, BLOCK_G=block_g, D=dim, BN=bn, HAS_VMEAN=vs.mean is not None,
+            HAS_VSCALE=vs.scale is not None, num_warps=4,
+        )  # fmt: skip
+    return out

@@ -1,0 +1,147 @@
+"""Triton kernels vs their pure-torch references on the GPU (skipped without CUDA and triton).
+
+Tolerances: decode output vs ``attend_codes`` (float32) by ||out - ref|| / ||ref||: < 4e-3 for float16 queries,
+< 1e-2 for bfloat16 (the output rounding alone is ~2e-3 in bf16; float16 tensor-core operands for centroids and
+``p * ||v||`` add ~5e-4). Encode: codes bit-identical to ``RowCodec.encode`` except coordinates within float32
+rounding of a boundary (< 1e-4 of codes, each off by one), norms to 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytest.importorskip("transformers")
+
+from turbovq import packing  # noqa: E402
+from turbovq.kernels.decode import decode_attention, supported  # noqa: E402
+from turbovq.kernels.encode import encode_rows  # noqa: E402
+from turbovq.kernels.reference import decode_reference, encode_reference  # noqa: E402
+from turbovq.kv.cache import PackedRows, RowCodec  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+def make_case(dev, d, hq, hkv, b, n, t, key_bits, value_bits, dtype, center, seed=0):
+    """Normalized (mean + per-channel scale) when ``center == "scaled"``, as the cache's default layers are."""
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(b, hq, 1, d, generator=g)
+    keys = torch.randn(b, hkv, n + t, d, generator=g) * 2 + 3.0 * torch.randn(1, hkv, 1, d, generator=g)
+    keys[..., :4] *= 5
+    values = torch.randn(b, hkv, n + t, d, generator=g)
+    query, keys, values = query.to(dev), keys.to(dev), values.to(dev)
+
+    def packed(codec, x):
+        mean = x.mean(dim=2, keepdim=True) if center else None
+        xc = x - mean if center else x
+        scale = xc.pow(2).mean(dim=2, keepdim=True).sqrt().clamp_min(1e-3) ** 0.5 if center == "scaled" else None
+        xc = xc if scale is None else xc / scale
+        perm = codec.calibrate(xc)
+        fields = codec.encode(xc, perm)
+        fields = {k: (v.half() if "norms" in k else v) for k, v in fields.items()}  # the cache stores float16
+        return PackedRows(codec, fields, perm, n, mean, scale)
+
+    kc, vc = RowCodec(d, key_bits, seed=1), RowCodec(d, value_bits, seed=2)
+    tk, tv = keys[:, :, n:].to(dtype), values[:, :, n:].to(dtype)
+    return query.to(dtype), packed(kc, keys[:, :, :n]), packed(vc, values[:, :, :n]), tk, tv
+
+
+# (head_dim, q heads, kv heads, batch, compressed n, tail t, key bits, value bits, dtype, center, mask, softcap)
+DECODE_CASES = [
+    (128, 32, 8, 2, 1000, 130, 4, 3, torch.bfloat16, "scaled", True, None),  # Llama-3.1-8B heads
+    (128, 32, 8, 1, 777, 0, 4, 4, torch.float16, False, False, None),
+    (128, 8, 8, 3, 513, 64, 3.5, 3.5, torch.bfloat16, True, False, None),  # MHA
+    (128, 16, 2, 2, 300, 17, 2.5, 2.5, torch.float16, "scaled", True, None),
+    (64, 12, 4, 2, 450, 5, 2, 3, torch.float16, True, False, 30.0),  # soft-capping
+    (64, 9, 3, 2, 129, 33, 3.5, 2.5, torch.bfloat16, "scaled", True, None),  # SmolLM2 heads, G = 3
+    (256, 4, 1, 2, 700, 40, 4, 3, torch.bfloat16, True, True, None),  # Gemma-3 heads, MQA
+    (256, 8, 2, 1, 200, 0, 2.5, 3.5, torch.float16, False, False, None),
+    (128, 32, 8, 4, 5000, 100, 4, 3, torch.bfloat16, True, False, None),
+    (64, 64, 8, 1, 300, 10, 4, 2, torch.float16, True, False, None),  # G = 8
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"d{c[0]}-h{c[1]}/{c[2]}-b{c[3]}-n{c[4]}-k{c[6]}v{c[7]}")
+def test_decode_matches_reference(cuda, case):
+    d, hq, hkv, b, n, t, kb, vb, dtype, center, with_mask, softcap = case
+    q, pk, pv, tk, tv = make_case(cuda, d, hq, hkv, b, n, t, kb, vb, dtype, center)
+    mask = None
+    if with_mask:
+        mask = torch.ones(b, 1, 1, n + t, dtype=torch.bool, device=cuda)
+        mask[-1, ..., : n // 3] = False  # left padding of the last row
+    assert supported(q, pk, pv)
+    ref = decode_reference(q, pk, pv, tk, tv, mask, d**-0.5, softcap).float()
+    for splits, fused in ((None, False), (1, False), (7, False), (7, True)):  # fused: last program merges
+        for _ in range(2):  # the second call reuses the cached layer constants and the arrival counters
+            out = decode_attention(q, pk, pv, tk, tv, mask, d**-0.5, softcap, num_splits=splits, fused_reduce=fused)
+        assert out.shape == (b, 1, hq, d) and out.dtype == dtype
+        assert torch.isfinite(out).all()
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        assert err < (4e-3 if dtype == torch.float16 else 1e-2), (splits, fused, err)
+    if mask is not None:  # an additive float mask in the model dtype gives the same result as the boolean one
+        fmask = torch.zeros(mask.shape, dtype=dtype, device=cuda).masked_fill(~mask, torch.finfo(dtype).min)
+        out_f = decode_attention(q, pk, pv, tk, tv, fmask, d**-0.5, softcap)
+        torch.testing.assert_close(out_f, decode_attention(q, pk, pv, tk, tv, mask, d**-0.5, softcap))
+
+
+ENCODE_CASES = [
+    (128, 4, torch.bfloat16, True),
+    (128, 3, torch.float16, False),
+    (128, 3.5, torch.bfloat16, True),
+    (128, 2.5, torch.float32, True),
+    (64, 2, torch.float16, False),
+    (64, 3.5, torch.bfloat16, False),
+    (256, 4, torch.bfloat16, True),
+    (256, 2.5, torch.float16, True),
+]
+
+
+@pytest.mark.parametrize("d,bits,dtype,center", ENCODE_CASES)
+def test_encode_matches_row_codec(cuda, d, bits, dtype, center):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 4, 1001, d, generator=g) * 2 + 1).to(cuda, dtype)
+    x[0, 1, 7] = 0  # a zero row: the epsilon path
+    codec = RowCodec(d, bits, seed=3)
+    mean = x.float().mean(2, keepdim=True) if center else None
+    scale = torch.rand(3, 4, 1, d, device=cuda) + 0.5 if center else None
+    perm = codec.calibrate(x.float() - (0 if mean is None else mean))
+    ref = encode_reference(x, codec, perm, mean, scale)
+    out = encode_rows(x, codec, perm, mean, scale)
+    for i, (b, dg, _) in enumerate(codec.groups):
+        torch.testing.assert_close(out[f"norms{i}"], ref[f"norms{i}"], rtol=1e-5, atol=0)
+        a = packing.unpack(out[f"codes{i}"], b, dg).int()
+        r = packing.unpack(ref[f"codes{i}"], b, dg).int()
+        assert (a - r).abs().max() <= 1
+        assert (a != r).float().mean() < 1e-4
+
+
+def test_cache_uses_kernel_and_matches_reference(cuda, monkeypatch):
+    """TurboQuantCache + codes_attention on CUDA: decode steps go through the kernel, logits match TURBOVQ_KERNELS=0."""
+    transformers = pytest.importorskip("transformers")
+    from turbovq.kernels import decode as kdecode
+    from turbovq.kv import TurboQuantCache, codes_attention
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=128, max_position_embeddings=1024,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).to(cuda, torch.bfloat16).eval()
+    ids = torch.randint(0, 96, (2, 300), device=cuda)
+    calls = []
+    real = kdecode.decode_attention
+    monkeypatch.setattr(kdecode, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def logits(env):
+        monkeypatch.setenv("TURBOVQ_KERNELS", env)
+        cache = TurboQuantCache(model.config, key_bits=4, value_bits=3, residual_length=32, flush_block=16)
+        with codes_attention(model), torch.no_grad():
+            model(ids[:, :290], past_key_values=cache, use_cache=True)
+            return torch.cat([model(ids[:, i : i + 1], past_key_values=cache).logits for i in range(290, 300)], 1)
+
+    ref = logits("0")
+    assert not calls
+    out = logits("1")
+    assert len(calls) == 10 * 2  # every decode step, every layer
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
