@@ -31,3 +31,13 @@ def cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     return torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One BLAS thread for a module: bit-exact comparisons need one thread count throughout (MKL rounds differently
+    across counts), and small matrices on a shared, loaded machine avoid spin-wait stalls. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

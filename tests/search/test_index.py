@@ -15,6 +15,8 @@ from turbovq.search import TurboQuantIndex
 from turbovq.search import index as index_mod
 from turbovq.search.index import allocate_bits, plan_bits
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def anisotropic(n: int, dim: int, seed: int = 0, decay: float = 0.05, offset: float = 0.5) -> np.ndarray:
     """Unit vectors with a decaying spectrum and a common mean, like real sentence embeddings."""

@@ -14,6 +14,8 @@ import pytest
 from turbovq.search import TurboQuantIndex
 from turbovq.search.stream import NpySource, build_index, open_source, progress_path, training_rows
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 N, DIM, CHUNK = 2300, 32, 500
 
 
