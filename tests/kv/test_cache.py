@@ -278,3 +278,16 @@ def test_kv_cli_commands():
     assert result.exit_code == 0 and "prepare-models" in result.output and "eval" in result.output
     result = CliRunner().invoke(kv_app, ["prepare-models", "--models", "no-such-model"])
     assert result.exit_code != 0
+
+
+def test_quanto_baseline_on_a_hybrid_model(gemma):
+    """transformers' QuantizedCache refuses sliding-window models; the eval builds its quanto layers for the
+    full-attention layers only (sliding layers exact), so Gemma-3 gets the same baseline."""
+    pytest.importorskip("optimum.quanto")
+    from transformers.cache_utils import DynamicSlidingWindowLayer, QuantoQuantizedLayer
+
+    from turbovq.kv import eval as kv_eval
+
+    cache = kv_eval.build_methods(["quanto-int4"])["quanto-int4"].make(gemma.config)
+    kinds = [type(layer) for layer in cache.layers]
+    assert kinds == [DynamicSlidingWindowLayer, QuantoQuantizedLayer, DynamicSlidingWindowLayer, QuantoQuantizedLayer]

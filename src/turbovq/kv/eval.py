@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from turbovq.kv.attention import codes_attention
-from turbovq.kv.cache import TurboQuantCache, TurboQuantLayer
+from turbovq.kv.cache import TurboQuantCache, TurboQuantLayer, _layer_types
 
 # --- text -----------------------------------------------------------------------------------------------------------
 
@@ -79,10 +79,23 @@ def _turboquant(name, key_bits, value_bits, **kw) -> Method:
 def build_methods(names: list[str] | None = None, residual_length: int = 128) -> dict[str, Method]:
     """The registry: full precision, transformers' quanto ``QuantizedCache`` (int4/int2), TurboQuant settings."""
     from transformers import DynamicCache, QuantizedCache
+    from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, QuantoQuantizedLayer
 
     def quanto(bits):
         def make(config):
-            return QuantizedCache("quanto", config, nbits=bits, q_group_size=64, residual_length=residual_length)
+            text = config.get_text_config(decoder=True)
+            types, window = _layer_types(text)
+            if all(t == "full_attention" for t in types):
+                return QuantizedCache("quanto", config, nbits=bits, q_group_size=64, residual_length=residual_length)
+            # transformers' QuantizedCache refuses hybrid models; build the same quanto layers for the full-attention
+            # layers and keep sliding-window layers exact, as TurboQuantCache does
+            layers = [
+                QuantoQuantizedLayer(bits, 0, 0, 64, residual_length)
+                if t == "full_attention"
+                else DynamicSlidingWindowLayer(sliding_window=window)
+                for t in types
+            ]
+            return Cache(layers=layers)
 
         return Method(f"quanto-int{bits}", make, key_bits=bits, value_bits=bits, kind="quanto")
 
