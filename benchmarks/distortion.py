@@ -16,77 +16,11 @@ sqrt(3)*pi^2 * 4^-b (Theorem 2, D_prod scaled by d). Writes results/distortion.j
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-import torch
 from _common import RESULTS, write_json
 
-import turbovq as tq
-from turbovq.codebook import mse_distortion, prod_distortion
-
-
-def unit(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
-    x = torch.randn(n, d, generator=gen)
-    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True)
-
-
-def measure(dim: int, bits: int, n: int, queries: int, rotation: str, seed: int, block: int = 256) -> dict:
-    gen = torch.Generator().manual_seed(seed * 1000 + dim)
-    x = unit(n, dim, gen)
-
-    q = tq.TurboQuantMSE(dim, bits, seed=seed, rotation=rotation)
-    d_mse = (x - q.dequantize(q.quantize(x))).pow(2).sum(1)
-
-    # D_prod: each block of x meets `queries` fresh y per vector; every (x_i, y_j) pair of the block is an
-    # independent (x, y) sample, so all block*block*queries estimates are used.
-    p = tq.TurboQuantProd(dim, bits, seed=seed, rotation=rotation)
-    sq_err, count = 0.0, 0
-    for lo in range(0, n, block):
-        xb = x[lo : lo + block]
-        y = unit(len(xb) * queries, dim, gen)
-        err = p.inner_product(p.quantize(xb), y) - xb @ y.T
-        sq_err += float(err.double().pow(2).sum())
-        count += err.numel()
-    lower, upper = tq.distortion_bounds(bits)
-    return {
-        "dim": dim,
-        "bits": bits,
-        "d_mse_measured": float(d_mse.double().mean()),
-        "d_mse_stderr": float(d_mse.double().std() / math.sqrt(n)),
-        "d_mse_theory": mse_distortion(dim, bits),
-        "d_prod_measured": dim * sq_err / count,
-        "d_prod_theory": prod_distortion(dim, bits),
-        "lower": lower,
-        "upper": upper,
-        "prod_upper": math.sqrt(3) * math.pi**2 * 4.0**-bits,
-        "n_vectors": n,
-        "n_prod_pairs": count,
-    }
-
-
-def plot(rows: list[dict], dims: list[int], path) -> None:
-    fig, axes = plt.subplots(1, len(dims), figsize=(6 * len(dims), 4.6), squeeze=False)
-    for ax, d in zip(axes[0], dims):
-        r = [row for row in rows if row["dim"] == d]
-        b = [row["bits"] for row in r]
-        ax.semilogy(b, [row["d_mse_theory"] for row in r], "-", color="C0", label="D_mse theory (exact)")
-        ax.semilogy(b, [row["d_mse_measured"] for row in r], "o", color="C0", label="D_mse measured")
-        ax.semilogy(b, [row["d_prod_theory"] for row in r], "-", color="C1", label="d·D_prod theory (exact)")
-        ax.semilogy(b, [row["d_prod_measured"] for row in r], "s", color="C1", label="d·D_prod measured")
-        ax.semilogy(b, [row["upper"] for row in r], "--", color="C3", label="upper √3π/2·4^-b (mse)")
-        ax.semilogy(b, [row["prod_upper"] for row in r], ":", color="C3", label="upper √3π²·4^-b (prod)")
-        ax.semilogy(b, [row["lower"] for row in r], "--", color="k", label="lower 4^-b")
-        ax.set(title=f"d = {d}", xlabel="bits per coordinate b", ylabel="distortion", xticks=b)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("TurboQuant distortion vs bit-width (unit x, uniform unit y)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+from turbovq.cli import measure, plot
 
 
 def markdown(rows: list[dict], max_bits: int) -> str:
@@ -98,8 +32,8 @@ def markdown(rows: list[dict], max_bits: int) -> str:
     for r in rows:
         if r["bits"] <= max_bits:
             lines.append(
-                f"| {r['dim']} | {r['bits']} | {r['d_mse_measured']:.4g} | {r['d_mse_theory']:.4g} | "
-                f"{r['d_prod_measured']:.4g} | {r['d_prod_theory']:.4g} | {r['lower']:.4g} | {r['upper']:.4g} |"
+                f"| {r['dim']} | {r['bits']} | {r['d_mse']:.4g} | {r['d_mse_theory']:.4g} | "
+                f"{r['d_prod']:.4g} | {r['d_prod_theory']:.4g} | {r['lower']:.4g} | {r['upper']:.4g} |"
             )
     return "\n".join(lines)
 
@@ -123,18 +57,18 @@ def main() -> None:
     for d in args.dims:
         for b in args.bits:
             t = time.perf_counter()
-            rows.append(measure(d, b, ns[d], args.queries, args.rotation, args.seed))
+            rows += measure(d, [b], ns[d], seed=args.seed, rotation=args.rotation, queries=args.queries)
             r = rows[-1]
             print(
-                f"d={d:5d} b={b}  mse {r['d_mse_measured']:.5g} (theory {r['d_mse_theory']:.5g})  "
-                f"prod {r['d_prod_measured']:.5g} (theory {r['d_prod_theory']:.5g})  "
+                f"d={d:5d} b={b}  mse {r['d_mse']:.5g} (theory {r['d_mse_theory']:.5g})  "
+                f"prod {r['d_prod']:.5g} (theory {r['d_prod_theory']:.5g})  IP slope prod {r['ip_slope_prod']:.3f}  "
                 f"[{time.perf_counter() - t:.1f}s]",
                 flush=True,
             )
 
     name = "distortion_quick" if args.quick else "distortion"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(rows, args.dims, RESULTS / f"{name}.png")
+    plot(rows, RESULTS / f"{name}.png", "TurboQuant")
     settings = {"rotation": args.rotation, "seed": args.seed, "queries_per_vector": args.queries, "n_vectors": ns}
     path = write_json(name, {"settings": settings, "rows": rows})
     print()
