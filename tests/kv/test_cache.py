@@ -148,9 +148,9 @@ def test_residual_window_is_flushed_in_blocks(llama):
             llama(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
             window, sink = layer.keys.shape[-2], layer.sink_keys.shape[-2]
             assert layer.num_codes + window + sink == t + 1 == cache.get_seq_length()
-            assert sink == (4 if t + 1 >= 12 + 5 else 0)  # taken at the first flush
+            assert sink == (4 if t + 1 >= 12 + 5 + 4 else 0)  # taken at the first flush
             assert layer.num_codes % 5 == 0
-            assert window < 12 + 5
+            assert window < 12 + 5 + (0 if sink else 4)
             assert window >= min(12, t + 1)
     assert layer.key_fields["codes0"].shape[2] == layer.num_codes == layer.value_fields["norms0"].shape[2]
 
@@ -185,6 +185,18 @@ def test_prefill_calibration_and_fixed_mode(llama):
     fixed = TurboQuantCache(llama.config, outlier_channels="fixed", **layer_kwargs)
     fixed.update(k, v, 0)
     assert fixed.layers[0].key_perm is None  # first channels are the outliers
+
+
+def test_tiny_windows_and_silent_heads_stay_finite(llama):
+    """residual_length=0 with sinks (the first flush waits until tokens beyond the sink exist) and all-zero heads
+    (no division by a zero RMS) never produce NaN codes."""
+    cache = TurboQuantCache(llama.config, key_bits=3, value_bits=3, residual_length=0, flush_block=1, sink_tokens=4)
+    for t in range(8):
+        k = torch.zeros(1, 2, 1, 64) if t < 6 else torch.randn(1, 2, 1, 64)
+        keys, values = cache.update(k, k.clone(), 0)
+        assert torch.isfinite(keys).all() and torch.isfinite(values).all()
+    layer = cache.layers[0]
+    assert layer.sink_keys.shape[-2] == 4 and layer.num_codes == 4 and torch.isfinite(layer.key_scale).all()
 
 
 def test_sink_tokens_stay_exact_and_statistics_skip_them(llama):

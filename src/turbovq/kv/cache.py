@@ -310,7 +310,8 @@ class TurboQuantLayer(DynamicLayer):
         At the first flush the sequence's first ``sink_tokens`` move to the exact sink, then the means, scales and
         outlier channels are calibrated on the rest of the window (normally the prompt).
         """
-        if self.keys.shape[-2] - self.residual_length < self.flush_block:
+        reserve = self.residual_length + (0 if self._calibrated else self.sink_tokens)
+        if self.keys.shape[-2] - reserve < self.flush_block:
             return
         if not self._calibrated:
             s = self.sink_tokens
@@ -344,7 +345,8 @@ class TurboQuantLayer(DynamicLayer):
             if self.channel_scaling:
                 xc = x if mean is None else x - mean
                 rms = xc.pow(2).mean(dim=2, keepdim=True).sqrt()
-                scale = (rms / rms.mean(dim=-1, keepdim=True)).clamp_min(1e-3).pow(self.channel_scaling)
+                rel = rms / rms.mean(dim=-1, keepdim=True).clamp_min(_TINY)  # (an all-zero head: 0, not NaN)
+                scale = rel.clamp_min(1e-3).pow(self.channel_scaling)
             perm = None
             if self.outlier_channels == "prefill":
                 perm = getattr(self, f"{name}_codec").calibrate(self._normalized(x, mean, scale))
