@@ -72,9 +72,12 @@ def test_decode_matches_reference(cuda, case):
         mask[-1, ..., : n // 3] = False  # left padding of the last row
     assert supported(q, pk, pv)
     ref = decode_reference(q, pk, pv, tk, tv, mask, d**-0.5, softcap).float()
-    for splits, fused in ((None, False), (1, False), (7, False), (7, True)):  # fused: last program merges
+    # fused: last program merges; trans=False: the (G x T) @ (T x D) orientation
+    for splits, fused, trans in ((None, False, True), (1, False, True), (7, False, True), (7, True, True),
+                                 (None, False, False)):  # fmt: skip
         for _ in range(2):  # the second call reuses the cached layer constants and the arrival counters
-            out = decode_attention(q, pk, pv, tk, tv, mask, d**-0.5, softcap, num_splits=splits, fused_reduce=fused)
+            out = decode_attention(q, pk, pv, tk, tv, mask, d**-0.5, softcap, num_splits=splits, fused_reduce=fused,
+                                   trans=trans)  # fmt: skip
         assert out.shape == (b, 1, hq, d) and out.dtype == dtype
         assert torch.isfinite(out).all()
         err = ((out.float() - ref).norm() / ref.norm()).item()
