@@ -13,11 +13,16 @@ def test_demo_writes_plot_and_table(tmp_path):
     result = runner.invoke(app, ["demo", "--n", "3000", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "IP slope" in result.output and out.stat().st_size > 10_000
-    rows = json.loads(runner.invoke(app, ["demo", "--n", "3000", "--out", str(out), "--json"]).output)
+    report = json.loads(runner.invoke(app, ["demo", "--n", "3000", "--out", str(out), "--json"]).output)
+    rows = report["distortion"]
     assert [r["bits"] for r in rows] == [1, 2, 3, 4]
     for r in rows:
         assert r["lower"] < r["d_mse"] < r["upper"]
         assert abs(r["ip_slope_prod"] - 1) < 0.05
+    search = {(r["method"], r["bits"]): r for r in report["search"]}
+    for bits in (2, 4):  # learning the spectrum pays; more bits find more true neighbours
+        assert search["turbovq default", bits]["recall_1_at_1"] > search["paper (oblivious)", bits]["recall_1_at_1"]
+    assert search["turbovq default", 4]["recall_1_at_1"] > search["turbovq default", 2]["recall_1_at_1"]
 
 
 def test_distortion_json():
