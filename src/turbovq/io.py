@@ -19,6 +19,7 @@ import os
 import struct
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -67,18 +68,28 @@ def save(path, kind: str, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
     head = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(header)) + header
     head += b"\0" * _pad(len(head))
     digest = hashlib.sha256()
+    with atomic_file(path) as f:
+        for chunk in (head, *blobs):
+            digest.update(chunk)
+            f.write(chunk)
+        f.write(digest.digest())
+
+
+@contextmanager
+def atomic_file(path):
+    """A binary file that replaces ``path`` only once the block completes: a crash or an exception leaves either
+    the old file or the new one, never a half-written one. The data and the rename are fsynced, and the file gets
+    the usual (umask) permissions rather than ``mkstemp``'s private ones."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:
         with os.fdopen(fd, "wb") as f:
-            for chunk in (head, *blobs):
-                digest.update(chunk)
-                f.write(chunk)
-            f.write(digest.digest())
+            yield f
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -24,12 +24,12 @@ float32 input at 4 bits). ``checkpoint_every`` trades that against the work a cr
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from turbovq import io
 
 SUFFIXES = (".npy", ".parquet", ".arrow", ".feather", ".ipc")
 _PROGRESS_VERSION = 1
@@ -320,17 +320,8 @@ def progress_path(output) -> Path:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with io.atomic_file(path) as f:
+        f.write(json.dumps(obj).encode())
 
 
 def training_rows(n: int, samples: int) -> np.ndarray:
