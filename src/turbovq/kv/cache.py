@@ -225,9 +225,9 @@ class TurboQuantLayer(DynamicLayer):
         outlier_channels: str,
         norm_dtype: torch.dtype,
         attn_config,
-        center: bool = True,
-        channel_scaling: float = 0.0,
-        sink_tokens: int = 0,
+        center: bool,
+        channel_scaling: float,
+        sink_tokens: int,
     ):
         super().__init__()
         self.key_codec, self.value_codec = key_codec, value_codec

@@ -210,22 +210,20 @@ def _merge_topk(best_s, best_p, s: torch.Tensor, offset: int, keep: int):
     full ``topk`` per tile, which costs ~4x more per entry.
     """
     m, width = s.shape
+    tile_s = None
     if best_s.shape[1] == keep and not s.is_cuda:  # (on a GPU one topk per large tile is cheaper than syncing)
         rows, cols = (s > best_s[:, -1:]).nonzero(as_tuple=True)
         if len(rows) == 0:
             return best_s, best_p
         counts = torch.bincount(rows, minlength=m)
         most = int(counts.max())
-        if most <= keep:
+        if most <= keep:  # else too many entries for a query: the dense path below is cheaper
             slot = torch.arange(len(rows), device=s.device) - (torch.cumsum(counts, 0) - counts)[rows]
             tile_s = torch.full((m, most), -math.inf, device=s.device)
             tile_p = torch.zeros((m, most), dtype=torch.int64, device=s.device)
             tile_s[rows, slot] = s[rows, cols].float()
             tile_p[rows, slot] = cols + offset
-        else:
-            tile_s, tile_p = torch.topk(s, min(keep, width), dim=1)
-            tile_p = tile_p + offset
-    else:
+    if tile_s is None:
         tile_s, tile_p = torch.topk(s, min(keep, width), dim=1)
         tile_p = tile_p + offset
     cat_s = torch.cat([best_s, tile_s.float()], dim=1)
