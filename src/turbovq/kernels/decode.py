@@ -42,7 +42,7 @@ import weakref
 
 import torch
 
-from turbovq.kernels.reference import fused_rotation
+from turbovq.kernels.reference import fused_rotation, weak_cached
 from turbovq.kv.cache import PackedRows, RowCodec
 
 try:
@@ -600,25 +600,12 @@ class _Side:
         self.prmt = _prmt_ok(codec)
 
 
-# (id of key codec, perm, mean, scale, then the same for values, device) -> (weakrefs, key side, value side).
-# Built once per layer (the cache replaces, never mutates, these tensors); an entry dies with any of its objects,
-# so a recycled id never returns another layer's constants.
-_LAYERS: dict[tuple, tuple] = {}
+_LAYERS: dict[tuple, tuple] = {}  # per-layer constants of both sides, see reference.weak_cached
 
 
 def _layer(keys: PackedRows, values: PackedRows, device) -> tuple[_Side, _Side]:
     objs = (keys.codec, keys.perm, keys.mean, keys.scale, values.codec, values.perm, values.mean, values.scale)
-    key = (*map(id, objs), device)
-    entry = _LAYERS.get(key)
-    if entry is not None and all(r is None if o is None else r() is o for r, o in zip(entry[0], objs)):
-        return entry[1], entry[2]
-
-    def drop(_, key=key):
-        _LAYERS.pop(key, None)
-
-    refs = tuple(None if o is None else weakref.ref(o, drop) for o in objs)
-    entry = _LAYERS[key] = (refs, _Side(keys, device), _Side(values, device))
-    return entry[1], entry[2]
+    return weak_cached(_LAYERS, objs, device, lambda: (_Side(keys, device), _Side(values, device)))
 
 
 _PRMT_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

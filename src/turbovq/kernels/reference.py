@@ -29,8 +29,26 @@ from turbovq.kv.cache import PackedRows, RowCodec
 
 LOG2E = 1.4426950408889634
 
-# (id(codec), id(perm) or None, device) -> (weakrefs to codec and perm, R); an entry dies with either object, so a
-# recycled id never returns another layer's rotation.
+
+def weak_cached(store: dict, objs: tuple, device, build):
+    """``build()``, memoized in ``store`` on the identity of ``objs`` (None allowed) and ``device``.
+
+    Per-layer constants derive from the cache's codec, permutation, mean and scale, which the cache replaces and
+    never mutates; an entry dies with any of its objects, so a recycled ``id`` never returns another layer's value.
+    """
+    key = (*map(id, objs), str(device))
+    entry = store.get(key)
+    if entry is not None and all(r is None if o is None else r() is o for r, o in zip(entry[0], objs)):
+        return entry[1]
+
+    def drop(_, key=key):
+        store.pop(key, None)
+
+    value = build()
+    store[key] = (tuple(None if o is None else weakref.ref(o, drop) for o in objs), value)
+    return value
+
+
 _ROTATIONS: dict[tuple, tuple] = {}
 
 
@@ -40,26 +58,19 @@ def fused_rotation(codec: RowCodec, perm: torch.Tensor | None, device) -> torch.
     ``R[h][perm[h][k], :] = blockdiag(A_0, A_1, ...)[k, :]``; orthogonal, so ``<x, y> = <x @ R, y @ R>`` and the
     inverse is ``R^T``. Cached per (codec, perm tensor, device): built once per layer, not per decode step.
     """
-    key = (id(codec), None if perm is None else id(perm), str(device))
-    entry = _ROTATIONS.get(key)
-    if entry is not None and entry[0]() is codec and (perm is None or entry[1]() is perm):
-        return entry[2]
-    dim = codec.dim
-    block = torch.zeros(dim, dim, dtype=torch.float32, device=device)
-    for i, (_, d, off) in enumerate(codec.groups):
-        block[off : off + d, off : off + d] = codec.tensors(i, device)[0]
-    if perm is None:
-        rot = block[None]
-    else:
+
+    def build() -> torch.Tensor:
+        dim = codec.dim
+        block = torch.zeros(dim, dim, dtype=torch.float32, device=device)
+        for i, (_, d, off) in enumerate(codec.groups):
+            block[off : off + d, off : off + d] = codec.tensors(i, device)[0]
+        if perm is None:
+            return block[None].contiguous()
         rot = torch.zeros(perm.shape[0], dim, dim, dtype=torch.float32, device=device)
         rot.scatter_(1, perm.to(device)[:, :, None].expand(-1, -1, dim), block.expand(perm.shape[0], -1, -1))
+        return rot.contiguous()
 
-    def drop(_, key=key):
-        _ROTATIONS.pop(key, None)
-
-    perm_ref = None if perm is None else weakref.ref(perm, drop)
-    _ROTATIONS[key] = (weakref.ref(codec, drop), perm_ref, rot.contiguous())
-    return _ROTATIONS[key][2]
+    return weak_cached(_ROTATIONS, (codec, perm), device, build)
 
 
 def channel_groups(codec: RowCodec, perm: torch.Tensor | None, num_heads: int, device) -> torch.Tensor:
