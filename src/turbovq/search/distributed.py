@@ -328,7 +328,7 @@ class ShardedIndex:
 
     def _add(self, x: torch.Tensor, ids: np.ndarray) -> None:
         if not self.is_trained:  # exactly what TurboQuantIndex.add does with its first batch
-            self._template.train(self._template._prepare(x))
+            self._template._fit(self._template._prepare(x))
         if self._shards is None:
             self._spawn()
         ray = _ray()

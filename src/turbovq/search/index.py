@@ -480,7 +480,10 @@ class TurboQuantIndex(_IdsMixin):
             raise ValueError("this index is data-oblivious (mode='oblivious'): it has nothing to train")
         if len(self):
             raise ValueError("train before adding vectors: the codes already stored depend on the old centre")
-        x = self._prepare(x)
+        return self._fit(self._prepare(x), max_samples)
+
+    def _fit(self, x: torch.Tensor, max_samples: int = 20_000) -> TurboQuantIndex:
+        """``train`` on rows already checked and prepared by ``_prepare`` (e.g. the first batch ``add`` holds)."""
         if len(x) > max_samples:
             x = x[torch.linspace(0, len(x) - 1, max_samples, device=x.device).long()]
         self.mean = x.mean(dim=0)
@@ -511,7 +514,7 @@ class TurboQuantIndex(_IdsMixin):
 
     def _add(self, x: torch.Tensor, ids: torch.Tensor) -> None:
         if not self.is_trained:
-            self.train(x)
+            self._fit(x)
         parts = []
         step = max(1, (1 << 22) // self.dim)
         for lo in range(0, len(x), step):
