@@ -352,20 +352,21 @@ def test_interrupted_save_keeps_the_old_index(tmp_path, data, monkeypatch):
     assert len(TurboQuantIndex.load(path)) == 100
 
 
-def test_bfloat16_scan_matches_float32(data):
-    """The bf16 scan only picks a shortlist; the scores returned are re-computed exactly in float32."""
+@pytest.mark.parametrize("low", ["bfloat16", "int8"])
+def test_low_precision_scan_matches_float32(data, low):
+    """A bf16 or int8 scan only picks a shortlist; the scores returned are re-computed exactly in float32."""
     x, q = data
-    q = q[:40]  # bf16 is used only while the shortlists (40 * 26 rows) are smaller than the collection
+    q = q[:40]  # low precision is used only while the shortlists (40 * 26 rows) are smaller than the collection
     res = {}
-    for prec in ("float32", "bfloat16"):
+    for prec in ("float32", low):
         idx = TurboQuantIndex(64, 4, scan_precision=prec, metric="l2")
         idx.add(x)
         res[prec] = idx.search(q, k=10)
-    assert idx._scan_dtype() == torch.bfloat16
-    np.testing.assert_allclose(res["bfloat16"][0], res["float32"][0], rtol=1e-5, atol=1e-5)
-    assert (res["bfloat16"][1] == res["float32"][1]).mean() > 0.99
+    assert idx._scan_dtype(int8_ok=True) == getattr(torch, low)
+    np.testing.assert_allclose(res[low][0], res["float32"][0], rtol=1e-5, atol=1e-5)
+    assert (res[low][1] == res["float32"][1]).mean() > 0.99
     with pytest.raises(ValueError, match="scan_precision"):
-        TurboQuantIndex(64, 4, scan_precision="int8")
+        TurboQuantIndex(64, 4, scan_precision="int4")
 
 
 # --- command line ----------------------------------------------------------------------------------------------------

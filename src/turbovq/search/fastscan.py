@@ -1,0 +1,137 @@
+"""Compiled inner loops of the CPU scan (``fastscan.c``): tile decoding and the running top-k merge.
+
+With BLAS doing the products, what is left of a scan -- turning packed codes into the matrix BLAS multiplies and
+keeping each query's best scores -- took as long as the products when written as torch tensor passes. In C each
+is one pass at a few instructions per value. The source is compiled once with the system C compiler
+(``$CC`` or ``cc``, ``-O3 -march=native``) into ``~/.cache/turbovq/native`` (``$TURBOVQ_CACHE``), keyed by
+the source, the flags and the CPU; the build is written atomically, so concurrent processes are safe.
+
+Without a compiler, or with ``TURBOVQ_NATIVE=0``, :func:`library` returns ``None`` and the index uses its torch
+path, which gives the same results.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("fastscan.c")
+MAX_DIM = 8192  # TVQ_MAX_DIM in fastscan.c
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("TURBOVQ_CACHE")
+    return Path(root) / "native" if root else Path.home() / ".cache" / "turbovq" / "native"
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and flags (a cache shared by two machines must not mix)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _compile(out: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise RuntimeError("no C compiler found (set $CC)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        built = Path(tmp) / out.name
+        errors = []
+        for flags in (["-O3", "-march=native"], ["-O3"]):
+            cmd = [cc, *flags, "-fPIC", "-shared", "-o", str(built), str(_SOURCE), "-lm"]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if r.returncode == 0:
+                os.replace(built, out)  # atomic: another process sees the old file or the whole new one
+                return
+            errors.append(f"{' '.join(cmd)}: {r.stderr.strip()[-500:]}")
+        raise RuntimeError("; ".join(errors))
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled helpers, building them on first use; ``None`` if unavailable (the torch path is used)."""
+    if os.environ.get("TURBOVQ_NATIVE", "1") == "0" or sys.byteorder != "little":
+        return None
+    key = hashlib.sha256(_SOURCE.read_bytes() + _cpu_id().encode() + sys.platform.encode()).hexdigest()[:16]
+    path = _cache_dir() / f"fastscan-{key}.so"
+    try:
+        if not path.exists():
+            _compile(path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        warnings.warn(f"turbovq: compiled scan unavailable, using the slower torch path ({e})", stacklevel=2)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.tvq_decode.argtypes = [ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, i64, ctypes.c_int]
+    lib.tvq_decode.restype = ctypes.c_int
+    lib.tvq_topk_merge.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr, ptr, i64, i64, ptr, ptr]
+    lib.tvq_topk_merge.restype = None
+    return lib
+
+
+_TYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check(name: str, t: torch.Tensor, dtypes) -> None:
+    if t.dtype not in dtypes or t.stride(-1) != 1:
+        raise ValueError(f"{name}: expected {' or '.join(map(str, dtypes))} with unit column stride, got {t.dtype}")
+
+
+def decode(lib, codes: torch.Tensor, bits: int, dim: int, centroids: torch.Tensor, scales: torch.Tensor,
+           out: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """``out[i, :dim] = centroids[codes[r]] * scales[r]`` with ``r = rows[i]`` (all rows in order if ``rows`` is
+    None); int8 out is rounded and clamped to +-127.
+
+    codes (n, bytes) uint8 and out (len(rows) or n, >= dim) float32/bfloat16/int8, both with unit column stride;
+    centroids, scales (float32) and rows (int64, each in [0, n)) contiguous."""
+    _check("codes", codes, (torch.uint8,))
+    _check("out", out, (torch.float32, torch.bfloat16, torch.int8))
+    for name, t, dtype in (("centroids", centroids, torch.float32), ("scales", scales, torch.float32),
+                           ("rows", rows, torch.int64)):
+        if t is not None and (t.dtype != dtype or not t.is_contiguous()):
+            raise ValueError(f"{name}: expected contiguous {dtype}, got {t.dtype}")
+    count = len(codes) if rows is None else len(rows)
+    if len(scales) != len(codes) or len(out) != count or (centroids.numel() != 1 << bits):
+        raise ValueError("decode: codes, scales, centroids and out disagree in size")
+    if rows is not None and len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= len(codes)):
+        raise ValueError("decode: row index out of range")
+    rc = lib.tvq_decode(_ptr(codes), _ptr(rows), count, codes.stride(0), bits, dim, _ptr(centroids), _ptr(scales),
+                        _ptr(out), out.stride(0), _TYPES.get(out.dtype, 2))
+    if rc != 0:
+        raise ValueError(f"decode: unsupported group (bits={bits}, dim={dim}; dim must be <= {MAX_DIM})")
+
+
+def topk_merge(lib, scores: torch.Tensor, offset: int, best_s: torch.Tensor, best_p: torch.Tensor,
+               row_scale: torch.Tensor | None = None, col_bias: torch.Tensor | None = None) -> None:
+    """Merge ``row_scale[i] * scores[i, j] + col_bias[j]`` (m, T), rows ``offset..offset+T``, into the running
+    best ``best_s`` (float32, descending) / ``best_p`` (int64) of shape (m, keep), in place.
+
+    scores float32, bfloat16 or int32 with unit column stride; row_scale (m,) and col_bias (T,) contiguous float32
+    or None."""
+    _check("scores", scores, (torch.float32, torch.bfloat16, torch.int32))
+    m, width = scores.shape
+    for t, size in ((row_scale, m), (col_bias, width)):
+        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != size):
+            raise ValueError("topk_merge: row_scale / col_bias must be contiguous float32 of length m / T")
+    lib.tvq_topk_merge(_ptr(scores), m, width, scores.stride(0), _TYPES.get(scores.dtype, 2), _ptr(row_scale),
+                       _ptr(col_bias), offset, best_s.shape[1], _ptr(best_s), _ptr(best_p))
