@@ -10,12 +10,16 @@ Everything in one run on one card, so the numbers are ratios measured side by si
 * encode: ``encode_rows`` (B=8, H=8, T=32k rows of bf16) vs the roofline and vs ``RowCodec.encode``;
 * ``overhead`` phase: one K4/V3 call timed as a whole (do_bench), as a replayed CUDA graph (GPU only), as host
   enqueue time, per kernel (torch profiler tables in ``profile.txt``) and checked for host syncs;
-* optional end-to-end greedy decode at 32k context of a randomly initialised Llama-3.1-8B-shape model with fewer
-  layers (``--e2e-layers``), ours vs bf16 ``DynamicCache``.
+* ``e2e`` phase: greedy decode of a randomly initialised Llama-3.1-8B-shape model (32 layers by default) at 32k
+  context, ours (``TurboQuantCache`` K4/V3, attention on the codes) vs bf16 ``DynamicCache``: tokens/s, ms/step,
+  peak memory and cache bytes at ``--e2e-batches``, then the largest batch that fits for each (issue target: ours
+  >= 3.5x bf16's) and tokens/s there. The caches are filled with random K/V through ``cache.update`` (no prefill).
 
 Timing: ``triton.testing.do_bench`` medians (it clears the L2 before every repetition).
 
     PYTHONPATH=src python3 benchmarks/kernels.py --out benchmarks/results
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONPATH=src python3 benchmarks/kernels.py --phases e2e \
+        --name e2e --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -297,73 +302,181 @@ def encode_bench(dev, copy_tbs) -> list[dict]:
     return out
 
 
-def e2e(dev, layers: int, context: int, new_tokens: int, batches) -> dict:
-    """Greedy decode tokens/s and peak memory, random Llama-3.1-8B-shape model with ``layers`` layers."""
+LLAMA_8B = dict(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+    head_dim=128, rope_theta=500000.0, max_position_embeddings=131072,
+)  # fmt: skip
+E2E_KINDS = ("bf16", "K4/V3")
+
+
+def _cuda(dev) -> bool:
+    return torch.device(dev).type == "cuda"
+
+
+def _sync(dev) -> None:
+    if _cuda(dev):
+        torch.cuda.synchronize(dev)
+
+
+def _peak(dev) -> int | None:
+    return torch.cuda.max_memory_allocated(dev) if _cuda(dev) else None
+
+
+def _is_oom(e: Exception) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e) or "ALLOC_FAILED" in str(e)
+
+
+def e2e_model(cfg, dev):
+    """Random weights, built in bf16 on the device (no float32 copy: 8B parameters, 16 GB)."""
+    import transformers
+
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = transformers.LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    return model.eval()
+
+
+def fill_cache(cache, cfg, batch: int, context: int, dev, rows: int = 65536) -> int:
+    """Write ``context`` random bf16 tokens into every layer with ``cache.update``: what a prefill leaves behind, in
+    seconds instead of minutes (a 32k-token prefill of an 8B model at batch 60 is not what we measure). Chunks of
+    ``rows // batch`` tokens keep the encode / cat transients the same at every batch >= 8, so peak memory stays
+    linear in the batch. Returns the chunk length."""
+    chunk = max(64, min(8192, rows // batch // 64 * 64))
+    shape = (batch, cfg.num_key_value_heads, 0, cfg.head_dim)
+    with torch.no_grad():
+        for layer in range(cfg.num_hidden_layers):
+            for lo in range(0, context, chunk):
+                k = torch.randn(*shape[:2], min(chunk, context - lo), shape[3], device=dev, dtype=torch.bfloat16)
+                out = cache.update(k, torch.randn_like(k), layer)  # ours: only the tail (under codes_attention)
+                del k, out
+    return chunk
+
+
+def e2e_run(model, kind: str, batch: int, context: int, steps: int, dev, warmup: int = 3) -> dict:
+    """Fill a fresh cache to ``context`` tokens, greedy-decode ``warmup + steps`` tokens, time the last ``steps``."""
+    import contextlib
+
     import transformers
 
     from turbovq.kv import TurboQuantCache, codes_attention
 
-    cfg = transformers.LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=context + 1024,
-        rope_theta=500000.0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
-    model.config._attn_implementation = "sdpa"
-    weights = torch.cuda.memory_allocated(dev)
-    res = {"layers": layers, "context": context, "new_tokens": new_tokens, "weights_bytes": weights, "runs": []}
-    for b in batches:
-        for kind in ("bf16", "K4/V3"):
-            torch.cuda.empty_cache()
+    cfg = model.config
+    if _cuda(dev):
+        torch.cuda.reset_peak_memory_stats(dev)
+    if kind == "bf16":
+        cache, ctx = transformers.DynamicCache(config=cfg), contextlib.nullcontext()
+    else:  # under codes_attention our update returns the tail only, not the whole cache dequantized
+        cache, ctx = TurboQuantCache(cfg, key_bits=4, value_bits=3, residual_length=128), codes_attention(model)
+    with ctx, torch.no_grad():
+        t0 = time.perf_counter()
+        chunk = fill_cache(cache, cfg, batch, context, dev)
+        _sync(dev)
+        fill_s, fill_peak = time.perf_counter() - t0, _peak(dev)
+        if _cuda(dev):
             torch.cuda.reset_peak_memory_stats(dev)
-            ids = torch.randint(0, cfg.vocab_size, (b, context), device=dev)
-            try:
-                if kind == "bf16":
-                    cache = transformers.DynamicCache(config=model.config)
-                else:
-                    cache = TurboQuantCache(model.config, key_bits=4, value_bits=3, residual_length=128)
-                with torch.no_grad():
-                    for lo in range(0, context, 4096):  # chunked prefill through sdpa (dequantized path)
-                        model.model(ids[:, lo : lo + 4096], past_key_values=cache, use_cache=True)
-                    tok = ids[:, -1:]
-                    ctx = codes_attention(model) if kind != "bf16" else _null()
-                    with ctx:
-                        for i in range(new_tokens + 3):
-                            if i == 3:
-                                torch.cuda.synchronize()
-                                t0 = time.perf_counter()
-                            logits = model(tok, past_key_values=cache, use_cache=True).logits
-                            tok = logits[:, -1:].argmax(-1)
-                    torch.cuda.synchronize()
-                    dt = time.perf_counter() - t0
-                run = {
-                    "batch": b,
-                    "cache": kind,
-                    "tokens_per_s": b * new_tokens / dt,
-                    "ms_per_step": dt / new_tokens * 1e3,
-                    "peak_bytes": torch.cuda.max_memory_allocated(dev),
-                    "cache_bytes": getattr(cache, "nbytes", None) or _dyn_bytes(cache),
-                }
-            except torch.OutOfMemoryError:
-                run = {"batch": b, "cache": kind, "oom": True}
-            res["runs"].append(run)
-            print("e2e", run, flush=True)
-            del cache
+        tok = torch.randint(0, cfg.vocab_size, (batch, 1), device=dev)
+        for i in range(warmup + steps):
+            if i == warmup:
+                _sync(dev)
+                t0 = time.perf_counter()
+            tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        _sync(dev)
+        dt = time.perf_counter() - t0
+    if kind == "bf16":
+        nbytes = sum(x.numel() * x.element_size() for layer in cache.layers for x in (layer.keys, layer.values))
+    else:
+        nbytes = cache.nbytes
+    decode_peak = _peak(dev)
+    return {
+        "batch": batch,
+        "cache": kind,
+        "tokens_per_s": batch * steps / dt,
+        "ms_per_step": dt / steps * 1e3,
+        "steps": steps,
+        "fill_s": fill_s,
+        "fill_chunk": chunk,
+        "seq_length": cache.get_seq_length(),
+        "cache_bytes": nbytes,
+        "fill_peak_bytes": fill_peak,
+        "decode_peak_bytes": decode_peak,
+        "peak_bytes": None if fill_peak is None else max(fill_peak, decode_peak),
+    }
+
+
+def _e2e_try(model, kind, batch, context, steps, dev, warmup=3) -> dict:
+    """``e2e_run``, or ``{"oom": True}``; either way the cache is gone and the allocator's cache emptied."""
+    import gc
+
+    try:
+        run = e2e_run(model, kind, batch, context, steps, dev, warmup)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not _is_oom(e):
+            raise
+        run = {"batch": batch, "cache": kind, "oom": True}
+    gc.collect()  # the failed run's frames (and their tensors) die with the exception
+    if _cuda(dev):
+        torch.cuda.empty_cache()
+    gib = {k: round(v / 2**30, 2) for k, v in run.items() if k.endswith("bytes") and v is not None}
+    print("e2e", {k: round(v, 2) if isinstance(v, float) else v for k, v in run.items()}, "GiB:", gib, flush=True)
+    return run
+
+
+def max_batch(model, kind, context, steps, dev, runs: list[dict], tries: int) -> dict:
+    """Largest batch whose fill + decode fits. Peak bytes are linear in the batch (weights + per-row cache and
+    transients), so a line through the two largest timed runs that fitted, against what the allocator can reach,
+    gives a guess; then step away from it (doubling the step) until the outcome flips and bisect, ``tries`` runs
+    at most. Each try times ``steps`` decode steps after 2 warm-up steps: the serving number at that batch."""
+    fits = sorted((r for r in runs if not r.get("oom")), key=lambda r: r["batch"])
+    lo = fits[-1]["batch"] if fits else 0
+    hi = min((r["batch"] for r in runs if r.get("oom")), default=None)
+    reach = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_allocated(dev)
+    guess = 2 * lo or 1
+    if len(fits) >= 2:
+        (b0, p0), (b1, p1) = [(r["batch"], r["peak_bytes"]) for r in fits[-2:]]
+        guess = b1 + int((reach - p1) / ((p1 - p0) / (b1 - b0)))
+    b, step, trials, best = guess, max(1, guess // 64), [], None
+    while len(trials) < tries and (hi is None or hi - lo > 1):
+        b = max(lo + 1, b if hi is None else min(b, hi - 1))
+        run = _e2e_try(model, kind, b, context, steps, dev, warmup=2)
+        trials.append({k: run.get(k) for k in ("batch", "oom", "tokens_per_s", "peak_bytes")})
+        if run.get("oom"):
+            hi = b
+        else:
+            lo, best = b, run
+        # no miss yet: step up; a tried fit below a miss: bisect; only misses so far: step down
+        b = lo + step if hi is None else (lo + hi) // 2 if best else hi - step
+        step *= 2
+    best = best or next((r for r in fits if r["batch"] == lo), None)
+    out = {"guess": guess, "reachable_bytes": reach, "trials": trials, "largest": lo, "exact": hi == lo + 1}
+    out["at_largest"] = best
+    print(f"e2e {kind}: largest batch {lo} (guess {guess}, exact {out['exact']}, tries {len(trials)})", flush=True)
+    return out
+
+
+def e2e(dev, layers: int, context: int, new_tokens: int, batches, tries: int = 6, max_steps: int = 8, cfg=None) -> dict:
+    """Greedy decode tokens/s and peak memory at ``context`` tokens, ours (K4/V3, attention on the codes) vs bf16
+    ``DynamicCache``, random Llama-3.1-8B-shape model; then the largest batch that fits for each (target: ours
+    >= 3.5x bf16's) and the throughput there. ``cfg`` replaces the model config (a tiny one for a CPU check)."""
+    import transformers
+
+    cfg = cfg or transformers.LlamaConfig(**LLAMA_8B, num_hidden_layers=layers)
+    t0 = time.perf_counter()
+    model = e2e_model(cfg, dev)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"e2e: model {weights / 2**30:.1f} GiB in {time.perf_counter() - t0:.1f} s", flush=True)
+    res = {"layers": cfg.num_hidden_layers, "context": context, "new_tokens": new_tokens, "weights_bytes": weights}
+    res["runs"] = [_e2e_try(model, kind, b, context, new_tokens, dev) for b in batches for kind in E2E_KINDS]
+    if _cuda(dev):
+        mb = {k: max_batch(model, k, context, max_steps, dev, [r for r in res["runs"] if r["cache"] == k], tries)
+              for k in E2E_KINDS}  # fmt: skip
+        res["max_batch"] = mb
+        ours, ref = mb["K4/V3"], mb["bf16"]
+        res["max_batch_ratio"] = ours["largest"] / ref["largest"] if ref["largest"] else None
+        if ours["at_largest"] and ref["at_largest"]:
+            res["max_batch_tokens_per_s_ratio"] = ours["at_largest"]["tokens_per_s"] / ref["at_largest"]["tokens_per_s"]
+        print(f"e2e: largest batch ours {ours['largest']} / bf16 {ref['largest']} = {res['max_batch_ratio']}, "
+              f"tokens/s ratio there {res.get('max_batch_tokens_per_s_ratio')}", flush=True)  # fmt: skip
     return res
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
-def _dyn_bytes(cache) -> int:
-    return sum(x.keys.numel() * 2 * x.keys.element_size() for x in cache.layers if x.keys is not None)
 
 
 def plot(decode_rows, copy_tbs, path: Path) -> None:
@@ -403,16 +516,23 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--block-t", type=int, default=128)
     ap.add_argument("--num-warps", type=int, default=4)
-    ap.add_argument("--e2e-layers", type=int, default=2)
-    ap.add_argument("--e2e-batches", default="1,8")
+    ap.add_argument("--e2e-layers", type=int, default=32)
+    ap.add_argument("--e2e-context", type=int, default=32768)
+    ap.add_argument("--e2e-new-tokens", type=int, default=32)
+    ap.add_argument("--e2e-batches", default="1,8,16")
+    ap.add_argument("--e2e-max-tries", type=int, default=6, help="runs per cache kind searching the largest batch")
+    ap.add_argument("--e2e-max-steps", type=int, default=8, help="timed decode steps of each of those runs")
+    ap.add_argument("--device", default="cuda", help="cpu: the e2e phase only, without the memory search")
     ap.add_argument("--overhead-modules", default="turbovq.kernels.decode")
     ap.add_argument("--overhead-cells", default="8x32768,1x8192")
     args = ap.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
     phases = args.phases.split(",")
-    res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__}
-    res["copy_TBps"] = copy_bw = copy_bandwidth(dev)
-    print(f"{res['device']}: copy {copy_bw:.2f} TB/s", flush=True)
+    res = {"device": torch.cuda.get_device_name(dev) if _cuda(dev) else str(dev), "torch": torch.__version__}
+    res["triton"] = triton.__version__
+    if _cuda(dev):
+        res["copy_TBps"] = copy_bw = copy_bandwidth(dev)
+        print(f"{res['device']}: copy {copy_bw:.2f} TB/s", flush=True)
     if "tune" in phases:
         res["tune"] = tune(dev)
     if "decode" in phases:
@@ -434,7 +554,16 @@ def main() -> None:
     if "encode" in phases:
         res["encode"] = encode_bench(dev, copy_bw)
     if "e2e" in phases:
-        res["e2e"] = e2e(dev, args.e2e_layers, 32768, 32, [int(x) for x in args.e2e_batches.split(",")])
+        res["e2e"] = e2e(
+            dev,
+            args.e2e_layers,
+            args.e2e_context,
+            args.e2e_new_tokens,
+            [int(x) for x in args.e2e_batches.split(",")],
+            args.e2e_max_tries,
+            args.e2e_max_steps,
+        )
+        res["e2e"]["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(res, indent=2) + "\n")

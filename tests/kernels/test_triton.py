@@ -120,9 +120,11 @@ def test_encode_matches_row_codec(cuda, d, bits, dtype, center):
 
 
 def test_cache_uses_kernel_and_matches_reference(cuda, monkeypatch):
-    """TurboQuantCache + codes_attention on CUDA: decode steps go through the kernel, logits match TURBOVQ_KERNELS=0."""
+    """TurboQuantCache + codes_attention on CUDA: flushes and decode steps go through the kernels, logits match
+    TURBOVQ_KERNELS=0."""
     transformers = pytest.importorskip("transformers")
     from turbovq.kernels import decode as kdecode
+    from turbovq.kernels import encode as kencode
     from turbovq.kv import TurboQuantCache, codes_attention
 
     torch.manual_seed(0)
@@ -132,9 +134,10 @@ def test_cache_uses_kernel_and_matches_reference(cuda, monkeypatch):
     )  # fmt: skip
     model = transformers.LlamaForCausalLM(config).to(cuda, torch.bfloat16).eval()
     ids = torch.randint(0, 96, (2, 300), device=cuda)
-    calls = []
-    real = kdecode.decode_attention
+    calls, encodes = [], []
+    real, real_encode = kdecode.decode_attention, kencode.encode_rows
     monkeypatch.setattr(kdecode, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(kencode, "encode_rows", lambda *a, **k: encodes.append(1) or real_encode(*a, **k))
 
     def logits(env):
         monkeypatch.setenv("TURBOVQ_KERNELS", env)
@@ -144,7 +147,8 @@ def test_cache_uses_kernel_and_matches_reference(cuda, monkeypatch):
             return torch.cat([model(ids[:, i : i + 1], past_key_values=cache).logits for i in range(290, 300)], 1)
 
     ref = logits("0")
-    assert not calls
+    assert not calls and not encodes
     out = logits("1")
     assert len(calls) == 10 * 2  # every decode step, every layer
+    assert len(encodes) >= 2 * 2  # the flushes encode keys and values of every layer through the kernel
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2

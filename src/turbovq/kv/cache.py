@@ -29,6 +29,7 @@ Two ways to attend:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -322,10 +323,9 @@ class TurboQuantLayer(DynamicLayer):
         if extra < self.flush_block:
             return
         n = (extra // self.flush_block) * self.flush_block
-        keys = self._normalized(self.keys[..., :n, :], self.key_mean, self.key_scale)
-        values = self._normalized(self.values[..., :n, :], self.value_mean, self.value_scale)
-        kf = self.key_codec.encode(keys, self.key_perm)
-        vf = self.value_codec.encode(values, self.value_perm)
+        kf = self._encode(self.key_codec, self.keys[..., :n, :], self.key_perm, self.key_mean, self.key_scale)
+        vf = self._encode(self.value_codec, self.values[..., :n, :], self.value_perm, self.value_mean,
+                          self.value_scale)
         for fields in (kf, vf):
             for name in fields:
                 if "norms" in name:
@@ -354,6 +354,16 @@ class TurboQuantLayer(DynamicLayer):
             setattr(self, f"{name}_scale", scale)
             setattr(self, f"{name}_perm", perm)
         self._calibrated = True
+
+    @classmethod
+    def _encode(cls, codec: RowCodec, x: torch.Tensor, perm, mean, scale) -> dict[str, torch.Tensor]:
+        """Codes of ``(x - mean) / scale``: the fused Triton kernel on CUDA (``TURBOVQ_KERNELS=0``: the reference)."""
+        if x.is_cuda and os.environ.get("TURBOVQ_KERNELS", "1") != "0":
+            from turbovq.kernels import encode as kernels_encode
+
+            if kernels_encode.supported(x, codec):
+                return kernels_encode.encode_rows(x, codec, perm, mean, scale)
+        return codec.encode(cls._normalized(x, mean, scale), perm)
 
     @staticmethod
     def _normalized(x: torch.Tensor, mean: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor:
