@@ -25,6 +25,7 @@ Timing: ``triton.testing.do_bench`` medians (it clears the L2 before every repet
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -299,6 +300,14 @@ def encode_bench(dev, copy_tbs) -> list[dict]:
             }
         )
         print(f"encode bits={bits}: {ms:.3f} ms ({tbs:.2f} TB/s, {tbs / copy_tbs:.0%}), torch {ms_torch:.2f} ms")
+        if bits in (4, 3):  # settings sweep: tile rows, warps, rotation precision, symmetric comparisons
+            sweep = []
+            for block_t, warps, prec, sym in itertools.product((64, 128), (4, 8), ("tf32x3", "tf32"), (False, True)):
+                kw = dict(block_t=block_t, num_warps=warps, precision=prec, symmetric=sym)
+                ms_kw = bench(lambda codec=codec, perm=perm, kw=kw: encode_rows(x, codec, perm, mean, **kw), rep=30)
+                sweep.append({**kw, "ms": ms_kw, "roofline_frac": nbytes / ms_kw / 1e9 / copy_tbs})
+            out[-1]["sweep"] = sorted(sweep, key=lambda r: r["ms"])
+            print(f"  best settings: {out[-1]['sweep'][0]}", flush=True)
     return out
 
 
