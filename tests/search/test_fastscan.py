@@ -128,3 +128,27 @@ def test_no_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
         assert fastscan.library() is None
     finally:
         fastscan.library.cache_clear()
+
+
+def test_threads_split_the_work_identically(lib):
+    """With several torch threads, decode splits rows and the merge splits queries over a pool: same results."""
+    g = torch.Generator().manual_seed(5)
+    codes = packing.pack(torch.randint(0, 16, (1000, 160), generator=g), 4)
+    cents, scales = torch.randn(16, generator=g), torch.rand(1000, generator=g)
+    rows = torch.randint(0, 1000, (900,), generator=g)
+    raw = torch.randn(9, 1 << 16, generator=g)
+    bias = torch.randn(1 << 16, generator=g)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        out, gathered = torch.empty(1000, 160, dtype=torch.int8), torch.empty(900, 160)
+        fastscan.decode(lib, codes, 4, 160, cents, scales * 30, out)
+        fastscan.decode(lib, codes, 4, 160, cents, scales, gathered, rows=rows)
+        best_s, best_p = torch.full((9, 5), -math.inf), torch.full((9, 5), -1, dtype=torch.int64)
+        fastscan.topk_merge(lib, raw, 0, best_s, best_p, torch.ones(9), bias)
+        results.append((out, gathered, best_s, best_p))
+    torch.set_num_threads(1)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    ref_s, ref_p = torch.topk(raw + bias, 5, dim=1)
+    assert torch.equal(results[1][3], ref_p)

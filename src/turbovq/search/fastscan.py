@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -86,6 +87,7 @@ def library() -> ctypes.CDLL | None:
 
 
 _TYPES = {torch.float32: 0, torch.bfloat16: 1}
+_pool: ThreadPoolExecutor | None = None
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -95,6 +97,21 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def _check(name: str, t: torch.Tensor, dtypes) -> None:
     if t.dtype not in dtypes or t.stride(-1) != 1:
         raise ValueError(f"{name}: expected {' or '.join(map(str, dtypes))} with unit column stride, got {t.dtype}")
+
+
+def _in_parallel(fn, total: int, min_part: int) -> list:
+    """``fn(lo, hi)`` over ``torch.get_num_threads()`` slices of ``range(total)`` (none smaller than ``min_part``).
+
+    ctypes releases the GIL during the C call, so the slices run on as many cores; the torch threads that would
+    use them are idle meanwhile (decode, product and merge alternate)."""
+    global _pool
+    parts = max(1, min(torch.get_num_threads(), total // max(1, min_part)))
+    if parts == 1:
+        return [fn(0, total)]
+    if _pool is None or _pool._max_workers < parts:
+        _pool = ThreadPoolExecutor(parts, thread_name_prefix="turbovq-scan")
+    edges = [total * i // parts for i in range(parts + 1)]
+    return [f.result() for f in [_pool.submit(fn, a, b) for a, b in zip(edges[:-1], edges[1:])]]
 
 
 def decode(lib, codes: torch.Tensor, bits: int, dim: int, centroids: torch.Tensor, scales: torch.Tensor,
@@ -115,9 +132,15 @@ def decode(lib, codes: torch.Tensor, bits: int, dim: int, centroids: torch.Tenso
         raise ValueError("decode: codes, scales, centroids and out disagree in size")
     if rows is not None and len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= len(codes)):
         raise ValueError("decode: row index out of range")
-    rc = lib.tvq_decode(_ptr(codes), _ptr(rows), count, codes.stride(0), bits, dim, _ptr(centroids), _ptr(scales),
-                        _ptr(out), out.stride(0), _TYPES.get(out.dtype, 2))
-    if rc != 0:
+    stride, ostride, osize = codes.stride(0), out.stride(0), out.element_size()
+    c, r, sc, o = _ptr(codes), _ptr(rows), _ptr(scales), _ptr(out)
+
+    def part(a: int, b: int) -> int:
+        at = (c, r + 8 * a, sc) if rows is not None else (c + stride * a, None, sc + 4 * a)
+        return lib.tvq_decode(at[0], at[1], b - a, stride, bits, dim, _ptr(centroids), at[2], o + a * ostride * osize,
+                              ostride, _TYPES.get(out.dtype, 2))
+
+    if any(_in_parallel(part, count, max(1, 65536 // max(1, dim)))):
         raise ValueError(f"decode: unsupported group (bits={bits}, dim={dim}; dim must be <= {MAX_DIM})")
 
 
@@ -133,5 +156,15 @@ def topk_merge(lib, scores: torch.Tensor, offset: int, best_s: torch.Tensor, bes
     for t, size in ((row_scale, m), (col_bias, width)):
         if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != size):
             raise ValueError("topk_merge: row_scale / col_bias must be contiguous float32 of length m / T")
-    lib.tvq_topk_merge(_ptr(scores), m, width, scores.stride(0), _TYPES.get(scores.dtype, 2), _ptr(row_scale),
-                       _ptr(col_bias), offset, best_s.shape[1], _ptr(best_s), _ptr(best_p))
+    if not (best_s.dtype == torch.float32 and best_p.dtype == torch.int64 and best_s.is_contiguous()
+            and best_p.is_contiguous() and best_s.shape == best_p.shape and len(best_s) == m and best_s.shape[1]):
+        raise ValueError("topk_merge: best_s / best_p must be contiguous float32 / int64 (m, keep), keep >= 1")
+    keep, sstride, ssize = best_s.shape[1], scores.stride(0), scores.element_size()
+    s, rs, bs, bp = _ptr(scores), _ptr(row_scale), _ptr(best_s), _ptr(best_p)
+
+    def part(a: int, b: int) -> None:
+        lib.tvq_topk_merge(s + a * sstride * ssize, b - a, width, sstride, _TYPES.get(scores.dtype, 2),
+                           None if rs is None else rs + 4 * a, _ptr(col_bias), offset, keep, bs + 4 * keep * a,
+                           bp + 8 * keep * a)
+
+    _in_parallel(part, m, max(1, (1 << 18) // max(1, width)))
