@@ -27,20 +27,29 @@ static inline float from_bf16(uint16_t h) {
     return f;
 }
 
+/* Little-endian word of the `len` (<= 8) bytes at p, assembled byte by byte: no read past the row's end (and no
+ * partial-width memcpy through the stack, whose store-to-load forwarding stalls cost ~15 cycles a word). */
+static inline uint64_t load_tail(const uint8_t *p, int len) {
+    uint64_t w = 0;
+    for (int k = 0; k < len; k++) w |= (uint64_t)p[k] << (8 * k);
+    return w;
+}
+
 /* Codes of one row -> dim uint8 indices. Eight b-bit codes fill b bytes; `B` is a literal at every call site, so
- * each width compiles to its own loop with constant shifts. */
+ * each width compiles to its own loop with constant shifts. Whole 8-byte loads while they stay inside the row. */
 static inline __attribute__((always_inline)) void unpack_row(const uint8_t *r, const int B, int dim, uint8_t *idx) {
-    const int nbytes = (dim * B + 7) / 8, full = dim / 8;
+    const int nbytes = (dim * B + 7) / 8, groups = (dim + 7) / 8;
     const uint64_t mask = (1u << B) - 1;
-    for (int g = 0; g < full; g++) {
-        uint64_t w = 0;
-        memcpy(&w, r + g * B, (size_t)B); /* little-endian hosts only (x86-64, aarch64) */
+    int g = 0;
+    for (; g < groups && g * B + 8 <= nbytes; g++) {
+        uint64_t w;
+        memcpy(&w, r + g * B, 8); /* little-endian hosts only (x86-64, aarch64) */
         for (int k = 0; k < 8; k++) idx[g * 8 + k] = (uint8_t)((w >> (k * B)) & mask);
     }
-    if (full * 8 < dim) {
-        uint64_t w = 0;
-        memcpy(&w, r + full * B, (size_t)(nbytes - full * B));
-        for (int k = 0; full * 8 + k < dim; k++) idx[full * 8 + k] = (uint8_t)((w >> (k * B)) & mask);
+    for (; g < groups; g++) {
+        const int at = g * B, len = nbytes - at < 8 ? nbytes - at : 8;
+        const uint64_t w = load_tail(r + at, len);
+        for (int k = 0; k < 8 && g * 8 + k < dim; k++) idx[g * 8 + k] = (uint8_t)((w >> (k * B)) & mask);
     }
 }
 
@@ -178,6 +187,67 @@ void tvq_topk_merge(const void *scores, int64_t m, int64_t T, int64_t sstride, i
             MERGE_ROW(RAW_BF16)
         } else {
             MERGE_ROW(RAW_I32)
+        }
+    }
+}
+
+/* sum_j lut[j][code_j] over one row of b-bit codes (b not dividing 8), unpacked in registers. */
+static inline __attribute__((always_inline)) float lut_sum_row(const uint8_t *r, const int B, int dim,
+                                                               const float *lut) {
+    const int nbytes = (dim * B + 7) / 8, groups = (dim + 7) / 8, ncent = 1 << B;
+    const uint64_t mask = (1u << B) - 1;
+    float s[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}; /* independent chains (float adds: 3-4 cycles) */
+    int g = 0;
+    for (; g < groups && g * B + 8 <= nbytes; g++) {
+        uint64_t w;
+        memcpy(&w, r + g * B, 8);
+        const float *t = lut + g * 8 * ncent;
+        for (int k = 0; k < 8; k++) s[k] += t[k * ncent + ((w >> (k * B)) & mask)];
+    }
+    for (; g < groups; g++) {
+        const int at = g * B, len = nbytes - at < 8 ? nbytes - at : 8;
+        const uint64_t w = load_tail(r + at, len);
+        for (int k = 0; k < 8 && g * 8 + k < dim; k++) s[k] += lut[(g * 8 + k) * ncent + ((w >> (k * B)) & mask)];
+    }
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+static float lut_sum(const uint8_t *r, int bits, int dim, const float *lut) {
+    switch (bits) {
+    case 3: return lut_sum_row(r, 3, dim, lut);
+    case 5: return lut_sum_row(r, 5, dim, lut);
+    case 6: return lut_sum_row(r, 6, dim, lut);
+    default: return lut_sum_row(r, 7, dim, lut);
+    }
+}
+
+/* One query against n rows, through lookup tables instead of decoding: out[i] = sum_g scales[g][r] *
+ * sum_j lut_g[j][code_grj], r = row0 + i. Groups of 1, 2, 4 or 8 bits use one table per code *byte* (256 entries:
+ * the sum over the byte's 8/b codes), the others one per code (2^b entries) after unpacking. For a few queries this
+ * reads each code once and does one lookup per byte, where decoding writes and re-reads every value. */
+void tvq_lut_scan(int ngroups, const uint8_t *const *codes, const int64_t *strides, const int *bits, const int *dims,
+                  const float *const *scales, const float *const *luts, int64_t row0, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = 0.f;
+    for (int g = 0; g < ngroups; g++) {
+        const int b = bits[g], d = dims[g];
+        const float *lut = luts[g];
+        for (int64_t i = 0; i < n; i++) {
+            const uint8_t *r = codes[g] + (row0 + i) * strides[g];
+            float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f; /* four chains: float adds have a 3-4 cycle latency */
+            int p = 0;
+            if (8 % b == 0) {
+                const int nb = (d * b + 7) / 8;
+                for (; p + 4 <= nb; p += 4) {
+                    s0 += lut[p * 256 + r[p]];
+                    s1 += lut[(p + 1) * 256 + r[p + 1]];
+                    s2 += lut[(p + 2) * 256 + r[p + 2]];
+                    s3 += lut[(p + 3) * 256 + r[p + 3]];
+                }
+                for (; p < nb; p++) s0 += lut[p * 256 + r[p]];
+            } else {
+                s0 = lut_sum(r, b, d, lut);
+            }
+            out[i] += scales[g][row0 + i] * ((s0 + s1) + (s2 + s3));
         }
     }
 }

@@ -83,6 +83,8 @@ def library() -> ctypes.CDLL | None:
     lib.tvq_decode.restype = ctypes.c_int
     lib.tvq_topk_merge.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr, ptr, i64, i64, ptr, ptr]
     lib.tvq_topk_merge.restype = None
+    lib.tvq_lut_scan.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr]
+    lib.tvq_lut_scan.restype = None
     return lib
 
 
@@ -168,3 +170,42 @@ def topk_merge(lib, scores: torch.Tensor, offset: int, best_s: torch.Tensor, bes
                            bp + 8 * keep * a)
 
     _in_parallel(part, m, max(1, (1 << 18) // max(1, width)))
+
+
+def lut_tables(centroids: torch.Tensor, bits: int, q: torch.Tensor) -> torch.Tensor:
+    """The lookup tables of one group for one rotated query ``q`` (d,): per code byte ``(bytes, 256)`` (the sum of
+    ``q_j * centroid`` over the byte's 8/b codes) for 1/2/4/8 bits, else per code ``(d, 2^b)``."""
+    if 8 % bits:
+        return (q.float()[:, None] * centroids[None, :]).contiguous()
+    per = 8 // bits
+    codes = torch.arange(256, dtype=torch.int64)[:, None] >> (torch.arange(per) * bits) & ((1 << bits) - 1)
+    values = centroids[codes]  # (256, per): the centroids of the codes in each byte value, LSB first
+    q = torch.nn.functional.pad(q.float(), (0, (-len(q)) % per)).view(-1, per)
+    return (q @ values.T).contiguous()  # (bytes, 256)
+
+
+def lut_scan(lib, groups: list[tuple], n: int, out: torch.Tensor) -> None:
+    """``out[i] = sum_g scales_g[i] * <q_g, centroids[codes_g[i]]>`` for one query, by table lookups.
+
+    ``groups``: ``(codes (n, bytes) uint8, bits, dim, scales (n,) float32, tables from lut_tables)`` each."""
+    for codes, bits, dim, scales, lut in groups:  # (the C loop trusts these shapes: check them all)
+        _check("codes", codes, (torch.uint8,))
+        if scales.dtype != torch.float32 or not scales.is_contiguous() or len(codes) != n or len(scales) != n:
+            raise ValueError("lut_scan: codes and scales must have n rows (scales contiguous float32)")
+        nbytes = (dim * bits + 7) // 8
+        want = (nbytes, 256) if 8 % bits == 0 else (dim, 1 << bits)
+        if not 1 <= bits <= 8 or dim > MAX_DIM or codes.shape[1] != nbytes:
+            raise ValueError(f"lut_scan: unsupported group (bits={bits}, dim={dim}, {codes.shape[1]} bytes a row)")
+        if lut.dtype != torch.float32 or not lut.is_contiguous() or tuple(lut.shape) != want:
+            raise ValueError(f"lut_scan: tables must be contiguous float32 of shape {want} (see lut_tables)")
+    if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != n:
+        raise ValueError("lut_scan: out must be contiguous float32 of n values")
+    k = len(groups)
+    arr = lambda ctype, vals: (ctype * k)(*vals)  # noqa: E731
+    args = (
+        arr(ctypes.c_void_p, [_ptr(g[0]) for g in groups]), arr(ctypes.c_int64, [g[0].stride(0) for g in groups]),
+        arr(ctypes.c_int, [g[1] for g in groups]), arr(ctypes.c_int, [g[2] for g in groups]),
+        arr(ctypes.c_void_p, [_ptr(g[3]) for g in groups]), arr(ctypes.c_void_p, [_ptr(g[4]) for g in groups]),
+    )  # fmt: skip
+    o = _ptr(out)
+    _in_parallel(lambda a, b: lib.tvq_lut_scan(k, *args, a, b - a, o + 4 * a), n, 4096)

@@ -61,6 +61,7 @@ _TILE_ELEMENTS = 1 << 20  # a decoded tile holds ~1M float32 (4 MB): stays in L2
 _TILE_ELEMENTS_GPU = 1 << 25  # on a GPU: tiles of ~32M values (64 MB in bf16), few kernel launches
 _QUERY_BLOCK = 1024
 _REFINE_EXTRA = 16  # bfloat16 scans keep k + this many candidates for the exact float32 re-score
+_LUT_QUERIES = 2  # up to this many queries, the CPU scan looks codes up in tables instead of decoding tiles
 SCAN_PRECISIONS = ("auto", "float32", "bfloat16", "int8")
 
 
@@ -636,6 +637,8 @@ class TurboQuantIndex(_IdsMixin):
         cols = [r for r in rot] + ([sq] if sq is not None else [])
         widths = [c.shape[1] for c in cols]
         lib = fastscan.library() if dev.type == "cpu" and max(widths) <= fastscan.MAX_DIM else None
+        if lib is not None and sq is None and m <= _LUT_QUERIES:
+            return self._lut_scan(lib, rot, k)
         keep = min(n, max(2 * k, k + _REFINE_EXTRA))
         # low precision pays only while re-scoring the shortlists (m * keep rows) costs less than scanning n rows
         dt = self._scan_dtype(int8_ok=lib is not None and sq is None)
@@ -690,6 +693,27 @@ class TurboQuantIndex(_IdsMixin):
             best_s, top = torch.topk(exact, k, dim=1)
             best_p = torch.gather(best_p, 1, top)
         return best_s, best_p
+
+    def _lut_scan(self, lib, rot: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_scan`` for a query or two: table lookups on the codes (one per code byte or code), no decoded tiles.
+
+        Decoding costs the same whatever the number of queries, so below ``_LUT_QUERIES`` queries a lookup scan
+        (float32 sums, no shortlist needed) is faster."""
+        n, m = len(self._ids), len(rot[0])
+        scorers = self._get_scorers()
+        norm_sq = self._norm_sq(self._fields) if self.metric == "l2" else None
+        fields = [(self._fields[f"{p}codes{g}"], self._fields[f"{p}norms{g}"].float()) for p, _, g, _ in scorers]
+        best_s, best_p = [], []
+        out = torch.empty(n)
+        for i in range(m):
+            groups = [(codes, sc.bits, sc.dim, scales, fastscan.lut_tables(sc.centroids, sc.bits, r[i]))
+                      for (codes, scales), (*_, sc), r in zip(fields, scorers, rot)]  # fmt: skip
+            fastscan.lut_scan(lib, groups, n, out)
+            s = out if norm_sq is None else 2 * out - norm_sq
+            top = torch.topk(s, k)
+            best_s.append(top.values)
+            best_p.append(top.indices)
+        return torch.stack(best_s), torch.stack(best_p)
 
     def _exact(self, rot: list[torch.Tensor], sq: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
         """Float32 scores, as the scan defines them, of the rows ``pos`` (m, L) for each query: (m, L)."""
