@@ -2,7 +2,8 @@
 
 For every dataset and memory level (2 and 4 bits per dimension by default), each method is built (train + add,
 timed), searched with the held-apart queries (Recall@1@k for k = 1..64: the fraction of queries whose exact
-nearest neighbour is among the k returned), and timed on a batch of 500 queries at 1 and 2 threads (queries/s).
+nearest neighbour is among the k returned), and timed on a batch of 500 queries at 1 and 2 threads, and one query
+per call at 1 thread (queries/s).
 
 Methods (bytes per vector are measured, not assumed, and written next to each result):
   ours          TurboQuantIndex default (mode "pca": centre + principal axes + integer bit allocation)
@@ -170,6 +171,16 @@ def qps(method, q: np.ndarray, threads: int, k: int = 10, repeats: int | None = 
     return len(batch) / best
 
 
+def qps_single(method, q: np.ndarray, k: int = 10, count: int = 50) -> float:
+    """Queries/s one query per call (interactive use), 1 thread, over ``count`` queries after one warm-up call."""
+    set_threads(1)
+    method.search(q[:1], k)
+    t = time.perf_counter()
+    for i in range(count):
+        method.search(q[i : i + 1], k)
+    return count / (time.perf_counter() - t)
+
+
 def run_method(name, make, x, q, gt, args) -> dict:
     set_threads(args.build_threads)
     method = make()
@@ -180,9 +191,11 @@ def run_method(name, make, x, q, gt, args) -> dict:
     _, ids = method.search(q, max(KS))
     recall = {k: float(np.mean((ids[:, :k] == gt[:, None]).any(1))) for k in KS}
     out = {"method": name, "bytes_per_vector": method.bytes_per_vector, "index_time_s": build_s,
-           "recall_1_at": recall, "qps_1t": qps(method, q, 1), "qps_2t": qps(method, q, 2) if args.qps_2t else None}
+           "recall_1_at": recall, "qps_1t": qps(method, q, 1), "qps_2t": qps(method, q, 2) if args.qps_2t else None,
+           "qps_single": qps_single(method, q)}
     print(f"  {name:24s} {out['bytes_per_vector']:5d} B  R@1@1 {recall[1]:.3f}  R@1@10-ish {recall[8]:.3f}  "
-          f"build {build_s:7.2f}s  qps1 {out['qps_1t']:7.0f}  qps2 {out['qps_2t'] or 0:7.0f}", flush=True)
+          f"build {build_s:7.2f}s  qps1 {out['qps_1t']:7.0f}  qps2 {out['qps_2t'] or 0:7.0f}  "
+          f"single {out['qps_single']:7.0f}", flush=True)
     return out
 
 

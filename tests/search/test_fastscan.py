@@ -41,12 +41,12 @@ def test_decode_matches_unpack(lib, bits, dim, dtype):
     scales = torch.rand(n, generator=g) * 30 if dtype == torch.int8 else torch.rand(n, generator=g)
     want = reference_decode(codes, bits, dim, centroids, scales, dtype)
     out = torch.full((n, dim + 3), 99, dtype=dtype)  # wider than dim: the row stride is honoured, the rest untouched
-    fastscan.decode(lib, codes, bits, dim, centroids, scales, out[:, :dim])
+    fastscan.decode(lib, [(codes, bits, dim, centroids, scales, out[:, :dim])])
     assert torch.equal(out[:, :dim], want)
     assert (out[:, dim:] == 99).all()
     rows = torch.randint(0, n, (50,), generator=g)  # gathered rows, repeats allowed
     got = torch.empty(50, dim, dtype=dtype)
-    fastscan.decode(lib, codes, bits, dim, centroids, scales, got, rows=rows)
+    fastscan.decode(lib, [(codes, bits, dim, centroids, scales, got)], rows=rows)
     assert torch.equal(got, want[rows])
 
 
@@ -54,15 +54,17 @@ def test_decode_errors(lib):
     codes = packing.pack(torch.zeros(4, 16, dtype=torch.int64), 4)
     cents, scales = torch.zeros(16), torch.ones(4)
     with pytest.raises(ValueError, match="out"):
-        fastscan.decode(lib, codes, 4, 16, cents, scales, torch.empty(4, 16, dtype=torch.float64))
+        fastscan.decode(lib, [(codes, 4, 16, cents, scales, torch.empty(4, 16, dtype=torch.float64))])
     with pytest.raises(ValueError, match="disagree"):
-        fastscan.decode(lib, codes, 4, 16, cents, torch.ones(3), torch.empty(4, 16))
+        fastscan.decode(lib, [(codes, 4, 16, cents, torch.ones(3), torch.empty(4, 16))])
     with pytest.raises(ValueError, match="out of range"):
-        fastscan.decode(lib, codes, 4, 16, cents, scales, torch.empty(1, 16), rows=torch.tensor([4]))
+        fastscan.decode(lib, [(codes, 4, 16, cents, scales, torch.empty(1, 16))], rows=torch.tensor([4]))
+    with pytest.raises(ValueError, match="unsupported"):
+        fastscan.decode(lib, [(codes, 4, 17, cents, scales, torch.empty(4, 17))])  # 17 codes take 9 bytes, not 8
     with pytest.raises(ValueError, match="unsupported"):
         big = torch.zeros(1, fastscan.MAX_DIM + 1, dtype=torch.uint8)
-        fastscan.decode(lib, big, 8, fastscan.MAX_DIM + 1, torch.zeros(256), torch.ones(1),
-                        torch.empty(1, fastscan.MAX_DIM + 1))
+        fastscan.decode(lib, [(big, 8, fastscan.MAX_DIM + 1, torch.zeros(256), torch.ones(1),
+                               torch.empty(1, fastscan.MAX_DIM + 1))])  # fmt: skip
 
 
 @pytest.mark.parametrize("stype", [torch.float32, torch.bfloat16, torch.int32])
@@ -130,30 +132,6 @@ def test_no_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
         fastscan.library.cache_clear()
 
 
-def test_threads_split_the_work_identically(lib):
-    """With several torch threads, decode splits rows and the merge splits queries over a pool: same results."""
-    g = torch.Generator().manual_seed(5)
-    codes = packing.pack(torch.randint(0, 16, (1000, 160), generator=g), 4)
-    cents, scales = torch.randn(16, generator=g), torch.rand(1000, generator=g)
-    rows = torch.randint(0, 1000, (900,), generator=g)
-    raw = torch.randn(9, 1 << 16, generator=g)
-    bias = torch.randn(1 << 16, generator=g)
-    results = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        out, gathered = torch.empty(1000, 160, dtype=torch.int8), torch.empty(900, 160)
-        fastscan.decode(lib, codes, 4, 160, cents, scales * 30, out)
-        fastscan.decode(lib, codes, 4, 160, cents, scales, gathered, rows=rows)
-        best_s, best_p = torch.full((9, 5), -math.inf), torch.full((9, 5), -1, dtype=torch.int64)
-        fastscan.topk_merge(lib, raw, 0, best_s, best_p, torch.ones(9), bias)
-        results.append((out, gathered, best_s, best_p))
-    torch.set_num_threads(1)
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
-    ref_s, ref_p = torch.topk(raw + bias, 5, dim=1)
-    assert torch.equal(results[1][3], ref_p)
-
-
 def test_lut_scan_matches_decoded_products(lib):
     """Table lookups (byte tables for 1/2/4/8 bits, code tables otherwise) = decode then dot, over all widths."""
     g = torch.Generator().manual_seed(9)
@@ -163,7 +141,7 @@ def test_lut_scan_matches_decoded_products(lib):
         codes = packing.pack(torch.randint(0, 1 << bits, (n, dim), generator=g), bits)
         cents, scales, q = torch.randn(1 << bits, generator=g), torch.rand(n, generator=g), torch.randn(dim)
         vals = torch.empty(n, dim)
-        fastscan.decode(lib, codes, bits, dim, cents, scales, vals)
+        fastscan.decode(lib, [(codes, bits, dim, cents, scales, vals)])
         want += vals @ q
         groups.append((codes, bits, dim, scales, fastscan.lut_tables(cents, bits, q)))
     out = torch.empty(n)

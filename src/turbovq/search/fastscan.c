@@ -222,17 +222,17 @@ static float lut_sum(const uint8_t *r, int bits, int dim, const float *lut) {
 }
 
 /* One query against n rows, through lookup tables instead of decoding: out[i] = sum_g scales[g][r] *
- * sum_j lut_g[j][code_grj], r = row0 + i. Groups of 1, 2, 4 or 8 bits use one table per code *byte* (256 entries:
+ * sum_j lut_g[j][code_gij]. Groups of 1, 2, 4 or 8 bits use one table per code *byte* (256 entries:
  * the sum over the byte's 8/b codes), the others one per code (2^b entries) after unpacking. For a few queries this
  * reads each code once and does one lookup per byte, where decoding writes and re-reads every value. */
 void tvq_lut_scan(int ngroups, const uint8_t *const *codes, const int64_t *strides, const int *bits, const int *dims,
-                  const float *const *scales, const float *const *luts, int64_t row0, int64_t n, float *out) {
+                  const float *const *scales, const float *const *luts, int64_t n, float *out) {
     for (int64_t i = 0; i < n; i++) out[i] = 0.f;
     for (int g = 0; g < ngroups; g++) {
         const int b = bits[g], d = dims[g];
         const float *lut = luts[g];
         for (int64_t i = 0; i < n; i++) {
-            const uint8_t *r = codes[g] + (row0 + i) * strides[g];
+            const uint8_t *r = codes[g] + i * strides[g];
             float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f; /* four chains: float adds have a 3-4 cycle latency */
             int p = 0;
             if (8 % b == 0) {
@@ -247,7 +247,7 @@ void tvq_lut_scan(int ngroups, const uint8_t *const *codes, const int64_t *strid
             } else {
                 s0 = lut_sum(r, b, d, lut);
             }
-            out[i] += scales[g][row0 + i] * ((s0 + s1) + (s2 + s3));
+            out[i] += scales[g][i] * ((s0 + s1) + (s2 + s3));
         }
     }
 }

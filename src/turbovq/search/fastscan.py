@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -83,13 +82,12 @@ def library() -> ctypes.CDLL | None:
     lib.tvq_decode.restype = ctypes.c_int
     lib.tvq_topk_merge.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr, ptr, i64, i64, ptr, ptr]
     lib.tvq_topk_merge.restype = None
-    lib.tvq_lut_scan.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr]
+    lib.tvq_lut_scan.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr]
     lib.tvq_lut_scan.restype = None
     return lib
 
 
 _TYPES = {torch.float32: 0, torch.bfloat16: 1}
-_pool: ThreadPoolExecutor | None = None
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -101,49 +99,31 @@ def _check(name: str, t: torch.Tensor, dtypes) -> None:
         raise ValueError(f"{name}: expected {' or '.join(map(str, dtypes))} with unit column stride, got {t.dtype}")
 
 
-def _in_parallel(fn, total: int, min_part: int) -> list:
-    """``fn(lo, hi)`` over ``torch.get_num_threads()`` slices of ``range(total)`` (none smaller than ``min_part``).
-
-    ctypes releases the GIL during the C call, so the slices run on as many cores; the torch threads that would
-    use them are idle meanwhile (decode, product and merge alternate)."""
-    global _pool
-    parts = max(1, min(torch.get_num_threads(), total // max(1, min_part)))
-    if parts == 1:
-        return [fn(0, total)]
-    if _pool is None or _pool._max_workers < parts:
-        _pool = ThreadPoolExecutor(parts, thread_name_prefix="turbovq-scan")
-    edges = [total * i // parts for i in range(parts + 1)]
-    return [f.result() for f in [_pool.submit(fn, a, b) for a, b in zip(edges[:-1], edges[1:])]]
-
-
-def decode(lib, codes: torch.Tensor, bits: int, dim: int, centroids: torch.Tensor, scales: torch.Tensor,
-           out: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-    """``out[i, :dim] = centroids[codes[r]] * scales[r]`` with ``r = rows[i]`` (all rows in order if ``rows`` is
-    None); int8 out is rounded and clamped to +-127.
+def decode(lib, jobs: list[tuple], rows: torch.Tensor | None = None) -> None:
+    """For each job ``(codes, bits, dim, centroids, scales, out)``: ``out[i, :dim] = centroids[codes[r]] * scales[r]``
+    with ``r = rows[i]`` (all rows in order if ``rows`` is None); int8 out is rounded and clamped to +-127.
 
     codes (n, bytes) uint8 and out (len(rows) or n, >= dim) float32/bfloat16/int8, both with unit column stride;
-    centroids, scales (float32) and rows (int64, each in [0, n)) contiguous."""
-    _check("codes", codes, (torch.uint8,))
-    _check("out", out, (torch.float32, torch.bfloat16, torch.int8))
-    for name, t, dtype in (("centroids", centroids, torch.float32), ("scales", scales, torch.float32),
-                           ("rows", rows, torch.int64)):
-        if t is not None and (t.dtype != dtype or not t.is_contiguous()):
-            raise ValueError(f"{name}: expected contiguous {dtype}, got {t.dtype}")
-    count = len(codes) if rows is None else len(rows)
-    if len(scales) != len(codes) or len(out) != count or (centroids.numel() != 1 << bits):
-        raise ValueError("decode: codes, scales, centroids and out disagree in size")
-    if rows is not None and len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= len(codes)):
-        raise ValueError("decode: row index out of range")
-    stride, ostride, osize = codes.stride(0), out.stride(0), out.element_size()
-    c, r, sc, o = _ptr(codes), _ptr(rows), _ptr(scales), _ptr(out)
-
-    def part(a: int, b: int) -> int:
-        at = (c, r + 8 * a, sc) if rows is not None else (c + stride * a, None, sc + 4 * a)
-        return lib.tvq_decode(at[0], at[1], b - a, stride, bits, dim, _ptr(centroids), at[2], o + a * ostride * osize,
-                              ostride, _TYPES.get(out.dtype, 2))
-
-    if any(_in_parallel(part, count, max(1, 65536 // max(1, dim)))):
-        raise ValueError(f"decode: unsupported group (bits={bits}, dim={dim}; dim must be <= {MAX_DIM})")
+    centroids, scales (float32) and rows (int64, each in [0, n)) contiguous. All jobs (e.g. the channel groups of
+    one tile) share ``rows``."""
+    if rows is not None and (rows.dtype != torch.int64 or not rows.is_contiguous()):
+        raise ValueError(f"rows: expected contiguous torch.int64, got {rows.dtype}")
+    lo_hi = (int(rows.min()), int(rows.max())) if rows is not None and len(rows) else None
+    for codes, bits, dim, centroids, scales, out in jobs:
+        _check("codes", codes, (torch.uint8,))
+        _check("out", out, (torch.float32, torch.bfloat16, torch.int8))
+        for name, t in (("centroids", centroids), ("scales", scales)):
+            if t.dtype != torch.float32 or not t.is_contiguous():
+                raise ValueError(f"{name}: expected contiguous torch.float32, got {t.dtype}")
+        count = len(codes) if rows is None else len(rows)
+        if len(scales) != len(codes) or len(out) != count or centroids.numel() != 1 << bits:
+            raise ValueError("decode: codes, scales, centroids and out disagree in size")
+        if not 1 <= bits <= 8 or dim > MAX_DIM or codes.shape[1] != (dim * bits + 7) // 8 or out.shape[1] < dim:
+            raise ValueError(f"decode: unsupported group (bits={bits}, dim={dim}; dim must be <= {MAX_DIM})")
+        if lo_hi is not None and (lo_hi[0] < 0 or lo_hi[1] >= len(codes)):
+            raise ValueError("decode: row index out of range")
+        lib.tvq_decode(_ptr(codes), _ptr(rows), count, codes.stride(0), bits, dim, _ptr(centroids), _ptr(scales),
+                       _ptr(out), out.stride(0), _TYPES.get(out.dtype, 2))
 
 
 def topk_merge(lib, scores: torch.Tensor, offset: int, best_s: torch.Tensor, best_p: torch.Tensor,
@@ -161,15 +141,8 @@ def topk_merge(lib, scores: torch.Tensor, offset: int, best_s: torch.Tensor, bes
     if not (best_s.dtype == torch.float32 and best_p.dtype == torch.int64 and best_s.is_contiguous()
             and best_p.is_contiguous() and best_s.shape == best_p.shape and len(best_s) == m and best_s.shape[1]):
         raise ValueError("topk_merge: best_s / best_p must be contiguous float32 / int64 (m, keep), keep >= 1")
-    keep, sstride, ssize = best_s.shape[1], scores.stride(0), scores.element_size()
-    s, rs, bs, bp = _ptr(scores), _ptr(row_scale), _ptr(best_s), _ptr(best_p)
-
-    def part(a: int, b: int) -> None:
-        lib.tvq_topk_merge(s + a * sstride * ssize, b - a, width, sstride, _TYPES.get(scores.dtype, 2),
-                           None if rs is None else rs + 4 * a, _ptr(col_bias), offset, keep, bs + 4 * keep * a,
-                           bp + 8 * keep * a)
-
-    _in_parallel(part, m, max(1, (1 << 18) // max(1, width)))
+    lib.tvq_topk_merge(_ptr(scores), m, width, scores.stride(0), _TYPES.get(scores.dtype, 2), _ptr(row_scale),
+                       _ptr(col_bias), offset, best_s.shape[1], _ptr(best_s), _ptr(best_p))
 
 
 def lut_tables(centroids: torch.Tensor, bits: int, q: torch.Tensor) -> torch.Tensor:
@@ -207,5 +180,4 @@ def lut_scan(lib, groups: list[tuple], n: int, out: torch.Tensor) -> None:
         arr(ctypes.c_int, [g[1] for g in groups]), arr(ctypes.c_int, [g[2] for g in groups]),
         arr(ctypes.c_void_p, [_ptr(g[3]) for g in groups]), arr(ctypes.c_void_p, [_ptr(g[4]) for g in groups]),
     )  # fmt: skip
-    o = _ptr(out)
-    _in_parallel(lambda a, b: lib.tvq_lut_scan(k, *args, a, b - a, o + 4 * a), n, 4096)
+    lib.tvq_lut_scan(k, *args, n, _ptr(out))

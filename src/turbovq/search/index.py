@@ -667,14 +667,16 @@ class TurboQuantIndex(_IdsMixin):
         for lo in range(0, n, tile):
             hi = min(n, lo + tile)
             buf = torch.empty(hi - lo, sum(widths), dtype=dt, device=dev)
-            at = 0
+            jobs, at = [], 0
             for (prefix, _, i, sc), w, scale in zip(scorers, widths, scales):
                 codes, out = fields[f"{prefix}codes{i}"][lo:hi], buf[:, at : at + w]
                 if lib is not None:
-                    fastscan.decode(lib, codes, sc.bits, w, sc.centroids, scale[lo:hi], out)
+                    jobs.append((codes, sc.bits, w, sc.centroids, scale[lo:hi], out))
                 else:
                     torch.mul(sc.decode(codes, dt), scale[lo:hi, None].to(dt), out=out)
                 at += w
+            if jobs:
+                fastscan.decode(lib, jobs)
             if sq is not None:
                 signs = qjl.signs(fields["p0.qjl"][lo:hi]) * qjl.scale(fields["p0.rnorms"][lo:hi])[:, None]
                 buf[:, at:] = signs
@@ -732,12 +734,10 @@ class TurboQuantIndex(_IdsMixin):
             flat = pos[lo:hi].reshape(-1)
             if lib is not None:
                 buf = torch.empty(len(flat), q_cat.shape[1])
-                at = 0
-                for (prefix, _, i, sc), r, scale in zip(scorers, rot, scales):
-                    w = r.shape[1]
-                    fastscan.decode(lib, self._fields[f"{prefix}codes{i}"], sc.bits, w, sc.centroids, scale,
-                                    buf[:, at : at + w], rows=flat)
-                    at += w
+                edges = np.cumsum([0] + [r.shape[1] for r in rot])
+                jobs = [(self._fields[f"{prefix}codes{i}"], sc.bits, sc.dim, sc.centroids, scale, buf[:, a:b])
+                        for (prefix, _, i, sc), scale, a, b in zip(scorers, scales, edges[:-1], edges[1:])]  # fmt: skip
+                fastscan.decode(lib, jobs, rows=flat)
                 s = torch.bmm(buf.view(hi - lo, length, -1), q_cat[lo:hi, :, None])[..., 0]
                 out[lo:hi] = s if norm_sq is None else 2 * s - norm_sq[flat].view(hi - lo, length)
                 continue
