@@ -93,9 +93,8 @@ static inline void lookup_i8(const int8_t *table, int ncent, const uint8_t *idx,
 }
 
 /* out[i, j] = centroids[code_rj] * scales[r], r = rows[i] (or i if rows is NULL), for n rows of codes (row stride
- * `stride` bytes); out row stride
- * `ostride` elements, of type `out_type`: 0 float32, 1 bfloat16 (as uint16), 2 int8 (rounded, clamped to +-127; the
- * caller's scales put the values in range). Rows with more codes than centroids look their values up in a table
+ * `stride` bytes); out row stride `ostride` elements, of type `out_type`: 0 float32, 1 bfloat16 (as uint16), 2 int8
+ * (rounded, clamped to +-127; the caller's scales put the values in range). Rows with more codes than centroids look their values up in a table
  * scaled once per row; the others scale each value. Returns -1 on an unsupported shape. */
 int tvq_decode(const uint8_t *codes, const int64_t *rows, int64_t n, int64_t stride, int bits, int dim,
                const float *centroids, const float *scales, void *out, int64_t ostride, int out_type) {
