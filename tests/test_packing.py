@@ -60,3 +60,13 @@ def test_cuda_matches_cpu(cuda):
     for bits in range(1, 9):
         codes = torch.randint(0, 2**bits, (50, 131))
         assert torch.equal(packing.pack(codes.to(cuda), bits).cpu(), packing.pack(codes, bits))
+
+
+def test_byte_codes_are_what_each_byte_unpacks_to():
+    for bits in (1, 2, 4, 8):
+        codes = packing.byte_codes(bits)
+        assert codes.shape == (256, 8 // bits)
+        assert torch.equal(packing.pack(codes, bits)[:, 0], torch.arange(256, dtype=torch.uint8))
+    assert packing.byte_codes(4)[0x21].tolist() == [1, 2]  # LSB first
+    with pytest.raises(ValueError, match="straddle"):
+        packing.byte_codes(3)

@@ -8,6 +8,8 @@ byte are zero. Eight codes always fill exactly ``b`` bytes, which is how packing
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -60,6 +62,16 @@ def pack(codes, bits: int):
         out = torch.stack([((word >> (8 * k)) & 0xFF).to(torch.uint8) for k in range(bits)], dim=-1)
         out = out.reshape(*lead, groups * bits)[..., : packed_size(n, bits)].contiguous()
     return out.numpy() if was_numpy else out
+
+
+@functools.cache
+def byte_codes(bits: int) -> torch.Tensor:
+    """For ``bits`` in 1, 2, 4, 8: the ``8 // bits`` codes (LSB first) held by each byte value, ``(256, 8 // bits)``
+    int64 on the CPU. Byte-wise lookup tables (decoding, scoring) index with it."""
+    _check_bits(bits)
+    if 8 % bits:
+        raise ValueError(f"codes of {bits} bits straddle bytes; byte tables need 1, 2, 4 or 8 bits")
+    return unpack(torch.arange(256, dtype=torch.uint8)[:, None], bits, 8 // bits).long()
 
 
 def unpack(packed, bits: int, n: int):

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from turbovq import packing
+
 _SOURCE = Path(__file__).with_name("fastscan.c")
 MAX_DIM = 8192  # TVQ_MAX_DIM in fastscan.c
 
@@ -151,8 +153,7 @@ def lut_tables(centroids: torch.Tensor, bits: int, q: torch.Tensor) -> torch.Ten
     if 8 % bits:
         return (q.float()[:, None] * centroids[None, :]).contiguous()
     per = 8 // bits
-    codes = torch.arange(256, dtype=torch.int64)[:, None] >> (torch.arange(per) * bits) & ((1 << bits) - 1)
-    values = centroids[codes]  # (256, per): the centroids of the codes in each byte value, LSB first
+    values = centroids[packing.byte_codes(bits)]  # (256, per): the centroids of the codes in each byte value
     q = torch.nn.functional.pad(q.float(), (0, (-len(q)) % per)).view(-1, per)
     return (q @ values.T).contiguous()  # (bytes, 256)
 

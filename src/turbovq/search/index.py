@@ -242,9 +242,7 @@ class _GroupScorer:
         self.rotation, self.channels, self.bits, self.dim = a, ch, group.bits, group.dim
         self.centroids = cents
         if 8 % self.bits == 0:  # byte table: one packed byte -> its 8/b centroid values (LSB first)
-            per = 8 // self.bits
-            codes = packing.unpack(torch.arange(256, dtype=torch.uint8)[:, None], self.bits, per)
-            self.table = cents[codes.long().to(device)]  # (256, per)
+            self.table = cents[packing.byte_codes(self.bits).to(device)]  # (256, per)
         else:
             self.table = None
         self._tables = {torch.float32: (self.centroids, self.table)}
@@ -645,7 +643,7 @@ class TurboQuantIndex(_IdsMixin):
         low = dt != torch.float32 and m * keep < n
         keep, dt = (keep, dt) if low else (k, torch.float32)
         q_cat = torch.cat(cols, dim=1)  # (m, K) float32
-        scales = [fields[f"{prefix}norms{i}"].float() for prefix, _, i, _ in scorers]
+        scales = norms = self._group_scales()
         row_scale = None
         if dt == torch.int8:
             # int8 grid per group: the largest |centroid * scale| of the collection maps to 127; the per-group steps
@@ -658,8 +656,10 @@ class TurboQuantIndex(_IdsMixin):
             q_cat = torch.round(q_cat / row_scale[:, None]).to(torch.int8)
         else:
             q_cat = q_cat.to(dt).contiguous()
+        neg_sq = None
         if self.metric == "l2":  # 2 est - ||x - mu||^2
             row_scale = 2 * (row_scale if row_scale is not None else torch.ones(m, device=dev))
+            neg_sq = -self._norm_sq(fields)
         tile = max(256, (_TILE_ELEMENTS_GPU if dev.type == "cuda" else _TILE_ELEMENTS) // self.dim)
         width0 = keep if lib is not None else 0  # the compiled merge fills a preallocated best list in place
         best_s = torch.full((m, width0), -math.inf, device=dev)
@@ -681,9 +681,7 @@ class TurboQuantIndex(_IdsMixin):
                 signs = qjl.signs(fields["p0.qjl"][lo:hi]) * qjl.scale(fields["p0.rnorms"][lo:hi])[:, None]
                 buf[:, at:] = signs
             s = torch._int_mm(q_cat, buf.T) if dt == torch.int8 else q_cat @ buf.T  # (m, T)
-            bias = None
-            if self.metric == "l2":
-                bias = -self._norm_sq({k_: v[lo:hi] for k_, v in fields.items()})
+            bias = None if neg_sq is None else neg_sq[lo:hi]
             if lib is not None:
                 fastscan.topk_merge(lib, s, lo, best_s, best_p, row_scale, bias)
             else:
@@ -691,7 +689,7 @@ class TurboQuantIndex(_IdsMixin):
                     s = s.float().mul_(row_scale[:, None]).add_(bias[None, :])
                 best_s, best_p = _merge_topk(best_s, best_p, s, lo, keep)
         if low:
-            exact = self._exact(rot, sq, best_p)
+            exact = self._exact(rot, sq, best_p, norms)
             best_s, top = torch.topk(exact, k, dim=1)
             best_p = torch.gather(best_p, 1, top)
         return best_s, best_p
@@ -704,12 +702,13 @@ class TurboQuantIndex(_IdsMixin):
         n, m = len(self._ids), len(rot[0])
         scorers = self._get_scorers()
         norm_sq = self._norm_sq(self._fields) if self.metric == "l2" else None
-        fields = [(self._fields[f"{p}codes{g}"], self._fields[f"{p}norms{g}"].float()) for p, _, g, _ in scorers]
+        codes = [self._fields[f"{prefix}codes{g}"] for prefix, _, g, _ in scorers]
+        scales = self._group_scales()
         best_s, best_p = [], []
         out = torch.empty(n)
         for i in range(m):
-            groups = [(codes, sc.bits, sc.dim, scales, fastscan.lut_tables(sc.centroids, sc.bits, r[i]))
-                      for (codes, scales), (*_, sc), r in zip(fields, scorers, rot)]  # fmt: skip
+            groups = [(c, sc.bits, sc.dim, scale, fastscan.lut_tables(sc.centroids, sc.bits, r[i]))
+                      for c, scale, (*_, sc), r in zip(codes, scales, scorers, rot)]  # fmt: skip
             fastscan.lut_scan(lib, groups, n, out)
             s = out if norm_sq is None else 2 * out - norm_sq
             top = torch.topk(s, k)
@@ -717,8 +716,15 @@ class TurboQuantIndex(_IdsMixin):
             best_p.append(top.indices)
         return torch.stack(best_s), torch.stack(best_p)
 
-    def _exact(self, rot: list[torch.Tensor], sq: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
-        """Float32 scores, as the scan defines them, of the rows ``pos`` (m, L) for each query: (m, L)."""
+    def _group_scales(self) -> list[torch.Tensor]:
+        """Each mse group's stored per-vector scales (norms) as float32, in ``_get_scorers`` order."""
+        return [self._fields[f"{prefix}norms{i}"].float() for prefix, _, i, _ in self._get_scorers()]
+
+    def _exact(self, rot: list[torch.Tensor], sq: torch.Tensor | None, pos: torch.Tensor,
+               scales: list[torch.Tensor]) -> torch.Tensor:
+        """Float32 scores, as the scan defines them, of the rows ``pos`` (m, L) for each query: (m, L).
+
+        ``scales``: ``_group_scales()``, already computed by the scan."""
         m, length = pos.shape
         out = torch.empty(m, length, device=self.device)
         scorers = self._get_scorers()
@@ -727,14 +733,13 @@ class TurboQuantIndex(_IdsMixin):
         lib = fastscan.library() if self.device.type == "cpu" and qjl is None else None
         if lib is not None:  # decode the rows straight from the fields (no gathered copies), one batched product
             q_cat = torch.cat(rot, dim=1)
-            scales = [self._fields[f"{prefix}norms{i}"].float() for prefix, _, i, _ in scorers]
             norm_sq = self._norm_sq(self._fields) if self.metric == "l2" else None
+            edges = np.cumsum([0] + [r.shape[1] for r in rot])
         for lo in range(0, m, step):
             hi = min(m, lo + step)
             flat = pos[lo:hi].reshape(-1)
             if lib is not None:
                 buf = torch.empty(len(flat), q_cat.shape[1])
-                edges = np.cumsum([0] + [r.shape[1] for r in rot])
                 jobs = [(self._fields[f"{prefix}codes{i}"], sc.bits, sc.dim, sc.centroids, scale, buf[:, a:b])
                         for (prefix, _, i, sc), scale, a, b in zip(scorers, scales, edges[:-1], edges[1:])]  # fmt: skip
                 fastscan.decode(lib, jobs, rows=flat)
