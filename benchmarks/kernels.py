@@ -40,7 +40,14 @@ from turbovq.kernels.decode import decode_attention
 from turbovq.kernels.encode import encode_rows
 from turbovq.kv.cache import PackedRows, RowCodec
 
-CONFIGS = {"K4/V3": (4, 3), "K4/V4": (4, 4), "3.5": (3.5, 3.5), "2.5": (2.5, 2.5)}
+# name -> (key bits, value bits, split-pass backend); "auto" runs decode_mma.cu where it applies (K4/V3, K4/V4)
+CONFIGS = {
+    "K4/V3": (4, 3, "auto"),
+    "K4/V4": (4, 4, "auto"),
+    "3.5": (3.5, 3.5, "auto"),
+    "2.5": (2.5, 2.5, "auto"),
+    "K4/V3 triton": (4, 3, "triton"),
+}
 HQ, HKV, D, TAIL = 32, 8, 128, 128
 
 
@@ -68,7 +75,8 @@ def synthetic_rows(codec: RowCodec, b: int, t: int, dev, seed: int) -> PackedRow
     return PackedRows(codec, fields, perm, t, mean)
 
 
-def decode_grid(dev, copy_tbs, batches, lengths, configs, block_t, num_warps) -> list[dict]:
+def decode_grid(dev, copy_tbs, batches, lengths, configs, block_t, num_warps, graph) -> list[dict]:
+    """The B x T grid; with ``graph`` each call is also timed as a replayed CUDA graph (GPU time only)."""
     rows = []
     free = torch.cuda.mem_get_info(dev)[0]
     for b in batches:
@@ -79,8 +87,14 @@ def decode_grid(dev, copy_tbs, batches, lengths, configs, block_t, num_warps) ->
             if 2 * kv_bytes < free * 0.8:
                 k = torch.randn(b, HKV, t, D, device=dev, dtype=torch.bfloat16)
                 v = torch.randn_like(k)
-                ms = bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+                def sdpa(q=q, k=k, v=v):
+                    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+                ms = bench(sdpa)
                 row["sdpa_ms"], row["sdpa_TBps"] = ms, kv_bytes / ms / 1e9
+                if graph:
+                    row["sdpa_graph_ms"] = _graph_ms(sdpa, dev)
+                del sdpa
                 del k, v
             else:
                 row["sdpa_ms"] = None  # does not fit next to its own copy
@@ -88,15 +102,16 @@ def decode_grid(dev, copy_tbs, batches, lengths, configs, block_t, num_warps) ->
             tk = torch.randn(b, HKV, TAIL, D, device=dev, dtype=torch.bfloat16)
             tv = torch.randn_like(tk)
             for name in configs:
-                kb, vb = CONFIGS[name]
+                kb, vb, backend = CONFIGS[name]
                 kc, vc = RowCodec(D, kb, seed=1), RowCodec(D, vb, seed=2)
                 n = t - TAIL
                 pk, pv = synthetic_rows(kc, b, n, dev, 1), synthetic_rows(vc, b, n, dev, 2)
                 nbytes = sum(x.numel() * x.element_size() for p in (pk, pv) for x in p.fields.values())
                 nbytes += 2 * tk.numel() * tk.element_size()
 
-                def fn(q=q, pk=pk, pv=pv, tk=tk, tv=tv):
-                    return decode_attention(q, pk, pv, tk, tv, None, D**-0.5, block_t=block_t, num_warps=num_warps)
+                def fn(q=q, pk=pk, pv=pv, tk=tk, tv=tv, backend=backend):
+                    return decode_attention(q, pk, pv, tk, tv, None, D**-0.5, block_t=block_t, num_warps=num_warps,
+                                            backend=backend)  # fmt: skip
 
                 ms = bench(fn)
                 tbs = nbytes / ms / 1e9
@@ -107,12 +122,19 @@ def decode_grid(dev, copy_tbs, batches, lengths, configs, block_t, num_warps) ->
                     "roofline_frac": tbs / copy_tbs,
                     "speedup_vs_sdpa": None if row["sdpa_ms"] is None else row["sdpa_ms"] / ms,
                 }
+                if graph:
+                    gms = _graph_ms(fn, dev)
+                    row[name]["graph_ms"] = gms
+                    if row.get("sdpa_graph_ms"):
+                        row[name]["graph_speedup_vs_sdpa"] = row["sdpa_graph_ms"] / gms
                 del pk, pv
             rows.append(row)
             cells = " ".join(
-                f"{c}={row[c]['ms'] * 1e3:.0f}us({row[c]['speedup_vs_sdpa'] or 0:.2f}x,{row[c]['roofline_frac']:.0%})"
+                f"{c}={row[c]['ms'] * 1e3:.0f}us({row[c]['speedup_vs_sdpa'] or 0:.2f}x,{row[c]['roofline_frac']:.0%}"
+                + (f";graph {row[c]['graph_ms'] * 1e3:.0f}us {row[c].get('graph_speedup_vs_sdpa') or 0:.2f}x)" if graph
+                   else ")")
                 for c in configs
-            )
+            )  # fmt: skip
             sd = f"{row['sdpa_ms'] * 1e3:.0f}us" if row["sdpa_ms"] else "n/a"
             print(f"B={b:>2} T={t:>6} sdpa={sd} {cells}", flush=True)
             torch.cuda.empty_cache()
@@ -120,7 +142,8 @@ def decode_grid(dev, copy_tbs, batches, lengths, configs, block_t, num_warps) ->
 
 
 def tune(dev) -> list[dict]:
-    """Decoder (PRMT vs centroid gather), block size, warps and stages at the target cell (B=8, T=32k, K4/V3)."""
+    """Triton split pass at the target cell (B=8, T=32k, K4/V3): decoder (PRMT vs centroid gather), block size,
+    warps and stages."""
     from turbovq.kernels import decode as kdecode
 
     out = []
@@ -144,7 +167,8 @@ def tune(dev) -> list[dict]:
                     try:
                         ms = bench(
                             lambda bt=block_t, w=warps, st=stages: decode_attention(
-                                q, pk, pv, tk, tk, None, D**-0.5, block_t=bt, num_warps=w, num_stages=st
+                                q, pk, pv, tk, tk, None, D**-0.5, block_t=bt, num_warps=w, num_stages=st,
+                                backend="triton",
                             )
                         )
                     except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for a config
@@ -529,6 +553,7 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--block-t", type=int, default=128)
     ap.add_argument("--num-warps", type=int, default=4)
+    ap.add_argument("--graph", action="store_true", help="decode grid: also time each call as a CUDA graph replay")
     ap.add_argument("--e2e-layers", type=int, default=32)
     ap.add_argument("--e2e-context", type=int, default=32768)
     ap.add_argument("--e2e-new-tokens", type=int, default=32)
@@ -557,6 +582,7 @@ def main() -> None:
             args.configs.split(","),
             args.block_t,
             args.num_warps,
+            args.graph,
         )
         res["decode_settings"] = {"block_t": args.block_t, "num_warps": args.num_warps, "tail": TAIL}
     if "overhead" in phases:

@@ -59,6 +59,10 @@ DECODE_CASES = [
     (256, 8, 2, 1, 200, 0, 2.5, 3.5, torch.float16, False, False, None),
     (128, 32, 8, 4, 5000, 100, 4, 3, torch.bfloat16, True, False, None),
     (64, 64, 8, 1, 300, 10, 4, 2, torch.float16, True, False, None),  # G = 8
+    (64, 8, 1, 2, 300, 20, 3, 3, torch.float16, True, True, 30.0),  # CUDA split: 3-bit slices straddle words
+    (128, 4, 4, 2, 999, 7, 3, 4, torch.float32, "scaled", False, None),  # G = 1, float32 queries
+    (256, 16, 2, 1, 2000, 0, 3, 3, torch.bfloat16, False, True, None),  # no tail window
+    (128, 8, 2, 2, 20, 3, 4, 3, torch.float16, False, True, None),  # fewer codes than one 32-token unit
 ]
 
 
@@ -72,20 +76,38 @@ def test_decode_matches_reference(cuda, case):
         mask[-1, ..., : n // 3] = False  # left padding of the last row
     assert supported(q, pk, pv)
     ref = decode_reference(q, pk, pv, tk, tv, mask, d**-0.5, softcap).float()
-    # fused: last program merges; trans=False: the (G x T) @ (T x D) orientation
-    for splits, fused, trans in ((None, False, True), (1, False, True), (7, False, True), (7, True, True),
-                                 (None, False, False)):  # fmt: skip
+    # fused: last program merges; trans=False: the (G x T) @ (T x D) orientation; "cuda": decode_mma.cu
+    cuda_ok = _cuda_split_applies(q, pk, pv, hq // hkv)
+    variants = [(None, False, True, "triton"), (1, False, True, "triton"), (7, False, True, "triton"),
+                (7, True, True, "triton"), (None, False, False, "triton")]  # fmt: skip
+    if cuda_ok:
+        variants += [(None, False, True, "cuda"), (1, False, True, "cuda"), (7, False, True, "cuda")]
+    for splits, fused, trans, backend in variants:
         for _ in range(2):  # the second call reuses the cached layer constants and the arrival counters
             out = decode_attention(q, pk, pv, tk, tv, mask, d**-0.5, softcap, num_splits=splits, fused_reduce=fused,
-                                   trans=trans)  # fmt: skip
+                                   trans=trans, backend=backend)  # fmt: skip
         assert out.shape == (b, 1, hq, d) and out.dtype == dtype
         assert torch.isfinite(out).all()
         err = ((out.float() - ref).norm() / ref.norm()).item()
-        assert err < (4e-3 if dtype == torch.float16 else 1e-2), (splits, fused, err)
+        assert err < (4e-3 if dtype == torch.float16 else 1e-2), (splits, fused, backend, err)
     if mask is not None:  # an additive float mask in the model dtype gives the same result as the boolean one
         fmask = torch.zeros(mask.shape, dtype=dtype, device=cuda).masked_fill(~mask, torch.finfo(dtype).min)
         out_f = decode_attention(q, pk, pv, tk, tv, fmask, d**-0.5, softcap)
         torch.testing.assert_close(out_f, decode_attention(q, pk, pv, tk, tv, mask, d**-0.5, softcap))
+
+
+def _cuda_split_applies(q, pk, pv, groups) -> bool:
+    """decode_mma.cu's scope: one 3- or 4-bit group per side, head_dim 64/128/256, G <= 8."""
+    one = all(len(r.codec.groups) == 1 and r.codec.groups[0][0] in (3, 4) for r in (pk, pv))
+    return one and q.shape[-1] in (64, 128, 256) and groups <= 8
+
+
+def test_cuda_backend_refuses_what_it_cannot_run(cuda):
+    q, pk, pv, tk, tv = make_case(cuda, 128, 8, 2, 1, 100, 4, 3.5, 3, torch.float16, False)
+    with pytest.raises(ValueError, match="CUDA split pass"):
+        decode_attention(q, pk, pv, tk, tv, None, 128**-0.5, backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        decode_attention(q, pk, pv, tk, tv, None, 128**-0.5, backend="cutlass")
 
 
 ENCODE_CASES = [

@@ -36,9 +36,11 @@ query is rotated in float32 first); the tail uses the model dtype, as flash atte
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import weakref
+from pathlib import Path
 
 import torch
 
@@ -583,7 +585,7 @@ class _Side:
     """Per-layer constants of one side (keys or values) on one device, built once: fused rotation, float32
     mean/scale rows, float16 centroid tables (group 0 then group 1) and PRMT tables (4 words per group)."""
 
-    __slots__ = ("rot", "rot_sh", "mean", "scale", "cent", "tab", "consts", "prmt")
+    __slots__ = ("rot", "rot_sh", "mean", "scale", "cent", "tab", "consts", "prmt", "mma_tab")
 
     def __init__(self, rows: PackedRows, device):
         codec = rows.codec
@@ -598,6 +600,7 @@ class _Side:
         b1, d1 = (rest[0][0], rest[0][1]) if rest else (b0, 0)
         self.consts = (b0, d0, b1, d1)
         self.prmt = _prmt_ok(codec)
+        self.mma_tab = (ctypes.c_uint32 * 8)(*_byte_tables(halves[0])) if b0 in (3, 4) else None
 
 
 _LAYERS: dict[tuple, tuple] = {}  # per-layer constants of both sides, see reference.weak_cached
@@ -621,6 +624,58 @@ def _prmt_ok(codec: RowCodec) -> bool:
             ok = ok and (bits == 3 or (bits == 4 and torch.equal(half, -half.flip(0))))
         _PRMT_OK[codec] = ok
     return ok
+
+
+_MMA_SOURCE = (Path(__file__).with_name("decode_mma.cu")).read_text()
+_DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.bool: 3}
+
+
+class _MmaParams(ctypes.Structure):
+    """Mirror of ``struct Params`` in decode_mma.cu (one by-value kernel argument)."""
+
+    _fields_ = (
+        [(k, ctypes.c_void_p) for k in ("ws", "part", "kc", "kn", "vc", "vn", "q", "tk", "tv", "mask")]
+        + [(k, ctypes.c_longlong) for k in ("k_alloc", "v_alloc", "sqb", "sqh", "stb", "sth", "stt", "smb", "smt")]
+        + [(k, ctypes.c_int) for k in ("n", "t_len", "split_len", "S", "H")]
+        + [("scaling", ctypes.c_float), ("softcap", ctypes.c_float)]
+        + [("ktab", ctypes.c_uint32 * 8), ("vtab", ctypes.c_uint32 * 8)]
+    )
+
+
+def _byte_tables(half: torch.Tensor) -> list[int]:
+    """8 words: the low bytes, then the high bytes, of up to 16 float16 centroids (decode_mma.cu's PRMT tables)."""
+    u16 = half.float().cpu().half().view(torch.int16).to(torch.int32).tolist()
+    u16 = [v & 0xFFFF for v in u16]
+    words = []
+    for shift in (0, 8):
+        b = [(v >> shift) & 0xFF for v in u16]
+        words += [sum(b[4 * i + j] << (8 * j) for j in range(4)) for i in range(len(b) // 4)]
+    return words + [0] * (8 - len(words))
+
+
+def _mma_ok(query, keys: PackedRows, values: PackedRows, groups: int, fields, mask) -> bool:
+    """The CUDA split pass handles one code group per side at 3 or 4 bits, head_dim 64/128/256 and G <= 8."""
+    if groups > 8 or query.shape[-1] not in (64, 128, 256) or os.environ.get("TURBOVQ_CUDA", "1") == "0":
+        return False
+    for rows in (keys, values):
+        if len(rows.codec.groups) != 1 or rows.codec.groups[0][0] not in (3, 4):
+            return False
+    if mask is not None and mask.dtype not in _DTYPE_CODE:
+        return False
+    codes_k, norms_k, codes_v, norms_v = fields
+    floats = (torch.float16, torch.bfloat16, torch.float32)
+    aligned = codes_k.data_ptr() % 16 == 0 and codes_v.data_ptr() % 16 == 0  # 16-byte code loads
+    return aligned and norms_k.dtype in floats and norms_v.dtype in floats
+
+
+def _mma_kernel(dim, groups, kbits, vbits, knorm, vnorm, qtype, mask, has_kmean, softcap, device):
+    from turbovq.kernels import cuda
+
+    mtype = _DTYPE_CODE[mask.dtype] if mask is not None else 3
+    opts = dict(D=dim, G=groups, KBITS=kbits, VBITS=vbits, NWARPS=4, KNORM=_DTYPE_CODE[knorm],
+                VNORM=_DTYPE_CODE[vnorm], QTYPE=_DTYPE_CODE[qtype], MTYPE=mtype, HAS_MASK=int(mask is not None),
+                HAS_KMEAN=int(has_kmean), SOFTCAP=int(softcap is not None))  # fmt: skip
+    return cuda.kernel(_MMA_SOURCE, "tq_decode_split", device, tuple(f"-D{k}={v}" for k, v in opts.items()))
 
 
 _SMS: dict = {}
@@ -666,6 +721,7 @@ def decode_attention(
     waves: float = 8.0,
     fused_reduce: bool = False,
     trans: bool = True,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Attention of one query token over compressed tokens + a full-precision tail (see the module docstring).
 
@@ -673,7 +729,14 @@ def decode_attention(
     ``(batch_size, 1, num_heads, head_dim)`` in the query dtype. Per call: three launches (query rotation, split
     pass, merge; two with ``fused_reduce``, where the last program of each (b, h) merges), one workspace and the
     output allocated, no other torch op and no host synchronisation. Layer constants are built once per layer.
+
+    ``backend``: the split pass in CUDA (``decode_mma.cu``, where it applies: one 3- or 4-bit code group per side,
+    head_dim 64/128/256, at most 8 query heads per KV head), in Triton, or ``"auto"`` (CUDA where it applies;
+    ``TURBOVQ_CUDA=0`` turns it off). ``block_t``/``num_warps``/``num_stages``/``fused_reduce``/``trans`` tune the
+    Triton split pass.
     """
+    if backend not in ("auto", "cuda", "triton"):
+        raise ValueError(f"backend must be 'auto', 'cuda' or 'triton', got {backend!r}")
     bsz, num_heads, q_len, dim = query.shape
     num_kv = tail_keys.shape[1]
     if q_len != 1 or num_heads % num_kv:
@@ -718,22 +781,39 @@ def decode_attention(
         G=groups, BLOCK_G=block_g, D=dim, BN=bn, HAS_KSCALE=ks.scale is not None,
         HAS_KMEAN=ks.mean is not None, num_warps=4,
     )  # fmt: skip
-    cnt = _counters(dev, bh) if fused_reduce else ws
-    k1, v1 = min(1, len(keys.codec.groups) - 1), min(1, len(values.codec.groups) - 1)
-    _decode_kernel[(splits + 1, bh)](
-        ws, query, query.stride(0), query.stride(1),
-        kf["codes0"], kf["norms0"], kf[f"codes{k1}"], kf[f"norms{k1}"], ks.cent, ks.tab,
-        vf["codes0"], vf["norms0"], vf[f"codes{v1}"], vf[f"norms{v1}"], vs.cent, vs.tab,
-        tk, tv, tk.stride(0), tk.stride(1), tk.stride(2), t_len,
-        ws if mask is None else mask, stride_mb, stride_mt,
-        cnt, vs.rot, vs.rot_sh, ws if vs.mean is None else vs.mean, ws if vs.scale is None else vs.scale, out,
-        n, k_alloc, v_alloc, split_len, split_len // block_t, splits, num_kv, float(scaling), float(softcap or 1.0),
-        G=groups, BLOCK_G=block_g, D=dim, KB0=kb0, KD0=kd0, KB1=kb1, KD1=kd1, VB0=vb0, VD0=vd0, VB1=vb1,
-        VD1=vd1, BLOCK_T=block_t, BN=bn, HAS_MASK=mask is not None,
-        MASK_BOOL=mask is not None and mask.dtype == torch.bool, HAS_KMEAN=ks.mean is not None,
-        HAS_VMEAN=vs.mean is not None, HAS_VSCALE=vs.scale is not None, SOFTCAP=softcap is not None, PRMT=prmt,
-        FUSED=fused_reduce, TRANS=trans, num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
+    fields = (kf["codes0"], kf["norms0"], vf["codes0"], vf["norms0"])
+    use_mma = backend != "triton" and _mma_ok(query, keys, values, groups, fields, mask)
+    if backend == "cuda" and not use_mma:
+        raise ValueError("the CUDA split pass does not handle this call (see decode_attention's backend)")
+    if use_mma:
+        fused_reduce = False
+        kern = _mma_kernel(dim, groups, kb0, vb0, kf["norms0"].dtype, vf["norms0"].dtype, query.dtype, mask,
+                           ks.mean is not None, softcap, dev)  # fmt: skip
+        prm = _MmaParams(
+            ws.data_ptr(), ws.data_ptr() + 4 * bh * groups * (dim + 1), *(f.data_ptr() for f in fields),
+            query.data_ptr(), tk.data_ptr() if t_len else 0, tv.data_ptr() if t_len else 0,
+            0 if mask is None else mask.data_ptr(), k_alloc, v_alloc, query.stride(0), query.stride(1),
+            tk.stride(0), tk.stride(1), tk.stride(2), stride_mb, stride_mt, n, t_len, split_len, splits, num_kv,
+            float(scaling), float(softcap or 1.0), ks.mma_tab, vs.mma_tab,
+        )  # fmt: skip
+        kern((splits + 1, bh, 1), 128, prm, torch.cuda.current_stream(dev).cuda_stream)
+    else:
+        cnt = _counters(dev, bh) if fused_reduce else ws
+        k1, v1 = min(1, len(keys.codec.groups) - 1), min(1, len(values.codec.groups) - 1)
+        _decode_kernel[(splits + 1, bh)](
+            ws, query, query.stride(0), query.stride(1),
+            kf["codes0"], kf["norms0"], kf[f"codes{k1}"], kf[f"norms{k1}"], ks.cent, ks.tab,
+            vf["codes0"], vf["norms0"], vf[f"codes{v1}"], vf[f"norms{v1}"], vs.cent, vs.tab,
+            tk, tv, tk.stride(0), tk.stride(1), tk.stride(2), t_len,
+            ws if mask is None else mask, stride_mb, stride_mt,
+            cnt, vs.rot, vs.rot_sh, ws if vs.mean is None else vs.mean, ws if vs.scale is None else vs.scale, out,
+            n, k_alloc, v_alloc, split_len, split_len // block_t, splits, num_kv, float(scaling), float(softcap or 1.0),
+            G=groups, BLOCK_G=block_g, D=dim, KB0=kb0, KD0=kd0, KB1=kb1, KD1=kd1, VB0=vb0, VD0=vd0, VB1=vb1,
+            VD1=vd1, BLOCK_T=block_t, BN=bn, HAS_MASK=mask is not None,
+            MASK_BOOL=mask is not None and mask.dtype == torch.bool, HAS_KMEAN=ks.mean is not None,
+            HAS_VMEAN=vs.mean is not None, HAS_VSCALE=vs.scale is not None, SOFTCAP=softcap is not None, PRMT=prmt,
+            FUSED=fused_reduce, TRANS=trans, num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
     if not fused_reduce:
         _reduce_kernel[(bh, dim // bn)](
             ws, splits, num_kv, vs.rot, vs.rot_sh, ws if vs.mean is None else vs.mean,

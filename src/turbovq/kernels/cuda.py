@@ -1,0 +1,115 @@
+"""Runtime-compiled CUDA C++ kernels: NVRTC compiles the source for the card in use, the driver API launches it.
+
+Why not Triton for everything: some kernels need control of the register layout of tensor-core operands (see
+``decode_mma.cu``). Why NVRTC and not a C++ extension: it needs no compiler toolkit, only ``libnvrtc``, which the
+CUDA builds of PyTorch install, and it compiles a kernel in about a second (cached per process and device).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import hashlib
+import os
+import sys
+import threading
+
+import torch
+
+_LOCK = threading.Lock()
+_MODULES: dict[tuple, ctypes.c_void_p] = {}
+_LIBS: dict[str, ctypes.CDLL] = {}
+
+
+class CudaCompileError(RuntimeError):
+    """NVRTC rejected a source (the message carries its log) or the library is missing."""
+
+
+def _nvrtc() -> ctypes.CDLL:
+    lib = _LIBS.get("nvrtc")
+    if lib is not None:
+        return lib
+    major = (torch.version.cuda or "12").split(".")[0]
+    names = [f"libnvrtc.so.{major}", "libnvrtc.so"]
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            names += sorted(glob.glob(os.path.join(home, "lib*", f"libnvrtc.so.{major}*")))
+    for root in sys.path:  # the pip wheels (nvidia-cuda-nvrtc*) that CUDA builds of torch depend on
+        names += sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib", f"libnvrtc.so.{major}*")))
+        names += sorted(glob.glob(os.path.join(root, "nvidia", "cu*", "lib", "libnvrtc.so*")))
+    for name in names:
+        try:
+            lib = _LIBS["nvrtc"] = ctypes.CDLL(name)
+            return lib
+        except OSError:
+            continue
+    raise CudaCompileError(f"libnvrtc not found (tried {names[:4]}...): install the CUDA runtime compiler")
+
+
+def _driver() -> ctypes.CDLL:
+    lib = _LIBS.get("cuda")
+    if lib is None:
+        lib = _LIBS["cuda"] = ctypes.CDLL("libcuda.so.1")
+    return lib
+
+
+def _check(res: int, what: str) -> None:
+    if res != 0:
+        msg = ctypes.c_char_p()
+        _driver().cuGetErrorString(res, ctypes.byref(msg))
+        raise RuntimeError(f"{what} failed: CUDA error {res} ({(msg.value or b'?').decode()})")
+
+
+def compile_cubin(source: str, arch: str, options: tuple[str, ...] = ()) -> bytes:
+    """Machine code (cubin) of ``source`` for ``arch`` (e.g. ``"sm_90"``); works without a GPU."""
+    nv = _nvrtc()
+    prog = ctypes.c_void_p()
+    if nv.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"kernel.cu", 0, None, None):
+        raise CudaCompileError("nvrtcCreateProgram failed")
+    opts = [f"--gpu-architecture={arch}", "-std=c++17", "--extra-device-vectorization", *options]
+    arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
+    try:
+        res = nv.nvrtcCompileProgram(prog, len(opts), arr)
+        if res:
+            size = ctypes.c_size_t()
+            nv.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            nv.nvrtcGetProgramLog(prog, log)
+            raise CudaCompileError(f"NVRTC failed ({' '.join(options)}):\n{log.value.decode(errors='replace')}")
+        size = ctypes.c_size_t()
+        nv.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+        cubin = ctypes.create_string_buffer(size.value)
+        nv.nvrtcGetCUBIN(prog, cubin)
+        return cubin.raw
+    finally:
+        nv.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+class Kernel:
+    """One compiled ``extern "C"`` kernel taking a single struct argument (a ``ctypes.Structure``)."""
+
+    def __init__(self, func: ctypes.c_void_p):
+        self.func = func
+
+    def __call__(self, grid: tuple[int, int, int], block: int, params: ctypes.Structure, stream: int) -> None:
+        args = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.pointer(params), ctypes.c_void_p))
+        _check(_driver().cuLaunchKernel(self.func, *grid, block, 1, 1, 0, ctypes.c_void_p(stream), args, None),
+               "cuLaunchKernel")  # fmt: skip
+
+
+def kernel(source: str, name: str, device: torch.device, options: tuple[str, ...] = ()) -> Kernel:
+    """Compile (once per process, source, options and device) and load ``name`` from ``source``."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (hashlib.sha1(source.encode()).hexdigest(), options, index, name)
+    with _LOCK:
+        func = _MODULES.get(key)
+        if func is None:
+            major, minor = torch.cuda.get_device_capability(index)
+            cubin = compile_cubin(source, f"sm_{major}{minor}", options)
+            with torch.cuda.device(index):
+                torch.cuda.current_stream()  # makes the device's primary context current in this thread
+                module, func = ctypes.c_void_p(), ctypes.c_void_p()
+                _check(_driver().cuModuleLoadData(ctypes.byref(module), cubin), "cuModuleLoadData")
+                _check(_driver().cuModuleGetFunction(ctypes.byref(func), module, name.encode()), "cuModuleGetFunction")
+            _MODULES[key] = func
+    return Kernel(func)

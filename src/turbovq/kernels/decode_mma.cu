@@ -1,0 +1,425 @@
+// Split pass of decode attention on TurboQuant codes, written for the tensor-core operand layouts (mma.sync).
+//
+// Why CUDA and not Triton: the value product reduces over tokens, so its operand needs (token t, token t + 1) pairs
+// in each register, while a decoder naturally makes (coordinate c, c + 1) pairs. Triton chooses the register layout
+// of an inline-asm result and converts it through shared memory every tile (most of the Triton kernel's time). Here
+// each lane decodes exactly the codes its mma fragments need, and one byte permute per register turns coordinate
+// pairs of two tokens into token pairs. Coordinates may be assigned to fragment slots in any order (a sum over
+// coordinates does not care, and the value accumulator is written back through the same map), so every lane reads
+// contiguous code slices.
+//
+// One program (block of NWARPS warps) per (code split s < S, batch row b, KV head h); program s = S does the
+// full-precision tail window. Each warp streams 32-token units (two 16-token chunks) of its split, prefetching the
+// next unit into registers, and keeps its own online softmax; the warps merge through shared memory and write
+// (m, l, acc) into the workspace that the Triton merge kernel reads (layout in decode.py).
+//
+// Per 16-token chunk and warp (G <= 8 query heads of one KV head, padded to the mma's N = 8):
+//   scores  S^T (16 tokens x 8 heads) = K (16 x D) . Qrot^T: D/16 mma.m16n8k16, A = decoded key tile, B = query.
+//           Lane (g, t4) holds tokens g and g + 8 and decodes their contiguous coordinates [t4 * D/4, +D/4).
+//   values  O^T (D x 8 heads) += V^T (D x 16 tokens) . (p * ||v||)^T: D/16 mma, A = decoded value tile (token
+//           pairs), B = probabilities moved into the B fragment by 4 shuffles. Lane (g, t4) decodes tokens
+//           2 t4, 2 t4 + 1, 2 t4 + 8, 2 t4 + 9 at coordinates [g * D/8, +D/8) and owns those accumulator rows.
+// Centroids come from byte-permute (PRMT) lookups in tables held in registers: no memory access per code.
+//
+// Configuration macros (set by decode.py): D, G, KBITS, VBITS (3 or 4), NWARPS, KNORM / VNORM / QTYPE / MTYPE
+// (0 float16, 1 bfloat16, 2 float32, 3 bool), HAS_MASK, HAS_KMEAN, SOFTCAP.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+struct Params {
+    const float* ws;  // rotated queries (BH, G, D) float32, then <q, mu_k> (BH, G)
+    float* part;      // partials: m (PG), l (PG), acc (PG, D); PG = BH * (S + 1) * G
+    const u32* kc;    // key codes: (BH, k_alloc, D * KBITS / 32) words
+    const void* kn;   // key norms: (BH, k_alloc)
+    const u32* vc;
+    const void* vn;
+    const void* q;     // the unrotated query (for the tail)
+    const void* tk;    // tail keys / values (B, H, t_len, D), query dtype
+    const void* tv;
+    const void* mask;  // (B, n + t_len) with strides smb, smt
+    long long k_alloc, v_alloc;
+    long long sqb, sqh, stb, sth, stt, smb, smt;
+    int n, t_len, split_len, S, H;
+    float scaling, softcap;
+    u32 ktab[8];  // PRMT tables: low bytes then high bytes of the float16 centroids (3 bits: words 0-1, 2-3)
+    u32 vtab[8];
+};
+
+#define KROW (D * KBITS / 32)
+#define VROW (D * VBITS / 32)
+#define KC (D / 4)  // key coordinates per lane
+#define VC (D / 8)  // value coordinates per lane
+// raw words per lane slice: 4 bits are word-aligned; a 3-bit slice of 8 or 16 codes may straddle one more word
+#define RAW(BITS, NC) ((BITS) == 4 ? (NC) / 8 : ((3 * (NC)) % 32 ? 2 : 3 * (NC) / 32))
+#define KW RAW(KBITS, KC)
+#define VW RAW(VBITS, VC)
+#define LOG2E 1.4426950408889634f
+#define NEG_BIG -1e30f
+
+__device__ __forceinline__ float h2f(u16 x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+    return f;
+}
+
+template <int T>
+__device__ __forceinline__ float load_f(const void* p, long long i) {
+    if (T == 0) return h2f(((const u16*)p)[i]);
+    if (T == 1) return __uint_as_float(((u32)((const u16*)p)[i]) << 16);
+    if (T == 2) return ((const float*)p)[i];
+    return ((const unsigned char*)p)[i] ? 0.0f : -__int_as_float(0x7f800000);  // bool mask: False -> -inf
+}
+
+__device__ __forceinline__ u32 pack_h2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ void mma16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// PRMT in its sign-replicate use (selector nibble bit 3): __byte_perm's contract only covers bits 0-2, and the
+// compiler folds the rest away, so this one is inline PTX.
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+    u32 r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+    return r;
+}
+
+// 8 codes of 4 bits (one word) -> 4 half2 (coordinate pairs 01, 23, 45, 67). Two 8-entry lookups per byte (table
+// halves) and a per-byte select on each code's top bit, which PRMT's sign-replicate mode spreads to a byte mask.
+__device__ __forceinline__ void dec4(u32 w, const u32 (&t)[8], u32* out) {
+    u32 idx = w & 0x77777777u, idh = idx >> 16, w4 = w << 4;
+    u32 ma = prmt(w4, w, 0xD9C8), mb = prmt(w4, w, 0xFBEA);  // 0xFF bytes where a code's top bit is set
+    u32 la = (__byte_perm(t[2], t[3], idx) & ma) | (__byte_perm(t[0], t[1], idx) & ~ma);
+    u32 ha = (__byte_perm(t[6], t[7], idx) & ma) | (__byte_perm(t[4], t[5], idx) & ~ma);
+    u32 lb = (__byte_perm(t[2], t[3], idh) & mb) | (__byte_perm(t[0], t[1], idh) & ~mb);
+    u32 hb = (__byte_perm(t[6], t[7], idh) & mb) | (__byte_perm(t[4], t[5], idh) & ~mb);
+    out[0] = __byte_perm(la, ha, 0x5140);
+    out[1] = __byte_perm(la, ha, 0x7362);
+    out[2] = __byte_perm(lb, hb, 0x5140);
+    out[3] = __byte_perm(lb, hb, 0x7362);
+}
+
+// 8 codes of 3 bits (low 24 bits of u) -> 4 half2: spread the codes to nibbles, then 8-entry lookups.
+__device__ __forceinline__ void dec3(u32 u, const u32 (&t)[8], u32* out) {
+    u32 y = (u & 0xFFFu) | ((u << 4) & 0xFFF0000u);
+    y = (y & 0x3F003Fu) | ((y << 2) & 0x3F003F00u);
+    y = (y & 0x07070707u) | ((y << 1) & 0x70707070u);
+    u32 yh = y >> 16;
+    u32 la = __byte_perm(t[0], t[1], y), ha = __byte_perm(t[2], t[3], y);
+    u32 lb = __byte_perm(t[0], t[1], yh), hb = __byte_perm(t[2], t[3], yh);
+    out[0] = __byte_perm(la, ha, 0x5140);
+    out[1] = __byte_perm(la, ha, 0x7362);
+    out[2] = __byte_perm(lb, hb, 0x5140);
+    out[3] = __byte_perm(lb, hb, 0x7362);
+}
+
+// Raw words of the NC codes starting at code c0 of a row (bit stream, LSB first); sh = the first code's bit in w[0].
+// Loads are issued here and only consumed in decode_slice, so a unit's loads stay in flight while another decodes.
+template <int BITS, int NC, int NW>
+__device__ __forceinline__ void load_slice(const u32* row, int c0, u32 (&w)[NW]) {
+    const u32* p = row + ((BITS * c0) >> 5);
+    if (BITS == 4 && NC % 32 == 0) {
+#pragma unroll
+        for (int i = 0; i < NC / 32; i++) {
+            uint4 v = ((const uint4*)p)[i];
+            w[4 * i] = v.x, w[4 * i + 1] = v.y, w[4 * i + 2] = v.z, w[4 * i + 3] = v.w;
+        }
+    } else if (BITS == 4 && NC % 16 == 0) {
+#pragma unroll
+        for (int i = 0; i < NC / 16; i++) {
+            uint2 v = ((const uint2*)p)[i];
+            w[2 * i] = v.x, w[2 * i + 1] = v.y;
+        }
+    } else if (BITS == 4 || (3 * NC) % 32 == 0) {
+#pragma unroll
+        for (int i = 0; i < NW; i++) w[i] = p[i];
+    } else {  // 3-bit slice of 8 or 16 codes: the second word only where the slice reaches into it
+        const int sh = (3 * c0) & 31;
+        w[0] = p[0];
+        w[1] = sh + 3 * NC > 32 ? p[1] : 0u;
+    }
+}
+
+// Raw words (first code at bit sh) -> NC / 2 half2 coordinate pairs.
+template <int BITS, int NC, int NW>
+__device__ __forceinline__ void decode_slice(const u32 (&raw)[NW], int sh, const u32 (&t)[8], u32* out) {
+    if (BITS == 4) {
+#pragma unroll
+        for (int j = 0; j < NC / 8; j++) dec4(raw[j], t, out + 4 * j);
+    } else {
+        u32 w[NW + 1];
+#pragma unroll
+        for (int i = 0; i < NW; i++) w[i] = (3 * NC) % 32 ? __funnelshift_r(raw[i], i + 1 < NW ? raw[i + 1] : 0u, sh)
+                                                         : raw[i];
+        w[NW] = 0u;
+#pragma unroll
+        for (int j = 0; j < NC / 8; j++) {
+            const int b = 24 * j, i = b >> 5, s = b & 31;
+            u32 u = s ? __funnelshift_r(w[i], w[i + 1], s) : w[i];
+            dec3(u & 0xFFFFFFu, t, out + 4 * j);
+        }
+    }
+}
+
+template <int T>
+__device__ __forceinline__ u32 load_raw(const void* p, long long i) {  // a norm's bits, converted at use
+    return T == 2 ? ((const u32*)p)[i] : (u32)((const u16*)p)[i];
+}
+
+template <int T>
+__device__ __forceinline__ float raw_f(u32 x) {
+    return T == 0 ? h2f((u16)x) : T == 1 ? __uint_as_float(x << 16) : __uint_as_float(x);
+}
+
+struct Unit {  // raw data of one 32-token unit for one lane (two 16-token chunks)
+    u32 k[2][2][KW];  // [chunk][token g, g + 8][words]
+    u32 v[2][4][VW];  // [chunk][tokens 2 t4, 2 t4 + 1, 2 t4 + 8, 2 t4 + 9][words]
+    u32 kn[2][2], vn[2][2];  // norms of tokens g, g + 8 (raw bits)
+};
+
+__device__ __forceinline__ void load_unit(const Params& p, Unit& u, int t0, int g, int t4, const u32* kbase,
+                                          const u32* vbase, long long nb_k, long long nb_v) {
+    const int last = p.n - 1;
+#pragma unroll
+    for (int c = 0; c < 2; c++) {
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            int t = min(t0 + 16 * c + g + 8 * j, last);
+            load_slice<KBITS, KC, KW>(kbase + (long long)t * KROW, t4 * KC, u.k[c][j]);
+            u.kn[c][j] = load_raw<KNORM>(p.kn, nb_k + t);
+            u.vn[c][j] = load_raw<VNORM>(p.vn, nb_v + t);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int t = min(t0 + 16 * c + 2 * t4 + (j & 1) + 8 * (j >> 1), last);
+            load_slice<VBITS, VC, VW>(vbase + (long long)t * VROW, g * VC, u.v[c][j]);
+        }
+    }
+}
+
+// Warp partials -> shared memory -> one merged (m, l, acc[G][D]) partial in the workspace. acc_at(h, d) gives a
+// warp's accumulator entry through the caller's coordinate map (written by the caller before the barrier).
+struct Smem {
+    float m[NWARPS][8], l[NWARPS][8];
+    float acc[NWARPS][G][D];
+};
+
+__device__ __forceinline__ void merge_and_store(const Params& p, Smem& sm, int part_idx) {
+    __syncthreads();
+    const int BH = gridDim.y;
+    const long long PG = (long long)BH * (p.S + 1) * G;
+    float* mo = p.part + (long long)part_idx * G;
+    float* lo = p.part + PG + (long long)part_idx * G;
+    float* ao = p.part + 2 * PG + (long long)part_idx * G * D;
+    for (int i = threadIdx.x; i < G * D; i += NWARPS * 32) {
+        int h = i / D;
+        float big = NEG_BIG;
+#pragma unroll
+        for (int w = 0; w < NWARPS; w++) big = fmaxf(big, sm.m[w][h]);
+        float a = 0.f, l = 0.f;
+#pragma unroll
+        for (int w = 0; w < NWARPS; w++) {
+            float f = ex2(sm.m[w][h] - big);
+            a += f * sm.acc[w][h][i - h * D];
+            l += f * sm.l[w][h];
+        }
+        ao[i] = a;
+        if (i - h * D == 0) mo[h] = big, lo[h] = l;
+    }
+}
+
+__device__ __forceinline__ float finish_score(const Params& p, float s, int b, int pos, bool valid) {
+    s *= p.scaling;
+#if SOFTCAP
+    s = p.softcap * tanhf(s / p.softcap);
+#endif
+#if HAS_MASK
+    if (valid) s += load_f<MTYPE>(p.mask, b * p.smb + pos * p.smt);
+#endif
+    return valid ? s * LOG2E : -__int_as_float(0x7f800000);
+}
+
+__device__ void tail_split(const Params& p, Smem& sm, int pid_bh, int b, int h) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    constexpr int DC = D / 32;  // coordinates per lane: [lane * DC, +DC)
+    float q[G][DC], acc[G][DC], m[G], l[G];
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        m[g] = NEG_BIG, l[g] = 0.f;
+#pragma unroll
+        for (int j = 0; j < DC; j++) {
+            q[g][j] = load_f<QTYPE>(p.q, b * p.sqb + (h * G + g) * p.sqh + lane * DC + j);
+            acc[g][j] = 0.f;
+        }
+    }
+    const long long base = b * p.stb + h * p.sth + lane * DC;
+    for (int t = warp; t < p.t_len; t += NWARPS) {
+        float k[DC], v[DC];
+#pragma unroll
+        for (int j = 0; j < DC; j++) {
+            k[j] = load_f<QTYPE>(p.tk, base + t * p.stt + j);
+            v[j] = load_f<QTYPE>(p.tv, base + t * p.stt + j);
+        }
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            float s = 0.f;
+#pragma unroll
+            for (int j = 0; j < DC; j++) s += q[g][j] * k[j];
+#pragma unroll
+            for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+            s = finish_score(p, s, b, p.n + t, true);
+            float mn = fmaxf(m[g], s), al = ex2(m[g] - mn), pr = ex2(s - mn);
+            l[g] = l[g] * al + pr;
+            m[g] = mn;
+#pragma unroll
+            for (int j = 0; j < DC; j++) acc[g][j] = acc[g][j] * al + pr * v[j];
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        if (lane == 0) sm.m[warp][g] = m[g], sm.l[warp][g] = l[g];
+#pragma unroll
+        for (int j = 0; j < DC; j++) sm.acc[warp][g][lane * DC + j] = acc[g][j];
+    }
+    merge_and_store(p, sm, pid_bh * (p.S + 1) + p.S);
+}
+
+extern "C" __global__ void __launch_bounds__(NWARPS * 32) tq_decode_split(const Params p) {
+    __shared__ Smem sm;
+    const int pid_s = blockIdx.x, pid_bh = blockIdx.y, b = pid_bh / p.H, h = pid_bh % p.H;
+    if (pid_s == p.S) {
+        tail_split(p, sm, pid_bh, b, h);
+        return;
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
+    const int BH = gridDim.y;
+    u32 ktab[8], vtab[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) ktab[i] = p.ktab[i], vtab[i] = p.vtab[i];
+
+    // query B fragments: lane (g, t4) holds head g at coordinates t4 * KC + 4 kt + {0, 1} (b0) and {2, 3} (b1)
+    u32 qb[D / 16][2];
+    const float* qr = p.ws + ((long long)pid_bh * G + g) * D + t4 * KC;
+#pragma unroll
+    for (int kt = 0; kt < D / 16; kt++) {
+        float4 x = g < G ? *(const float4*)(qr + 4 * kt) : make_float4(0.f, 0.f, 0.f, 0.f);
+        qb[kt][0] = pack_h2(x.x, x.y);
+        qb[kt][1] = pack_h2(x.z, x.w);
+    }
+    float qm[2] = {0.f, 0.f};  // <q, mu_k> of heads 2 t4, 2 t4 + 1
+#if HAS_KMEAN
+#pragma unroll
+    for (int j = 0; j < 2; j++)
+        if (2 * t4 + j < G) qm[j] = p.ws[(long long)BH * G * D + (long long)pid_bh * G + 2 * t4 + j];
+#endif
+
+    const long long nb_k = (long long)pid_bh * p.k_alloc, nb_v = (long long)pid_bh * p.v_alloc;
+    const u32* kbase = p.kc + nb_k * KROW;
+    const u32* vbase = p.vc + nb_v * VROW;
+    const int lo = pid_s * p.split_len, hi = min(p.n, lo + p.split_len);
+    const int units = (hi - lo + 31) >> 5;
+
+    float acc[D / 16][4];  // O^T fragments: rows (coords g * VC + 2 mt, + 1), columns (heads 2 t4, 2 t4 + 1)
+#pragma unroll
+    for (int i = 0; i < D / 16; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    float m[2] = {NEG_BIG, NEG_BIG}, l[2] = {0.f, 0.f};
+
+    const int sel = (g & 1) ? 0x7632 : 0x5410;  // this lane's head (g) half of a shuffled half2
+    const int src0 = (2 * t4) * 4 + (g >> 1), src1 = src0 + 4;
+    const int ksh = (KBITS * t4 * KC) & 31, vsh = (VBITS * g * VC) & 31;  // bit of a slice's first code
+    Unit cur;
+    if (warp < units) load_unit(p, cur, lo + 32 * warp, g, t4, kbase, vbase, nb_k, nb_v);
+    for (int u = warp; u < units; u += NWARPS) {
+        Unit nxt;
+        const int t0 = lo + 32 * u;
+        if (u + NWARPS < units) load_unit(p, nxt, t0 + 32 * NWARPS, g, t4, kbase, vbase, nb_k, nb_v);
+        float s[2][4];
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            u32 k0[KC / 2], k1[KC / 2];
+            decode_slice<KBITS, KC, KW>(cur.k[c][0], ksh, ktab, k0);
+            decode_slice<KBITS, KC, KW>(cur.k[c][1], ksh, ktab, k1);
+            s[c][0] = s[c][1] = s[c][2] = s[c][3] = 0.f;
+#pragma unroll
+            for (int kt = 0; kt < D / 16; kt++)
+                mma16816(s[c], k0[2 * kt], k1[2 * kt], k0[2 * kt + 1], k1[2 * kt + 1], qb[kt][0], qb[kt][1]);
+#pragma unroll
+            for (int i = 0; i < 4; i++) {  // i: (token g + 8 (i >> 1), head 2 t4 + (i & 1))
+                int t = t0 + 16 * c + g + 8 * (i >> 1);
+                s[c][i] = finish_score(p, s[c][i] * raw_f<KNORM>(cur.kn[c][i >> 1]) + qm[i & 1], b, t, t < hi);
+            }
+        }
+        float alpha[2];
+#pragma unroll
+        for (int j = 0; j < 2; j++) {  // online softmax per head over the unit's 32 tokens (lanes of one t4)
+            float mx = fmaxf(fmaxf(s[0][j], s[0][j + 2]), fmaxf(s[1][j], s[1][j + 2]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+            float mn = fmaxf(m[j], mx);
+            alpha[j] = ex2(m[j] - mn);
+            m[j] = mn;
+        }
+        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+            for (int i = 0; i < D / 16; i++) acc[i][0] *= alpha[0], acc[i][1] *= alpha[1], acc[i][2] *= alpha[0],
+                                             acc[i][3] *= alpha[1];
+            l[0] *= alpha[0], l[1] *= alpha[1];
+        }
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            float pr[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                pr[i] = ex2(s[c][i] - m[i & 1]);
+                l[i & 1] += pr[i];
+            }
+            // B fragment of (p ||v||)^T: lane (g, t4) needs head g at tokens 2 t4, 2 t4 + 1 (b0), + 8 (b1)
+            const float vn0 = raw_f<VNORM>(cur.vn[c][0]), vn1 = raw_f<VNORM>(cur.vn[c][1]);
+            u32 x01 = pack_h2(pr[0] * vn0, pr[1] * vn0), x23 = pack_h2(pr[2] * vn1, pr[3] * vn1);
+            u32 y0 = __shfl_sync(0xffffffffu, x01, src0), y1 = __shfl_sync(0xffffffffu, x01, src1);
+            u32 y2 = __shfl_sync(0xffffffffu, x23, src0), y3 = __shfl_sync(0xffffffffu, x23, src1);
+            u32 pb0 = __byte_perm(y0, y1, sel), pb1 = __byte_perm(y2, y3, sel);
+            u32 v[4][VC / 2];
+#pragma unroll
+            for (int j = 0; j < 4; j++) decode_slice<VBITS, VC, VW>(cur.v[c][j], vsh, vtab, v[j]);
+#pragma unroll
+            for (int mt = 0; mt < D / 16; mt++)
+                mma16816(acc[mt], __byte_perm(v[0][mt], v[1][mt], 0x5410), __byte_perm(v[0][mt], v[1][mt], 0x7632),
+                         __byte_perm(v[2][mt], v[3][mt], 0x5410), __byte_perm(v[2][mt], v[3][mt], 0x7632), pb0, pb1);
+        }
+        cur = nxt;
+    }
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        l[j] += __shfl_xor_sync(0xffffffffu, l[j], 4);
+        l[j] += __shfl_xor_sync(0xffffffffu, l[j], 8);
+        l[j] += __shfl_xor_sync(0xffffffffu, l[j], 16);
+        const int hh = 2 * t4 + j;
+        if (hh < G) {
+            if (g == 0) sm.m[warp][hh] = m[j], sm.l[warp][hh] = l[j];
+#pragma unroll
+            for (int mt = 0; mt < D / 16; mt++) {
+                sm.acc[warp][hh][g * VC + 2 * mt] = acc[mt][j];
+                sm.acc[warp][hh][g * VC + 2 * mt + 1] = acc[mt][j + 2];
+            }
+        }
+    }
+    merge_and_store(p, sm, pid_bh * (p.S + 1) + pid_s);
+}
