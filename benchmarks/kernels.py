@@ -181,6 +181,45 @@ def tune(dev) -> list[dict]:
     return out
 
 
+def tune_cuda(dev, variants: list[dict]) -> list[dict]:
+    """decode_mma.cu tuning (``decode.MMA_TUNING``: warps per block, 16-token chunks per unit, blocks per SM) at
+    B = 8 and 32, T = 32k, K4/V3, against bf16 SDPA in the same run."""
+    from turbovq.kernels import decode as kdecode
+
+    out = []
+    kc, vc = RowCodec(D, 4, seed=1), RowCodec(D, 3, seed=2)
+    default = dict(kdecode.MMA_TUNING)
+    for b in (8, 32):
+        t = 32768
+        q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.bfloat16)
+        kk = torch.randn(b, HKV, t, D, device=dev, dtype=torch.bfloat16)
+        vv = torch.randn_like(kk)
+        def sdpa_call(kk=kk, vv=vv, q=q):
+            return F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
+
+        sdpa, sdpa_g = bench(sdpa_call), _graph_ms(sdpa_call, dev)
+        del kk, vv, sdpa_call
+        tk = torch.randn(b, HKV, TAIL, D, device=dev, dtype=torch.bfloat16)
+        pk, pv = synthetic_rows(kc, b, t - TAIL, dev, 1), synthetic_rows(vc, b, t - TAIL, dev, 2)
+        for var in variants:
+            var = dict(var)
+            splits = var.pop("splits", None)
+            kdecode.MMA_TUNING.update(var)
+            def call(q=q, pk=pk, pv=pv, tk=tk, s=splits):
+                return decode_attention(q, pk, pv, tk, tk, None, D**-0.5, num_splits=s)
+
+            ms, gms = bench(call), _graph_ms(call, dev)
+            out.append({"B": b, "T": t, **kdecode.MMA_TUNING, "splits": splits, "ms": ms, "graph_ms": gms,
+                        "sdpa_ms": sdpa, "sdpa_graph_ms": sdpa_g})  # fmt: skip
+            print(f"tune-cuda B={b} {kdecode.MMA_TUNING} splits={splits}: {ms * 1e3:.1f} us ({sdpa / ms:.2f}x sdpa), "
+                  f"graph {gms * 1e3:.1f} us ({sdpa_g / gms:.2f}x)", flush=True)  # fmt: skip
+            kdecode.MMA_TUNING.clear()
+            kdecode.MMA_TUNING.update(default)
+        del pk, pv
+        torch.cuda.empty_cache()
+    return out
+
+
 def _graph_ms(fn, dev) -> float:
     """GPU time of one call without its host overhead: the call captured in a CUDA graph, replayed."""
     side = torch.cuda.Stream(dev)
@@ -553,6 +592,8 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--block-t", type=int, default=128)
     ap.add_argument("--num-warps", type=int, default=4)
+    ap.add_argument("--tune-cuda", default='[{"UC": 2, "MINB": 2}, {"UC": 2, "MINB": 3}, {"UC": 1, "MINB": 3}, '
+                    '{"UC": 1, "MINB": 4}, {"NWARPS": 8, "UC": 1, "MINB": 1}, {"NWARPS": 8, "UC": 2, "MINB": 1}]')
     ap.add_argument("--graph", action="store_true", help="decode grid: also time each call as a CUDA graph replay")
     ap.add_argument("--e2e-layers", type=int, default=32)
     ap.add_argument("--e2e-context", type=int, default=32768)
@@ -573,6 +614,8 @@ def main() -> None:
         print(f"{res['device']}: copy {copy_bw:.2f} TB/s", flush=True)
     if "tune" in phases:
         res["tune"] = tune(dev)
+    if "tune-cuda" in phases:
+        res["tune_cuda"] = tune_cuda(dev, json.loads(args.tune_cuda))
     if "decode" in phases:
         res["decode"] = decode_grid(
             dev,

@@ -585,7 +585,7 @@ class _Side:
     """Per-layer constants of one side (keys or values) on one device, built once: fused rotation, float32
     mean/scale rows, float16 centroid tables (group 0 then group 1) and PRMT tables (4 words per group)."""
 
-    __slots__ = ("rot", "rot_sh", "mean", "scale", "cent", "tab", "consts", "prmt", "mma_tab")
+    __slots__ = ("rot", "rot_sh", "mean", "scale", "cent", "tab", "consts", "prmt", "mma_tab", "mma_sym")
 
     def __init__(self, rows: PackedRows, device):
         codec = rows.codec
@@ -600,7 +600,8 @@ class _Side:
         b1, d1 = (rest[0][0], rest[0][1]) if rest else (b0, 0)
         self.consts = (b0, d0, b1, d1)
         self.prmt = _prmt_ok(codec)
-        self.mma_tab = (ctypes.c_uint32 * 8)(*_byte_tables(halves[0])) if b0 in (3, 4) else None
+        self.mma_sym = b0 == 4 and self.prmt  # a symmetric 4-bit table: decode_mma.cu looks up its upper half
+        self.mma_tab = (ctypes.c_uint32 * 8)(*_byte_tables(halves[0][8:] if self.mma_sym else halves[0]))
 
 
 _LAYERS: dict[tuple, tuple] = {}  # per-layer constants of both sides, see reference.weak_cached
@@ -668,11 +669,17 @@ def _mma_ok(query, keys: PackedRows, values: PackedRows, groups: int, fields, ma
     return aligned and norms_k.dtype in floats and norms_v.dtype in floats
 
 
-def _mma_kernel(dim, groups, kbits, vbits, knorm, vnorm, qtype, mask, has_kmean, softcap, device):
+# decode_mma.cu tuning (measured on an H200, benchmarks/kernels.py --phases tune-cuda): warps per block, 16-token
+# chunks per unit, blocks per SM that the register allocation must allow
+MMA_TUNING = {"NWARPS": 4, "UC": 2, "MINB": 2}
+
+
+def _mma_kernel(dim, groups, ks, vs, knorm, vnorm, qtype, mask, has_kmean, softcap, device):
     from turbovq.kernels import cuda
 
     mtype = _DTYPE_CODE[mask.dtype] if mask is not None else 3
-    opts = dict(D=dim, G=groups, KBITS=kbits, VBITS=vbits, NWARPS=4, KNORM=_DTYPE_CODE[knorm],
+    opts = dict(MMA_TUNING, D=dim, G=groups, KBITS=ks.consts[0], VBITS=vs.consts[0], KSYM=int(ks.mma_sym),
+                VSYM=int(vs.mma_sym), KNORM=_DTYPE_CODE[knorm],
                 VNORM=_DTYPE_CODE[vnorm], QTYPE=_DTYPE_CODE[qtype], MTYPE=mtype, HAS_MASK=int(mask is not None),
                 HAS_KMEAN=int(has_kmean), SOFTCAP=int(softcap is not None))  # fmt: skip
     return cuda.kernel(_MMA_SOURCE, "tq_decode_split", device, tuple(f"-D{k}={v}" for k, v in opts.items()))
@@ -787,7 +794,7 @@ def decode_attention(
         raise ValueError("the CUDA split pass does not handle this call (see decode_attention's backend)")
     if use_mma:
         fused_reduce = False
-        kern = _mma_kernel(dim, groups, kb0, vb0, kf["norms0"].dtype, vf["norms0"].dtype, query.dtype, mask,
+        kern = _mma_kernel(dim, groups, ks, vs, kf["norms0"].dtype, vf["norms0"].dtype, query.dtype, mask,
                            ks.mean is not None, softcap, dev)  # fmt: skip
         prm = _MmaParams(
             ws.data_ptr(), ws.data_ptr() + 4 * bh * groups * (dim + 1), *(f.data_ptr() for f in fields),
@@ -796,7 +803,7 @@ def decode_attention(
             tk.stride(0), tk.stride(1), tk.stride(2), stride_mb, stride_mt, n, t_len, split_len, splits, num_kv,
             float(scaling), float(softcap or 1.0), ks.mma_tab, vs.mma_tab,
         )  # fmt: skip
-        kern((splits + 1, bh, 1), 128, prm, torch.cuda.current_stream(dev).cuda_stream)
+        kern((splits + 1, bh, 1), 32 * MMA_TUNING["NWARPS"], prm, torch.cuda.current_stream(dev).cuda_stream)
     else:
         cnt = _counters(dev, bh) if fused_reduce else ws
         k1, v1 = min(1, len(keys.codec.groups) - 1), min(1, len(values.codec.groups) - 1)

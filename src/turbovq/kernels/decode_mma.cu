@@ -9,7 +9,7 @@
 // contiguous code slices.
 //
 // One program (block of NWARPS warps) per (code split s < S, batch row b, KV head h); program s = S does the
-// full-precision tail window. Each warp streams 32-token units (two 16-token chunks) of its split, prefetching the
+// full-precision tail window. Each warp streams units of UC 16-token chunks of its split, prefetching the
 // next unit into registers, and keeps its own online softmax; the warps merge through shared memory and write
 // (m, l, acc) into the workspace that the Triton merge kernel reads (layout in decode.py).
 //
@@ -22,7 +22,8 @@
 // Centroids come from byte-permute (PRMT) lookups in tables held in registers: no memory access per code.
 //
 // Configuration macros (set by decode.py): D, G, KBITS, VBITS (3 or 4), NWARPS, KNORM / VNORM / QTYPE / MTYPE
-// (0 float16, 1 bfloat16, 2 float32, 3 bool), HAS_MASK, HAS_KMEAN, SOFTCAP.
+// (0 float16, 1 bfloat16, 2 float32, 3 bool), HAS_MASK, HAS_KMEAN, SOFTCAP, KSYM / VSYM (symmetric 4-bit tables);
+// tuning: UC (16-token chunks per unit), MINB (blocks per SM the register allocation must allow).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -100,15 +101,29 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
     return r;
 }
 
-// 8 codes of 4 bits (one word) -> 4 half2 (coordinate pairs 01, 23, 45, 67). Two 8-entry lookups per byte (table
-// halves) and a per-byte select on each code's top bit, which PRMT's sign-replicate mode spreads to a byte mask.
+// 8 codes of 4 bits (one word) -> 4 half2 (coordinate pairs 01, 23, 45, 67).
+// SYM (a symmetric table, c[15 - k] = -c[k], as Lloyd-Max gives): t[0..3] = low / high bytes of c[8..15]; codes
+// k < 8 look up c[15 - k] and set the sign bit. Otherwise t[0..7] = low / high bytes of c[0..15]: two 8-entry
+// lookups per byte, selected by the code's top bit. PRMT's sign-replicate mode spreads each code's top bit to a
+// byte mask (0xFF where k >= 8).
+template <bool SYM>
 __device__ __forceinline__ void dec4(u32 w, const u32 (&t)[8], u32* out) {
-    u32 idx = w & 0x77777777u, idh = idx >> 16, w4 = w << 4;
-    u32 ma = prmt(w4, w, 0xD9C8), mb = prmt(w4, w, 0xFBEA);  // 0xFF bytes where a code's top bit is set
-    u32 la = (__byte_perm(t[2], t[3], idx) & ma) | (__byte_perm(t[0], t[1], idx) & ~ma);
-    u32 ha = (__byte_perm(t[6], t[7], idx) & ma) | (__byte_perm(t[4], t[5], idx) & ~ma);
-    u32 lb = (__byte_perm(t[2], t[3], idh) & mb) | (__byte_perm(t[0], t[1], idh) & ~mb);
-    u32 hb = (__byte_perm(t[6], t[7], idh) & mb) | (__byte_perm(t[4], t[5], idh) & ~mb);
+    const u32 w4 = w << 4;
+    const u32 ma = prmt(w4, w, 0xD9C8), mb = prmt(w4, w, 0xFBEA);
+    u32 la, ha, lb, hb;
+    if (SYM) {
+        const u32 nt = ~w & 0x88888888u;  // top bit clear: the negative half
+        const u32 idx = (w ^ ((nt >> 3) * 7)) & 0x77777777u, idh = idx >> 16;  // k < 8 -> 15 - k
+        la = __byte_perm(t[0], t[1], idx), lb = __byte_perm(t[0], t[1], idh);
+        ha = __byte_perm(t[2], t[3], idx) | (~ma & 0x80808080u);
+        hb = __byte_perm(t[2], t[3], idh) | (~mb & 0x80808080u);
+    } else {
+        const u32 idx = w & 0x77777777u, idh = idx >> 16;
+        la = (__byte_perm(t[2], t[3], idx) & ma) | (__byte_perm(t[0], t[1], idx) & ~ma);
+        ha = (__byte_perm(t[6], t[7], idx) & ma) | (__byte_perm(t[4], t[5], idx) & ~ma);
+        lb = (__byte_perm(t[2], t[3], idh) & mb) | (__byte_perm(t[0], t[1], idh) & ~mb);
+        hb = (__byte_perm(t[6], t[7], idh) & mb) | (__byte_perm(t[4], t[5], idh) & ~mb);
+    }
     out[0] = __byte_perm(la, ha, 0x5140);
     out[1] = __byte_perm(la, ha, 0x7362);
     out[2] = __byte_perm(lb, hb, 0x5140);
@@ -133,6 +148,11 @@ __device__ __forceinline__ void dec3(u32 u, const u32 (&t)[8], u32* out) {
 // Loads are issued here and only consumed in decode_slice, so a unit's loads stay in flight while another decodes.
 template <int BITS, int NC, int NW>
 __device__ __forceinline__ void load_slice(const u32* row, int c0, u32 (&w)[NW]) {
+#if DBG == 2
+#pragma unroll
+    for (int i = 0; i < NW; i++) w[i] = (u32)(size_t)row * 0x9E3779B9u + i * 0x85EBCA6Bu + c0;
+    return;
+#endif
     const u32* p = row + ((BITS * c0) >> 5);
     if (BITS == 4 && NC % 32 == 0) {
 #pragma unroll
@@ -157,11 +177,16 @@ __device__ __forceinline__ void load_slice(const u32* row, int c0, u32 (&w)[NW])
 }
 
 // Raw words (first code at bit sh) -> NC / 2 half2 coordinate pairs.
-template <int BITS, int NC, int NW>
+template <int BITS, int NC, int NW, bool SYM>
 __device__ __forceinline__ void decode_slice(const u32 (&raw)[NW], int sh, const u32 (&t)[8], u32* out) {
+#if DBG == 1
+#pragma unroll
+    for (int j = 0; j < NC / 2; j++) out[j] = (raw[j % NW] & 0x3BFF3BFFu) ^ (j << 4);
+    return;
+#endif
     if (BITS == 4) {
 #pragma unroll
-        for (int j = 0; j < NC / 8; j++) dec4(raw[j], t, out + 4 * j);
+        for (int j = 0; j < NC / 8; j++) dec4<SYM>(raw[j], t, out + 4 * j);
     } else {
         u32 w[NW + 1];
 #pragma unroll
@@ -187,17 +212,23 @@ __device__ __forceinline__ float raw_f(u32 x) {
     return T == 0 ? h2f((u16)x) : T == 1 ? __uint_as_float(x << 16) : __uint_as_float(x);
 }
 
-struct Unit {  // raw data of one 32-token unit for one lane (two 16-token chunks)
-    u32 k[2][2][KW];  // [chunk][token g, g + 8][words]
-    u32 v[2][4][VW];  // [chunk][tokens 2 t4, 2 t4 + 1, 2 t4 + 8, 2 t4 + 9][words]
-    u32 kn[2][2], vn[2][2];  // norms of tokens g, g + 8 (raw bits)
+#define UT (16 * UC)
+#ifndef DBG
+#define DBG 0  // timing experiments only: 1 = no decode (raw words used as operands), 2 = no code loads
+#endif  // tokens per unit (UC 16-token chunks)
+
+struct Unit {  // raw data of one unit for one lane
+    u32 k[UC][2][KW];  // [chunk][token g, g + 8][words]
+    u32 v[UC][4][VW];  // [chunk][tokens 2 t4, 2 t4 + 1, 2 t4 + 8, 2 t4 + 9][words]
+    u32 kn[UC][2], vn[UC][2];  // norms of tokens g, g + 8 (raw bits)
 };
 
+// Codes and norms of the unit starting at token t0; rows past the last code (n - 1) read that row instead.
 __device__ __forceinline__ void load_unit(const Params& p, Unit& u, int t0, int g, int t4, const u32* kbase,
                                           const u32* vbase, long long nb_k, long long nb_v) {
     const int last = p.n - 1;
 #pragma unroll
-    for (int c = 0; c < 2; c++) {
+    for (int c = 0; c < UC; c++) {
 #pragma unroll
         for (int j = 0; j < 2; j++) {
             int t = min(t0 + 16 * c + g + 8 * j, last);
@@ -213,8 +244,8 @@ __device__ __forceinline__ void load_unit(const Params& p, Unit& u, int t0, int 
     }
 }
 
-// Warp partials -> shared memory -> one merged (m, l, acc[G][D]) partial in the workspace. acc_at(h, d) gives a
-// warp's accumulator entry through the caller's coordinate map (written by the caller before the barrier).
+// Warp partials -> shared memory (each warp writes its entries through its own coordinate map before the barrier)
+// -> one merged (m, l, acc[G][D]) partial in the workspace.
 struct Smem {
     float m[NWARPS][8], l[NWARPS][8];
     float acc[NWARPS][G][D];
@@ -300,7 +331,8 @@ __device__ void tail_split(const Params& p, Smem& sm, int pid_bh, int b, int h) 
     merge_and_store(p, sm, pid_bh * (p.S + 1) + p.S);
 }
 
-extern "C" __global__ void __launch_bounds__(NWARPS * 32) tq_decode_split(const Params p) {
+
+extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(const Params p) {
     __shared__ Smem sm;
     const int pid_s = blockIdx.x, pid_bh = blockIdx.y, b = pid_bh / p.H, h = pid_bh % p.H;
     if (pid_s == p.S) {
@@ -308,7 +340,6 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32) tq_decode_split(const 
         return;
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
-    const int BH = gridDim.y;
     u32 ktab[8], vtab[8];
 #pragma unroll
     for (int i = 0; i < 8; i++) ktab[i] = p.ktab[i], vtab[i] = p.vtab[i];
@@ -326,14 +357,14 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32) tq_decode_split(const 
 #if HAS_KMEAN
 #pragma unroll
     for (int j = 0; j < 2; j++)
-        if (2 * t4 + j < G) qm[j] = p.ws[(long long)BH * G * D + (long long)pid_bh * G + 2 * t4 + j];
+        if (2 * t4 + j < G) qm[j] = p.ws[(long long)gridDim.y * G * D + (long long)pid_bh * G + 2 * t4 + j];
 #endif
 
     const long long nb_k = (long long)pid_bh * p.k_alloc, nb_v = (long long)pid_bh * p.v_alloc;
     const u32* kbase = p.kc + nb_k * KROW;
     const u32* vbase = p.vc + nb_v * VROW;
     const int lo = pid_s * p.split_len, hi = min(p.n, lo + p.split_len);
-    const int units = (hi - lo + 31) >> 5;
+    const int units = (hi - lo + UT - 1) / UT;
 
     float acc[D / 16][4];  // O^T fragments: rows (coords g * VC + 2 mt, + 1), columns (heads 2 t4, 2 t4 + 1)
 #pragma unroll
@@ -344,21 +375,25 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32) tq_decode_split(const 
     const int src0 = (2 * t4) * 4 + (g >> 1), src1 = src0 + 4;
     const int ksh = (KBITS * t4 * KC) & 31, vsh = (VBITS * g * VC) & 31;  // bit of a slice's first code
     Unit cur;
-    if (warp < units) load_unit(p, cur, lo + 32 * warp, g, t4, kbase, vbase, nb_k, nb_v);
+    if (warp < units) load_unit(p, cur, lo + UT * warp, g, t4, kbase, vbase, nb_k, nb_v);
     for (int u = warp; u < units; u += NWARPS) {
         Unit nxt;
-        const int t0 = lo + 32 * u;
-        if (u + NWARPS < units) load_unit(p, nxt, t0 + 32 * NWARPS, g, t4, kbase, vbase, nb_k, nb_v);
-        float s[2][4];
+        const int t0 = lo + UT * u;
+        if (u + NWARPS < units) load_unit(p, nxt, t0 + UT * NWARPS, g, t4, kbase, vbase, nb_k, nb_v);
+        float s[UC][4];
 #pragma unroll
-        for (int c = 0; c < 2; c++) {
+        for (int c = 0; c < UC; c++) {
             u32 k0[KC / 2], k1[KC / 2];
-            decode_slice<KBITS, KC, KW>(cur.k[c][0], ksh, ktab, k0);
-            decode_slice<KBITS, KC, KW>(cur.k[c][1], ksh, ktab, k1);
+            decode_slice<KBITS, KC, KW, KSYM>(cur.k[c][0], ksh, ktab, k0);
+            decode_slice<KBITS, KC, KW, KSYM>(cur.k[c][1], ksh, ktab, k1);
+            float s2[4] = {0.f, 0.f, 0.f, 0.f};  // two accumulation chains halve the dependent mma latency
             s[c][0] = s[c][1] = s[c][2] = s[c][3] = 0.f;
 #pragma unroll
             for (int kt = 0; kt < D / 16; kt++)
-                mma16816(s[c], k0[2 * kt], k1[2 * kt], k0[2 * kt + 1], k1[2 * kt + 1], qb[kt][0], qb[kt][1]);
+                mma16816(kt & 1 ? s2 : s[c], k0[2 * kt], k1[2 * kt], k0[2 * kt + 1], k1[2 * kt + 1], qb[kt][0],
+                         qb[kt][1]);
+#pragma unroll
+            for (int i = 0; i < 4; i++) s[c][i] += s2[i];
 #pragma unroll
             for (int i = 0; i < 4; i++) {  // i: (token g + 8 (i >> 1), head 2 t4 + (i & 1))
                 int t = t0 + 16 * c + g + 8 * (i >> 1);
@@ -367,8 +402,10 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32) tq_decode_split(const 
         }
         float alpha[2];
 #pragma unroll
-        for (int j = 0; j < 2; j++) {  // online softmax per head over the unit's 32 tokens (lanes of one t4)
-            float mx = fmaxf(fmaxf(s[0][j], s[0][j + 2]), fmaxf(s[1][j], s[1][j + 2]));
+        for (int j = 0; j < 2; j++) {  // online softmax per head over the unit's tokens (lanes of one t4)
+            float mx = fmaxf(s[0][j], s[0][j + 2]);
+#pragma unroll
+            for (int c = 1; c < UC; c++) mx = fmaxf(mx, fmaxf(s[c][j], s[c][j + 2]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
@@ -383,7 +420,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32) tq_decode_split(const 
             l[0] *= alpha[0], l[1] *= alpha[1];
         }
 #pragma unroll
-        for (int c = 0; c < 2; c++) {
+        for (int c = 0; c < UC; c++) {
             float pr[4];
 #pragma unroll
             for (int i = 0; i < 4; i++) {
@@ -398,7 +435,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32) tq_decode_split(const 
             u32 pb0 = __byte_perm(y0, y1, sel), pb1 = __byte_perm(y2, y3, sel);
             u32 v[4][VC / 2];
 #pragma unroll
-            for (int j = 0; j < 4; j++) decode_slice<VBITS, VC, VW>(cur.v[c][j], vsh, vtab, v[j]);
+            for (int j = 0; j < 4; j++) decode_slice<VBITS, VC, VW, VSYM>(cur.v[c][j], vsh, vtab, v[j]);
 #pragma unroll
             for (int mt = 0; mt < D / 16; mt++)
                 mma16816(acc[mt], __byte_perm(v[0][mt], v[1][mt], 0x5410), __byte_perm(v[0][mt], v[1][mt], 0x7632),
