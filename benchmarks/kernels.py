@@ -220,6 +220,19 @@ def tune_cuda(dev, variants: list[dict]) -> list[dict]:
     return out
 
 
+def profile_call(dev) -> None:
+    """Three K4/V3 calls at B = 8, T = 32k and nothing else, for an external profiler:
+    ``ncu -k regex:tq_decode_split -s 2 -c 1 python3 benchmarks/kernels.py --phases profile-call``."""
+    b, t = 8, 32768
+    q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.bfloat16)
+    tk = torch.randn(b, HKV, TAIL, D, device=dev, dtype=torch.bfloat16)
+    pk = synthetic_rows(RowCodec(D, 4, seed=1), b, t - TAIL, dev, 1)
+    pv = synthetic_rows(RowCodec(D, 3, seed=2), b, t - TAIL, dev, 2)
+    for _ in range(3):
+        decode_attention(q, pk, pv, tk, tk, None, D**-0.5)
+    torch.cuda.synchronize(dev)
+
+
 def _graph_ms(fn, dev) -> float:
     """GPU time of one call without its host overhead: the call captured in a CUDA graph, replayed."""
     side = torch.cuda.Stream(dev)
@@ -612,6 +625,9 @@ def main() -> None:
     if _cuda(dev):
         res["copy_TBps"] = copy_bw = copy_bandwidth(dev)
         print(f"{res['device']}: copy {copy_bw:.2f} TB/s", flush=True)
+    if "profile-call" in phases:
+        profile_call(dev)
+        return
     if "tune" in phases:
         res["tune"] = tune(dev)
     if "tune-cuda" in phases:

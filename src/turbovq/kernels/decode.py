@@ -656,7 +656,9 @@ def _byte_tables(half: torch.Tensor) -> list[int]:
 
 def _mma_ok(query, keys: PackedRows, values: PackedRows, groups: int, fields, mask) -> bool:
     """The CUDA split pass handles one code group per side at 3 or 4 bits, head_dim 64/128/256 and G <= 8."""
-    if groups > 8 or query.shape[-1] not in (64, 128, 256) or os.environ.get("TURBOVQ_CUDA", "1") == "0":
+    if not query.is_cuda or not _PRMT or os.environ.get("TURBOVQ_CUDA", "1") == "0":  # _PRMT: not the interpreter
+        return False
+    if groups > 8 or query.shape[-1] not in (64, 128, 256):
         return False
     for rows in (keys, values):
         if len(rows.codec.groups) != 1 or rows.codec.groups[0][0] not in (3, 4):

@@ -1,0 +1,89 @@
+"""decode_mma.cu without a GPU: every supported configuration compiles (NVRTC, sm_80 and sm_90), the PRMT tables
+hold the centroids, and the ctypes mirror of ``struct Params`` has the C layout. The kernel itself is checked
+against the reference on the GPU in test_triton.py (backend="cuda")."""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+
+import pytest
+import torch
+
+from turbovq.kernels import cuda
+from turbovq.kernels import decode as kdecode
+from turbovq.kv.cache import RowCodec
+
+
+def _nvrtc_available() -> bool:
+    try:
+        cuda._nvrtc()
+        return True
+    except cuda.CudaCompileError:
+        return False
+
+
+needs_nvrtc = pytest.mark.skipif(not _nvrtc_available(), reason="libnvrtc not installed")
+
+NAMES = (b"tq_decode_split",)
+# (D, G, key bits, value bits, key/value symmetric tables, norm dtype, query dtype, mask dtype, mask, k mean, softcap)
+CONFIGS = [
+    (128, 4, 4, 3, 1, 0, 0, 1, 3, 1, 1, 0),  # Llama-3.1-8B, K4/V3, bool mask, centered keys
+    (128, 4, 4, 4, 1, 1, 0, 0, 0, 1, 0, 0),  # K4/V4, additive float16 mask
+    (128, 4, 4, 4, 0, 0, 2, 2, 3, 0, 0, 0),  # asymmetric 4-bit tables, float32 norms and queries
+    (64, 8, 3, 3, 0, 0, 0, 0, 2, 1, 1, 1),  # 3-bit slices straddling words, soft-capping
+    (64, 3, 4, 3, 1, 0, 1, 1, 1, 1, 0, 0),  # G = 3, bfloat16 mask
+    (256, 8, 3, 4, 0, 1, 0, 1, 3, 0, 1, 0),
+    (256, 1, 4, 3, 1, 0, 0, 2, 3, 0, 0, 0),
+]
+
+
+def _options(d, g, kb, vb, ksym, vsym, norm, qt, mt, mask, kmean, softcap, **tune):
+    opts = dict(kdecode.MMA_TUNING, D=d, G=g, KBITS=kb, VBITS=vb, KSYM=ksym, VSYM=vsym, KNORM=norm, VNORM=norm,
+                QTYPE=qt, MTYPE=mt, HAS_MASK=mask, HAS_KMEAN=kmean, SOFTCAP=softcap, **tune)  # fmt: skip
+    return tuple(f"-D{k}={v}" for k, v in opts.items())
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"d{c[0]}-g{c[1]}-k{c[2]}v{c[3]}")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_compiles(cfg, arch):
+    cubin = cuda.compile_cubin(kdecode._MMA_SOURCE, arch, _options(*cfg))
+    assert cubin[:4] == b"\x7fELF" and all(n in cubin for n in NAMES)
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("uc,minb,nwarps", [(1, 3, 4), (2, 1, 8)])
+def test_tuning_variants_compile(uc, minb, nwarps):
+    cubin = cuda.compile_cubin(kdecode._MMA_SOURCE, "sm_90", _options(*CONFIGS[0], UC=uc, MINB=minb, NWARPS=nwarps))
+    assert NAMES[0] in cubin
+
+
+@needs_nvrtc
+def test_compile_error_carries_the_log():
+    with pytest.raises(cuda.CudaCompileError, match="NVRTC failed"):
+        cuda.compile_cubin("__global__ void k() { undefined_thing(); }", "sm_90")
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_byte_tables_hold_the_centroids(bits):
+    """Low and high bytes per table word give back the float16 centroids (the whole table, or its upper half)."""
+    half = RowCodec(128, bits, seed=0).tensors(0, "cpu")[1].half()
+    for cents in ([half] if bits == 3 else [half, half[8:]]):
+        words = kdecode._byte_tables(cents)
+        k = cents.numel()
+        lo = [(words[i // 4] >> (8 * (i % 4))) & 0xFF for i in range(k)]
+        hi = [(words[k // 4 + i // 4] >> (8 * (i % 4))) & 0xFF for i in range(k)]
+        back = torch.tensor([lo[i] | (hi[i] << 8) for i in range(k)], dtype=torch.int32).to(torch.int16).view(
+            torch.float16
+        )
+        assert torch.equal(back, cents)
+        assert len(words) == 8 and all(0 <= w < 2**32 for w in words)
+
+
+def test_params_struct_matches_the_c_layout():
+    """10 pointers, 9 int64, 5 int32, 2 float32, two 8-word tables: 244 bytes, padded to 248 (8-byte alignment)."""
+    fields = dict(kdecode._MmaParams._fields_)
+    assert ctypes.sizeof(kdecode._MmaParams) == 248
+    assert kdecode._MmaParams.ktab.offset == 10 * 8 + 9 * 8 + 5 * 4 + 2 * 4
+    assert fields["scaling"] is ctypes.c_float and list(itertools.islice(fields, 2)) == ["ws", "part"]
