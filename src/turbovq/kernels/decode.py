@@ -1,4 +1,4 @@
-"""Split-T flash-decoding directly on TurboQuant codes (Triton), one query token per sequence.
+"""Split-T flash-decoding directly on TurboQuant codes (Triton, split pass also in CUDA), one query token per sequence.
 
 Why it can beat bf16 attention: decode attention is a pass over the KV cache, so its time is bytes over bandwidth.
 K4/V3 codes + float16 norms are 116 bytes per (token, KV head) at head_dim 128 instead of 512 in bf16.
@@ -19,6 +19,9 @@ Algorithm (the torch twin is :func:`turbovq.kernels.reference.split_decode_refer
    (``s^T = K q^T``, ``acc^T += V^T p^T``): the decoded tile is the tall operand (measured 3-23% faster on an
    H200). Program ``s = S`` does the full-precision tail window in the original space. Centered caches add
    ``<q, mu_k>`` to every code score. ``S`` targets ~8 waves of programs (at most 64 splits).
+   Where it applies (one 3- or 4-bit group per side, head_dim 64/128/256, G <= 8) this step runs the CUDA kernel
+   in ``decode_mma.cu`` instead (same grid and workspace; the whole call is 1.7x faster at B = 8, T = 32k on an
+   H100; that file says why), compiled once per process by NVRTC (:mod:`turbovq.kernels.cuda`).
 3. Merge kernel, grid ``(B * H, D / BN)``: combine the ``S + 1`` partials with ``exp2(m_s - M)`` (4 splits'
    loads in flight at a time), rotate the code part of ``BN`` output columns back with ``R_v[h]^T`` (3xTF32 dot),
    multiply by ``s_v``, add ``(sum_codes p) * mu_v`` and the tail part, divide by the total. With

@@ -23,11 +23,11 @@
 //
 // Configuration macros (set by decode.py): D, G, KBITS, VBITS (3 or 4), NWARPS, KNORM / VNORM / QTYPE / MTYPE
 // (0 float16, 1 bfloat16, 2 float32, 3 bool), HAS_MASK, HAS_KMEAN, SOFTCAP, KSYM / VSYM (symmetric 4-bit tables);
-// tuning: UC (16-token chunks per unit), MINB (blocks per SM the register allocation must allow).
+// tuning: UC (16-token chunks per unit), MINB (blocks per SM the register allocation must allow); DBG (timing
+// experiments only, wrong results on purpose: 1 = no decode, 2 = no code loads).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
-typedef unsigned long long u64;
 
 struct Params {
     const float* ws;  // rotated queries (BH, G, D) float32, then <q, mu_k> (BH, G)
@@ -44,7 +44,7 @@ struct Params {
     long long sqb, sqh, stb, sth, stt, smb, smt;
     int n, t_len, split_len, S, H;
     float scaling, softcap;
-    u32 ktab[8];  // PRMT tables: low bytes then high bytes of the float16 centroids (3 bits: words 0-1, 2-3)
+    u32 ktab[8];  // PRMT tables: low bytes, then high bytes, of the float16 centroids (8 entries: words 0-3)
     u32 vtab[8];
 };
 
