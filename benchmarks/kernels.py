@@ -10,6 +10,8 @@ Everything in one run on one card, so the numbers are ratios measured side by si
 * encode: ``encode_rows`` (B=8, H=8, T=32k rows of bf16) vs the roofline and vs ``RowCodec.encode``;
 * ``overhead`` phase: one K4/V3 call timed as a whole (do_bench), as a replayed CUDA graph (GPU only), as host
   enqueue time, per kernel (torch profiler tables in ``profile.txt``) and checked for host syncs;
+* ``prefill`` phase: a multi-token step (128-2048 new tokens) over a 32k compressed cache: ``dequantize_attention``
+  (the CUDA path of q_len > 1) and the ``attend_codes`` reference vs bf16 SDPA;
 * ``e2e`` phase: greedy decode of a randomly initialised Llama-3.1-8B-shape model (32 layers by default) at 32k
   context, ours (``TurboQuantCache`` K4/V3, attention on the codes) vs bf16 ``DynamicCache``: tokens/s, ms/step,
   peak memory and cache bytes at ``--e2e-batches``, then the largest batch that fits for each (issue target: ours
@@ -216,6 +218,35 @@ def tune_cuda(dev, variants: list[dict]) -> list[dict]:
             kdecode.MMA_TUNING.clear()
             kdecode.MMA_TUNING.update(default)
         del pk, pv
+        torch.cuda.empty_cache()
+    return out
+
+
+def prefill(dev, q_lens=(128, 512, 2048), context: int = 32768, batch: int = 1) -> list[dict]:
+    """Multi-token steps over a compressed cache (a later chat turn, chunked prefill): ``dequantize_attention``
+    (what ``codes_attention`` runs for q_len > 1 on CUDA) and the ``attend_codes`` reference vs bf16 SDPA over the
+    same number of tokens."""
+    from turbovq.kv.attention import attend_codes, dequantize_attention
+
+    out = []
+    n = context - TAIL
+    pk = synthetic_rows(RowCodec(D, 4, seed=1), batch, n, dev, 1)
+    pv = synthetic_rows(RowCodec(D, 3, seed=2), batch, n, dev, 2)
+    for q_len in q_lens:
+        q = torch.randn(batch, HQ, q_len, D, device=dev, dtype=torch.bfloat16)
+        tk = torch.randn(batch, HKV, TAIL + q_len, D, device=dev, dtype=torch.bfloat16)
+        kk = torch.randn(batch, HKV, context + q_len, D, device=dev, dtype=torch.bfloat16)
+
+        rec = {
+            "B": batch, "T": context, "q_len": q_len,
+            "sdpa_bf16_ms": bench(lambda q=q, kk=kk: F.scaled_dot_product_attention(q, kk, kk, enable_gqa=True), 20),
+            "attend_codes_ms": bench(lambda q=q, tk=tk: attend_codes(q, pk, pv, tk, tk, None, D**-0.5), 20),
+            "dequantize_sdpa_ms": bench(lambda q=q, tk=tk: dequantize_attention(q, pk, pv, tk, tk, None, D**-0.5), 20),
+        }  # fmt: skip
+        out.append(rec)
+        print(f"prefill q_len={q_len}: bf16 sdpa {rec['sdpa_bf16_ms']:.2f} ms, attend_codes "
+              f"{rec['attend_codes_ms']:.2f} ms, dequantize+sdpa {rec['dequantize_sdpa_ms']:.2f} ms", flush=True)
+        del q, tk, kk
         torch.cuda.empty_cache()
     return out
 
@@ -628,6 +659,8 @@ def main() -> None:
     if "profile-call" in phases:
         profile_call(dev)
         return
+    if "prefill" in phases:
+        res["prefill"] = prefill(dev)
     if "tune" in phases:
         res["tune"] = tune(dev)
     if "tune-cuda" in phases:

@@ -180,3 +180,35 @@ def test_cache_uses_kernel_and_matches_reference(cuda, monkeypatch):
     assert len(calls) == 10 * 2  # every decode step, every layer
     assert len(encodes) >= 2 * 2  # the flushes encode keys and values of every layer through the kernel
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
+
+
+def test_multi_token_steps_over_codes_use_dequantize_sdpa(cuda, monkeypatch):
+    """A later multi-token step (chat turn, chunked prefill) over a cache with codes goes through dequantize + SDPA
+    on CUDA and gives the reference's logits (TURBOVQ_KERNELS=0) to bf16 accuracy."""
+    transformers = pytest.importorskip("transformers")
+    from turbovq.kv import TurboQuantCache, codes_attention
+    from turbovq.kv import attention as kv_attention
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=128, max_position_embeddings=1024,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).to(cuda, torch.bfloat16).eval()
+    ids = torch.randint(0, 96, (2, 340), device=cuda)
+    calls = []
+    real = kv_attention.dequantize_attention
+    monkeypatch.setattr(kv_attention, "dequantize_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def logits(env):
+        monkeypatch.setenv("TURBOVQ_KERNELS", env)
+        cache = TurboQuantCache(model.config, key_bits=4, value_bits=3, residual_length=32, flush_block=16)
+        with codes_attention(model), torch.no_grad():
+            model(ids[:, :290], past_key_values=cache, use_cache=True)
+            return model(ids[:, 290:], past_key_values=cache).logits
+
+    ref = logits("0")
+    assert not calls
+    out = logits("1")
+    assert len(calls) == 2  # the 50-token step, every layer
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2

@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("transformers")
 
 from turbovq import TurboQuantMSE  # noqa: E402
-from turbovq.kv.attention import attend_codes, codes_attention  # noqa: E402
+from turbovq.kv import attention as kv_attention  # noqa: E402
+from turbovq.kv.attention import attend_codes, codes_attention, dequantize_attention  # noqa: E402
 from turbovq.kv.cache import PackedRows, RowCodec  # noqa: E402
 
 
@@ -69,6 +70,32 @@ def test_codes_attention_equals_dequantize_then_attend(d, hq, hkv, key_bits, val
     ref = reference_attention(query, k_hat, v_hat, mask, d**-0.5)
     assert out.shape == (2, 3, hq, d)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("center,scaled", [(False, False), (True, True)])
+@pytest.mark.parametrize("mask_kind", ["bool", "additive", None])
+def test_dequantize_attention_matches_attend_codes(center, scaled, mask_kind, monkeypatch):
+    """The multi-token CUDA path (dequantize + SDPA) gives attend_codes' result, also when batch rows are processed
+    in chunks (forced here with a tiny working-set budget) and means/scales are per batch row."""
+    query, keys, values = make_inputs(b=3, hq=6, hkv=2, q=5, n=40, t=6, d=64)
+    n = 40
+    pk = packed(RowCodec(64, 3.5, seed=1), keys[:, :, :n], center=center, scaled=scaled)
+    pv = packed(RowCodec(64, 3, seed=2), values[:, :, :n], center=center, scaled=scaled)
+    mask = causal_padding_mask(3, 5, n + 6, pad=7)
+    if mask_kind == "additive":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    elif mask_kind is None:
+        mask = None
+    tk, tv = keys[:, :, n:], values[:, :, n:]
+    ref = attend_codes(query, pk, pv, tk, tv, mask, 64**-0.5)
+    for budget in (1 << 30, 1):  # one chunk; one batch row at a time
+        monkeypatch.setattr(kv_attention, "_DEQUANT_BYTES", budget)
+        out = dequantize_attention(query, pk, pv, tk, tv, mask, 64**-0.5)
+        assert out.shape == ref.shape == (3, 5, 6, 64)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="attention mask covers"):
+        dequantize_attention(query, pk, pv, tk, tv, mask[..., 1:] if mask is not None else torch.ones(3, 1, 5, 3,
+                             dtype=torch.bool), 64**-0.5)  # fmt: skip
 
 
 def test_high_bits_close_to_exact_attention():
