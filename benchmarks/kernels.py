@@ -251,6 +251,17 @@ def prefill(dev, q_lens=(128, 512, 2048), context: int = 32768, batch: int = 1) 
     return out
 
 
+def profile_encode(dev) -> None:
+    """Three 4-bit encodes of B = 8, H = 8, T = 32k bf16 rows, for an external profiler:
+    ``ncu -k regex:_encode_kernel -s 2 -c 1 python3 benchmarks/kernels.py --phases profile-encode``."""
+    x = torch.randn(8, HKV, 32768, D, device=dev, dtype=torch.bfloat16)
+    mean = x.float().mean(2, keepdim=True)
+    codec = RowCodec(D, 4, seed=1)
+    for _ in range(3):
+        encode_rows(x, codec, None, mean)
+    torch.cuda.synchronize(dev)
+
+
 def profile_call(dev) -> None:
     """Three K4/V3 calls at B = 8, T = 32k and nothing else, for an external profiler:
     ``ncu -k regex:tq_decode_split -s 2 -c 1 python3 benchmarks/kernels.py --phases profile-call``."""
@@ -658,6 +669,9 @@ def main() -> None:
         print(f"{res['device']}: copy {copy_bw:.2f} TB/s", flush=True)
     if "profile-call" in phases:
         profile_call(dev)
+        return
+    if "profile-encode" in phases:
+        profile_encode(dev)
         return
     if "prefill" in phases:
         res["prefill"] = prefill(dev)
