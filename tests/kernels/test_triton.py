@@ -147,36 +147,46 @@ def test_encode_matches_row_codec(cuda, d, bits, dtype, center):
             assert (a != r).float().mean() < tol, kw
 
 
-def test_cache_uses_kernel_and_matches_reference(cuda, monkeypatch):
-    """TurboQuantCache + codes_attention on CUDA: flushes and decode steps go through the kernels, logits match
-    TURBOVQ_KERNELS=0."""
+def _tiny_llama(cuda):
     transformers = pytest.importorskip("transformers")
-    from turbovq.kernels import decode as kdecode
-    from turbovq.kernels import encode as kencode
-    from turbovq.kv import TurboQuantCache, codes_attention
-
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=96, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
         num_key_value_heads=2, head_dim=128, max_position_embeddings=1024,
     )  # fmt: skip
-    model = transformers.LlamaForCausalLM(config).to(cuda, torch.bfloat16).eval()
+    return transformers.LlamaForCausalLM(config).to(cuda, torch.bfloat16).eval()
+
+
+def _cache_logits(model, ids, monkeypatch, env, step):
+    """``step(cache)`` after a 290-token prefill into a K4/V3 TurboQuantCache, with TURBOVQ_KERNELS=env."""
+    from turbovq.kv import TurboQuantCache, codes_attention
+
+    monkeypatch.setenv("TURBOVQ_KERNELS", env)
+    cache = TurboQuantCache(model.config, key_bits=4, value_bits=3, residual_length=32, flush_block=16)
+    with codes_attention(model), torch.no_grad():
+        model(ids[:, :290], past_key_values=cache, use_cache=True)
+        return step(cache)
+
+
+def test_cache_uses_kernel_and_matches_reference(cuda, monkeypatch):
+    """TurboQuantCache + codes_attention on CUDA: flushes and decode steps go through the kernels, logits match
+    TURBOVQ_KERNELS=0."""
+    from turbovq.kernels import decode as kdecode
+    from turbovq.kernels import encode as kencode
+
+    model = _tiny_llama(cuda)
     ids = torch.randint(0, 96, (2, 300), device=cuda)
     calls, encodes = [], []
     real, real_encode = kdecode.decode_attention, kencode.encode_rows
     monkeypatch.setattr(kdecode, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(kencode, "encode_rows", lambda *a, **k: encodes.append(1) or real_encode(*a, **k))
 
-    def logits(env):
-        monkeypatch.setenv("TURBOVQ_KERNELS", env)
-        cache = TurboQuantCache(model.config, key_bits=4, value_bits=3, residual_length=32, flush_block=16)
-        with codes_attention(model), torch.no_grad():
-            model(ids[:, :290], past_key_values=cache, use_cache=True)
-            return torch.cat([model(ids[:, i : i + 1], past_key_values=cache).logits for i in range(290, 300)], 1)
+    def step(cache):
+        return torch.cat([model(ids[:, i : i + 1], past_key_values=cache).logits for i in range(290, 300)], 1)
 
-    ref = logits("0")
+    ref = _cache_logits(model, ids, monkeypatch, "0", step)
     assert not calls and not encodes
-    out = logits("1")
+    out = _cache_logits(model, ids, monkeypatch, "1", step)
     assert len(calls) == 10 * 2  # every decode step, every layer
     assert len(encodes) >= 2 * 2  # the flushes encode keys and values of every layer through the kernel
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
@@ -185,30 +195,19 @@ def test_cache_uses_kernel_and_matches_reference(cuda, monkeypatch):
 def test_multi_token_steps_over_codes_use_dequantize_sdpa(cuda, monkeypatch):
     """A later multi-token step (chat turn, chunked prefill) over a cache with codes goes through dequantize + SDPA
     on CUDA and gives the reference's logits (TURBOVQ_KERNELS=0) to bf16 accuracy."""
-    transformers = pytest.importorskip("transformers")
-    from turbovq.kv import TurboQuantCache, codes_attention
     from turbovq.kv import attention as kv_attention
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=2, head_dim=128, max_position_embeddings=1024,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(config).to(cuda, torch.bfloat16).eval()
+    model = _tiny_llama(cuda)
     ids = torch.randint(0, 96, (2, 340), device=cuda)
     calls = []
     real = kv_attention.dequantize_attention
     monkeypatch.setattr(kv_attention, "dequantize_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
 
-    def logits(env):
-        monkeypatch.setenv("TURBOVQ_KERNELS", env)
-        cache = TurboQuantCache(model.config, key_bits=4, value_bits=3, residual_length=32, flush_block=16)
-        with codes_attention(model), torch.no_grad():
-            model(ids[:, :290], past_key_values=cache, use_cache=True)
-            return model(ids[:, 290:], past_key_values=cache).logits
+    def step(cache):
+        return model(ids[:, 290:], past_key_values=cache).logits
 
-    ref = logits("0")
+    ref = _cache_logits(model, ids, monkeypatch, "0", step)
     assert not calls
-    out = logits("1")
+    out = _cache_logits(model, ids, monkeypatch, "1", step)
     assert len(calls) == 2  # the 50-token step, every layer
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
