@@ -243,9 +243,14 @@ def prefill(dev, q_lens=(128, 512, 2048), context: int = 32768, batch: int = 1) 
             "attend_codes_ms": bench(lambda q=q, tk=tk: attend_codes(q, pk, pv, tk, tk, None, D**-0.5), 20),
             "dequantize_sdpa_ms": bench(lambda q=q, tk=tk: dequantize_attention(q, pk, pv, tk, tk, None, D**-0.5), 20),
         }  # fmt: skip
+        os.environ["TURBOVQ_KERNELS"] = "0"  # the torch dequantize (PackedRows.dequantize) instead of the kernel
+        rec["torch_dequantize_sdpa_ms"] = bench(lambda q=q, tk=tk: dequantize_attention(q, pk, pv, tk, tk, None,
+                                                                                        D**-0.5), 20)  # fmt: skip
+        del os.environ["TURBOVQ_KERNELS"]
         out.append(rec)
         print(f"prefill q_len={q_len}: bf16 sdpa {rec['sdpa_bf16_ms']:.2f} ms, attend_codes "
-              f"{rec['attend_codes_ms']:.2f} ms, dequantize+sdpa {rec['dequantize_sdpa_ms']:.2f} ms", flush=True)
+              f"{rec['attend_codes_ms']:.2f} ms, dequantize+sdpa {rec['dequantize_sdpa_ms']:.2f} ms (torch dequantize "
+              f"{rec['torch_dequantize_sdpa_ms']:.2f} ms)", flush=True)
         del q, tk, kk
         torch.cuda.empty_cache()
     return out

@@ -127,6 +127,13 @@ _INTERPRETER_CHECK = textwrap.dedent(
                 assert (e_ref[k] != e_out[k]).float().mean() < 1e-3, k
             else:
                 torch.testing.assert_close(e_out[k], e_ref[k], rtol=1e-5, atol=0)
+    from turbovq.kernels.dequantize import dequantize_rows
+    for kb, d, scaled in [(4, 64, False), (3.5, 64, True), (2.5, 128, True), (3, 128, False), (4, 256, True)]:
+        q, pk, pv, tk, tv = tr.make_case(d=d, hq=4, hkv=2, n=70, t=5, key_bits=kb, value_bits=kb, scaled=scaled)
+        ref = pk.dequantize()
+        torch.testing.assert_close(dequantize_rows(pk, torch.float32, block_t=16), ref, rtol=1e-4, atol=1e-4)
+        half = dequantize_rows(pk, torch.float16, block_t=32).float()
+        assert ((half - ref).norm() / ref.norm()).item() < 2e-3, kb
     print("interpreter ok")
     """
 )

@@ -211,3 +211,19 @@ def test_multi_token_steps_over_codes_use_dequantize_sdpa(cuda, monkeypatch):
     out = _cache_logits(model, ids, monkeypatch, "1", step)
     assert len(calls) == 2  # the 50-token step, every layer
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("d,bits,center", [(128, 4, "scaled"), (128, 3, False), (128, 3.5, True), (64, 2.5, "scaled"),
+                                           (256, 4, True), (64, 2, False)])  # fmt: skip
+def test_dequantize_rows_matches_reference(cuda, d, bits, center):
+    """The fused dequantize (multi-token attention's K/V): float32 to 1e-4 of PackedRows.dequantize, bfloat16 and
+    float16 to their own rounding."""
+    from turbovq.kernels.dequantize import dequantize_rows
+
+    _, pk, _, _, _ = make_case(cuda, d, 8, 2, 3, 1000, 0, bits, bits, torch.bfloat16, center)
+    ref = pk.dequantize()
+    torch.testing.assert_close(dequantize_rows(pk, torch.float32), ref, rtol=1e-4, atol=1e-4)
+    for dtype, tol in ((torch.bfloat16, 5e-3), (torch.float16, 1e-3)):
+        out = dequantize_rows(pk, dtype)
+        assert out.dtype == dtype and out.shape == ref.shape
+        assert ((out.float() - ref).norm() / ref.norm()).item() < tol, dtype
