@@ -42,13 +42,14 @@ from turbovq.kernels.decode import decode_attention
 from turbovq.kernels.encode import encode_rows
 from turbovq.kv.cache import PackedRows, RowCodec
 
-# name -> (key bits, value bits, split-pass backend); "auto" runs decode_mma.cu where it applies (K4/V3, K4/V4)
+# name -> (key bits, value bits, split-pass backend); "auto" runs decode_mma.cu where it applies (all but 2.5 bits)
 CONFIGS = {
     "K4/V3": (4, 3, "auto"),
     "K4/V4": (4, 4, "auto"),
     "3.5": (3.5, 3.5, "auto"),
     "2.5": (2.5, 2.5, "auto"),
     "K4/V3 triton": (4, 3, "triton"),
+    "3.5 triton": (3.5, 3.5, "triton"),
 }
 HQ, HKV, D, TAIL = 32, 8, 128, 128
 

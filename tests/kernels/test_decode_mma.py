@@ -26,26 +26,32 @@ def _nvrtc_available() -> bool:
 needs_nvrtc = pytest.mark.skipif(not _nvrtc_available(), reason="libnvrtc not installed")
 
 NAMES = (b"tq_decode_split",)
-# (D, G, key bits, value bits, key/value symmetric tables, norm dtype, query dtype, mask dtype, mask, k mean, softcap)
+# (D, G, key groups, value groups, symmetric 4-bit tables, norm dtype, query dtype, mask dtype, mask, k mean,
+# softcap); groups are (bits, channels), outliers first
 CONFIGS = [
-    (128, 4, 4, 3, 1, 0, 0, 1, 3, 1, 1, 0),  # Llama-3.1-8B, K4/V3, bool mask, centered keys
-    (128, 4, 4, 4, 1, 1, 0, 0, 0, 1, 0, 0),  # K4/V4, additive float16 mask
-    (128, 4, 4, 4, 0, 0, 2, 2, 3, 0, 0, 0),  # asymmetric 4-bit tables, float32 norms and queries
-    (64, 8, 3, 3, 0, 0, 0, 0, 2, 1, 1, 1),  # 3-bit slices straddling words, soft-capping
-    (64, 3, 4, 3, 1, 0, 1, 1, 1, 1, 0, 0),  # G = 3, bfloat16 mask
-    (256, 8, 3, 4, 0, 1, 0, 1, 3, 0, 1, 0),
-    (256, 1, 4, 3, 1, 0, 0, 2, 3, 0, 0, 0),
+    (128, 4, [(4, 128)], [(3, 128)], 1, 0, 1, 3, 1, 1, 0),  # Llama-3.1-8B, K4/V3, bool mask, centered keys
+    (128, 4, [(4, 128)], [(4, 128)], 1, 1, 0, 0, 1, 1, 0),  # K4/V4, additive float16 mask
+    (128, 4, [(4, 128)], [(4, 128)], 0, 2, 2, 3, 0, 0, 0),  # asymmetric 4-bit tables, float32 norms and queries
+    (128, 4, [(4, 64), (3, 64)], [(4, 64), (3, 64)], 1, 0, 1, 3, 1, 1, 0),  # 3.5 bits: two groups per side
+    (64, 8, [(3, 64)], [(3, 64)], 0, 0, 0, 2, 1, 1, 1),  # 3-bit slices straddling words, soft-capping
+    (64, 3, [(4, 64)], [(3, 64)], 1, 0, 1, 1, 1, 0, 0),  # G = 3, bfloat16 mask
+    (256, 8, [(3, 256)], [(4, 256)], 0, 1, 0, 1, 3, 0, 1),
+    (256, 2, [(4, 128), (3, 128)], [(3, 128), (4, 128)], 1, 0, 0, 3, 0, 0, 0),
 ]
 
 
-def _options(d, g, kb, vb, ksym, vsym, norm, qt, mt, mask, kmean, softcap, **tune):
-    opts = dict(kdecode.MMA_TUNING, D=d, G=g, KBITS=kb, VBITS=vb, KSYM=ksym, VSYM=vsym, KNORM=norm, VNORM=norm,
-                QTYPE=qt, MTYPE=mt, HAS_MASK=mask, HAS_KMEAN=kmean, SOFTCAP=softcap, **tune)  # fmt: skip
+def _options(d, g, kg, vg, sym, norm, qt, mt, mask, kmean, softcap, **tune):
+    opts = dict(kdecode.MMA_TUNING, D=d, G=g, KNORM=norm, VNORM=norm, QTYPE=qt, MTYPE=mt, HAS_MASK=mask,
+                HAS_KMEAN=kmean, SOFTCAP=softcap, **tune)  # fmt: skip
+    for side, groups in (("K", kg), ("V", vg)):
+        (b0, d0), (b1, d1) = groups[0], (groups[1] if len(groups) > 1 else (groups[0][0], 0))
+        opts.update({f"{side}B0": b0, f"{side}D0": d0, f"{side}B1": b1, f"{side}D1": d1,
+                     f"{side}SYM0": int(sym and b0 == 4), f"{side}SYM1": int(sym and b1 == 4)})  # fmt: skip
     return tuple(f"-D{k}={v}" for k, v in opts.items())
 
 
 @needs_nvrtc
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"d{c[0]}-g{c[1]}-k{c[2]}v{c[3]}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"d{c[0]}-g{c[1]}-k{len(c[2])}x{c[2][0][0]}-v{c[3][0][0]}")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_compiles(cfg, arch):
     cubin = cuda.compile_cubin(kdecode._MMA_SOURCE, arch, _options(*cfg))
@@ -82,8 +88,9 @@ def test_byte_tables_hold_the_centroids(bits):
 
 
 def test_params_struct_matches_the_c_layout():
-    """10 pointers, 9 int64, 5 int32, 2 float32, two 8-word tables: 244 bytes, padded to 248 (8-byte alignment)."""
+    """14 pointers, 9 int64, 5 int32, 2 float32, four 8-word tables: 340 bytes, padded to 344 (8-byte alignment)."""
     fields = dict(kdecode._MmaParams._fields_)
-    assert ctypes.sizeof(kdecode._MmaParams) == 248
-    assert kdecode._MmaParams.ktab.offset == 10 * 8 + 9 * 8 + 5 * 4 + 2 * 4
+    assert ctypes.sizeof(kdecode._MmaParams) == 344
+    assert kdecode._MmaParams.ktab.offset == 14 * 8 + 9 * 8 + 5 * 4 + 2 * 4
+    assert kdecode._MmaParams.vtab.offset == kdecode._MmaParams.ktab.offset + 64
     assert fields["scaling"] is ctypes.c_float and list(itertools.islice(fields, 2)) == ["ws", "part"]

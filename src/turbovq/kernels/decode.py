@@ -603,8 +603,11 @@ class _Side:
         b1, d1 = (rest[0][0], rest[0][1]) if rest else (b0, 0)
         self.consts = (b0, d0, b1, d1)
         self.prmt = _prmt_ok(codec)
-        self.mma_sym = b0 == 4 and self.prmt  # a symmetric 4-bit table: decode_mma.cu looks up its upper half
-        self.mma_tab = (ctypes.c_uint32 * 8)(*_byte_tables(halves[0][8:] if self.mma_sym else halves[0]))
+        # decode_mma.cu: per group, whether a 4-bit table is symmetric (then only its upper half is looked up) and
+        # the PRMT tables
+        self.mma_sym = tuple(b == 4 and torch.equal(h, -h.flip(0)) for b, h in zip((b0, b1), halves))
+        tabs = [_byte_tables(h[8:] if sym else h) for h, sym in zip(halves, self.mma_sym)]
+        self.mma_tab = ((ctypes.c_uint32 * 8) * 2)(*((ctypes.c_uint32 * 8)(*t) for t in tabs))
 
 
 _LAYERS: dict[tuple, tuple] = {}  # per-layer constants of both sides, see reference.weak_cached
@@ -638,11 +641,12 @@ class _MmaParams(ctypes.Structure):
     """Mirror of ``struct Params`` in decode_mma.cu (one by-value kernel argument)."""
 
     _fields_ = (
-        [(k, ctypes.c_void_p) for k in ("ws", "part", "kc", "kn", "vc", "vn", "q", "tk", "tv", "mask")]
+        [(k, ctypes.c_void_p) for k in ("ws", "part", "kc0", "kn0", "kc1", "kn1", "vc0", "vn0", "vc1", "vn1")]
+        + [(k, ctypes.c_void_p) for k in ("q", "tk", "tv", "mask")]
         + [(k, ctypes.c_longlong) for k in ("k_alloc", "v_alloc", "sqb", "sqh", "stb", "sth", "stt", "smb", "smt")]
         + [(k, ctypes.c_int) for k in ("n", "t_len", "split_len", "S", "H")]
         + [("scaling", ctypes.c_float), ("softcap", ctypes.c_float)]
-        + [("ktab", ctypes.c_uint32 * 8), ("vtab", ctypes.c_uint32 * 8)]
+        + [("ktab", (ctypes.c_uint32 * 8) * 2), ("vtab", (ctypes.c_uint32 * 8) * 2)]
     )
 
 
@@ -658,20 +662,22 @@ def _byte_tables(half: torch.Tensor) -> list[int]:
 
 
 def _mma_ok(query, keys: PackedRows, values: PackedRows, groups: int, fields, mask) -> bool:
-    """The CUDA split pass handles one code group per side at 3 or 4 bits, head_dim 64/128/256 and G <= 8."""
+    """The CUDA split pass handles 3- and 4-bit groups of >= 64 channels (one, or two for fractional widths), the
+    same norm dtype in both groups, head_dim 64/128/256 and G <= 8."""
     if not query.is_cuda or not _PRMT or os.environ.get("TURBOVQ_CUDA", "1") == "0":  # _PRMT: not the interpreter
         return False
     if groups > 8 or query.shape[-1] not in (64, 128, 256):
         return False
     for rows in (keys, values):
-        if len(rows.codec.groups) != 1 or rows.codec.groups[0][0] not in (3, 4):
+        if any(bits not in (3, 4) or d < 64 for bits, d, _ in rows.codec.groups):
             return False
     if mask is not None and mask.dtype not in _DTYPE_CODE:
         return False
-    codes_k, norms_k, codes_v, norms_v = fields
+    codes, norms = fields[0::2], fields[1::2]
     floats = (torch.float16, torch.bfloat16, torch.float32)
-    aligned = codes_k.data_ptr() % 16 == 0 and codes_v.data_ptr() % 16 == 0  # 16-byte code loads
-    return aligned and norms_k.dtype in floats and norms_v.dtype in floats
+    aligned = all(c.data_ptr() % 16 == 0 for c in codes)  # 16-byte code loads
+    same = norms[0].dtype == norms[1].dtype and norms[2].dtype == norms[3].dtype
+    return aligned and same and norms[0].dtype in floats and norms[2].dtype in floats
 
 
 # decode_mma.cu tuning (measured on an H200, benchmarks/kernels.py --phases tune-cuda): warps per block, 16-token
@@ -683,10 +689,13 @@ def _mma_kernel(dim, groups, ks, vs, knorm, vnorm, qtype, mask, has_kmean, softc
     from turbovq.kernels import cuda
 
     mtype = _DTYPE_CODE[mask.dtype] if mask is not None else 3
-    opts = dict(MMA_TUNING, D=dim, G=groups, KBITS=ks.consts[0], VBITS=vs.consts[0], KSYM=int(ks.mma_sym),
-                VSYM=int(vs.mma_sym), KNORM=_DTYPE_CODE[knorm],
-                VNORM=_DTYPE_CODE[vnorm], QTYPE=_DTYPE_CODE[qtype], MTYPE=mtype, HAS_MASK=int(mask is not None),
-                HAS_KMEAN=int(has_kmean), SOFTCAP=int(softcap is not None))  # fmt: skip
+    opts = dict(MMA_TUNING, D=dim, G=groups, KNORM=_DTYPE_CODE[knorm], VNORM=_DTYPE_CODE[vnorm],
+                QTYPE=_DTYPE_CODE[qtype], MTYPE=mtype, HAS_MASK=int(mask is not None), HAS_KMEAN=int(has_kmean),
+                SOFTCAP=int(softcap is not None))  # fmt: skip
+    for side, c in (("K", ks), ("V", vs)):
+        b0, d0, b1, d1 = c.consts
+        opts.update({f"{side}B0": b0, f"{side}D0": d0, f"{side}B1": b1, f"{side}D1": d1,
+                     f"{side}SYM0": int(c.mma_sym[0]), f"{side}SYM1": int(c.mma_sym[1])})  # fmt: skip
     return cuda.kernel(_MMA_SOURCE, "tq_decode_split", device, tuple(f"-D{k}={v}" for k, v in opts.items()))
 
 
@@ -793,7 +802,8 @@ def decode_attention(
         G=groups, BLOCK_G=block_g, D=dim, BN=bn, HAS_KSCALE=ks.scale is not None,
         HAS_KMEAN=ks.mean is not None, num_warps=4,
     )  # fmt: skip
-    fields = (kf["codes0"], kf["norms0"], vf["codes0"], vf["norms0"])
+    k1, v1 = min(1, len(keys.codec.groups) - 1), min(1, len(values.codec.groups) - 1)
+    fields = tuple(f[f"{k}{i}"] for f, i in ((kf, 0), (kf, k1), (vf, 0), (vf, v1)) for k in ("codes", "norms"))
     use_mma = backend != "triton" and _mma_ok(query, keys, values, groups, fields, mask)
     if backend == "cuda" and not use_mma:
         raise ValueError("the CUDA split pass does not handle this call (see decode_attention's backend)")
@@ -811,7 +821,6 @@ def decode_attention(
         kern((splits + 1, bh, 1), 32 * MMA_TUNING["NWARPS"], prm, torch.cuda.current_stream(dev).cuda_stream)
     else:
         cnt = _counters(dev, bh) if fused_reduce else ws
-        k1, v1 = min(1, len(keys.codec.groups) - 1), min(1, len(values.codec.groups) - 1)
         _decode_kernel[(splits + 1, bh)](
             ws, query, query.stride(0), query.stride(1),
             kf["codes0"], kf["norms0"], kf[f"codes{k1}"], kf[f"norms{k1}"], ks.cent, ks.tab,

@@ -21,8 +21,10 @@
 //           2 t4, 2 t4 + 1, 2 t4 + 8, 2 t4 + 9 at coordinates [g * D/8, +D/8) and owns those accumulator rows.
 // Centroids come from byte-permute (PRMT) lookups in tables held in registers: no memory access per code.
 //
-// Configuration macros (set by decode.py): D, G, KBITS, VBITS (3 or 4), NWARPS, KNORM / VNORM / QTYPE / MTYPE
-// (0 float16, 1 bfloat16, 2 float32, 3 bool), HAS_MASK, HAS_KMEAN, SOFTCAP, KSYM / VSYM (symmetric 4-bit tables);
+// Configuration macros (set by decode.py): D, G, NWARPS; per side and channel group i (fractional widths have two:
+// outliers first) KB_i / VB_i (3 or 4 bits), KD_i / VD_i (channels, >= 64; KD1 = VD1 = 0 for one group),
+// KSYM_i / VSYM_i (symmetric 4-bit table); KNORM / VNORM / QTYPE / MTYPE (0 float16, 1 bfloat16, 2 float32,
+// 3 bool), HAS_MASK, HAS_KMEAN, SOFTCAP;
 // tuning: UC (16-token chunks per unit), MINB (blocks per SM the register allocation must allow); DBG (timing
 // experiments only, wrong results on purpose: 1 = no decode, 2 = no code loads).
 
@@ -32,10 +34,14 @@ typedef unsigned short u16;
 struct Params {
     const float* ws;  // rotated queries (BH, G, D) float32, then <q, mu_k> (BH, G)
     float* part;      // partials: m (PG), l (PG), acc (PG, D); PG = BH * (S + 1) * G
-    const u32* kc;    // key codes: (BH, k_alloc, D * KBITS / 32) words
-    const void* kn;   // key norms: (BH, k_alloc)
-    const u32* vc;
-    const void* vn;
+    const u32* kc0;   // key codes of group 0 / 1: (BH, k_alloc, KD_i * KB_i / 32) words
+    const void* kn0;  // key norms of group 0 / 1: (BH, k_alloc)
+    const u32* kc1;
+    const void* kn1;
+    const u32* vc0;
+    const void* vn0;
+    const u32* vc1;
+    const void* vn1;
     const void* q;     // the unrotated query (for the tail)
     const void* tk;    // tail keys / values (B, H, t_len, D), query dtype
     const void* tv;
@@ -44,18 +50,24 @@ struct Params {
     long long sqb, sqh, stb, sth, stt, smb, smt;
     int n, t_len, split_len, S, H;
     float scaling, softcap;
-    u32 ktab[8];  // PRMT tables: low bytes, then high bytes, of the float16 centroids (8 entries: words 0-3)
-    u32 vtab[8];
+    u32 ktab[2][8];  // PRMT tables per group: low bytes, then high bytes, of the float16 centroids
+    u32 vtab[2][8];
 };
 
-#define KROW (D * KBITS / 32)
-#define VROW (D * VBITS / 32)
-#define KC (D / 4)  // key coordinates per lane
-#define VC (D / 8)  // value coordinates per lane
-// raw words per lane slice: 4 bits are word-aligned; a 3-bit slice of 8 or 16 codes may straddle one more word
+// Channel groups (outliers + the rest for fractional widths; KD1 = VD1 = 0 for one group). Per group: words per
+// row, coordinates per lane (keys: D_i / 4 by t4, values: D_i / 8 by g) and raw words per lane slice (4 bits are
+// word-aligned; a 3-bit slice of 8 or 16 codes may straddle one more word).
 #define RAW(BITS, NC) ((BITS) == 4 ? (NC) / 8 : ((3 * (NC)) % 32 ? 2 : 3 * (NC) / 32))
-#define KW RAW(KBITS, KC)
-#define VW RAW(VBITS, VC)
+#define KDG1 (KD1 > 0 ? KD1 : 64)  // sizes the (unused) group-1 arrays of a one-group side
+#define VDG1 (VD1 > 0 ? VD1 : 64)
+#define KROW0 (KD0 * KB0 / 32)
+#define KROW1 (KD1 * KB1 / 32)
+#define VROW0 (VD0 * VB0 / 32)
+#define VROW1 (VD1 * VB1 / 32)
+#define KW0 RAW(KB0, KD0 / 4)
+#define KW1 RAW(KB1, KDG1 / 4)
+#define VW0 RAW(VB0, VD0 / 8)
+#define VW1 RAW(VB1, VDG1 / 8)
 #define LOG2E 1.4426950408889634f
 #define NEG_BIG -1e30f
 
@@ -217,30 +229,91 @@ __device__ __forceinline__ float raw_f(u32 x) {
 #define DBG 0  // timing experiments only: 1 = no decode (raw words used as operands), 2 = no code loads
 #endif  // tokens per unit (UC 16-token chunks)
 
-struct Unit {  // raw data of one unit for one lane
-    u32 k[UC][2][KW];  // [chunk][token g, g + 8][words]
-    u32 v[UC][4][VW];  // [chunk][tokens 2 t4, 2 t4 + 1, 2 t4 + 8, 2 t4 + 9][words]
-    u32 kn[UC][2], vn[UC][2];  // norms of tokens g, g + 8 (raw bits)
+struct Unit {  // raw data of one unit for one lane: per chunk, keys of tokens g, g + 8 and values of tokens
+               // 2 t4, 2 t4 + 1, 2 t4 + 8, 2 t4 + 9, per group; norms raw (converted at use)
+    u32 k0[UC][2][KW0], k1[UC][2][KW1];
+    u32 v0[UC][4][VW0], v1[UC][4][VW1];
+    u32 kn[UC][2][2], vn[UC][2][2];  // [chunk][token g, g + 8][group]
 };
 
 // Codes and norms of the unit starting at token t0; rows past the last code (n - 1) read that row instead.
-__device__ __forceinline__ void load_unit(const Params& p, Unit& u, int t0, int g, int t4, const u32* kbase,
-                                          const u32* vbase, long long nb_k, long long nb_v) {
+__device__ __forceinline__ void load_unit(const Params& p, Unit& u, int t0, int g, int t4, long long nb_k,
+                                          long long nb_v) {
     const int last = p.n - 1;
 #pragma unroll
     for (int c = 0; c < UC; c++) {
 #pragma unroll
         for (int j = 0; j < 2; j++) {
-            int t = min(t0 + 16 * c + g + 8 * j, last);
-            load_slice<KBITS, KC, KW>(kbase + (long long)t * KROW, t4 * KC, u.k[c][j]);
-            u.kn[c][j] = load_raw<KNORM>(p.kn, nb_k + t);
-            u.vn[c][j] = load_raw<VNORM>(p.vn, nb_v + t);
+            const long long tk = nb_k + min(t0 + 16 * c + g + 8 * j, last);
+            const long long tv = nb_v + min(t0 + 16 * c + g + 8 * j, last);
+            load_slice<KB0, KD0 / 4, KW0>(p.kc0 + tk * KROW0, t4 * (KD0 / 4), u.k0[c][j]);
+            u.kn[c][j][0] = load_raw<KNORM>(p.kn0, tk);
+            u.vn[c][j][0] = load_raw<VNORM>(p.vn0, tv);
+            if (KD1 > 0) {
+                load_slice<KB1, KD1 / 4, KW1>(p.kc1 + tk * KROW1, t4 * (KD1 / 4), u.k1[c][j]);
+                u.kn[c][j][1] = load_raw<KNORM>(p.kn1, tk);
+            }
+            if (VD1 > 0) u.vn[c][j][1] = load_raw<VNORM>(p.vn1, tv);
         }
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            int t = min(t0 + 16 * c + 2 * t4 + (j & 1) + 8 * (j >> 1), last);
-            load_slice<VBITS, VC, VW>(vbase + (long long)t * VROW, g * VC, u.v[c][j]);
+            const long long tv = nb_v + min(t0 + 16 * c + 2 * t4 + (j & 1) + 8 * (j >> 1), last);
+            load_slice<VB0, VD0 / 8, VW0>(p.vc0 + tv * VROW0, g * (VD0 / 8), u.v0[c][j]);
+            if (VD1 > 0) load_slice<VB1, VD1 / 8, VW1>(p.vc1 + tv * VROW1, g * (VD1 / 8), u.v1[c][j]);
         }
+    }
+}
+
+// Scores of one key group for a chunk: s += K_i (16 tokens x D_i) . Qrot_i^T, A fragments decoded from the codes
+// of tokens g (kw0) and g + 8 (kw1), two accumulation chains (half the dependent mma latency).
+template <int BITS, int DG, int W, bool SYM>
+__device__ __forceinline__ void score_group(float (&s)[4], const u32 (&kw0)[W], const u32 (&kw1)[W], int sh,
+                                            const u32 (&tab)[8], const u32 (&qb)[DG / 16][2]) {
+    u32 a0[DG / 8], a1[DG / 8];
+    decode_slice<BITS, DG / 4, W, SYM>(kw0, sh, tab, a0);
+    decode_slice<BITS, DG / 4, W, SYM>(kw1, sh, tab, a1);
+    float s2[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int kt = 0; kt < DG / 16; kt++)
+        mma16816(kt & 1 ? s2 : s, a0[2 * kt], a1[2 * kt], a0[2 * kt + 1], a1[2 * kt + 1], qb[kt][0], qb[kt][1]);
+#pragma unroll
+    for (int i = 0; i < 4; i++) s[i] += s2[i];
+}
+
+// Values of one group for a chunk: acc += V_i^T (D_i x 16 tokens) . (p ||v||_i)^T; one byte permute per register
+// turns two tokens' coordinate pairs into the token pairs of the A fragment.
+template <int BITS, int DG, int W, bool SYM>
+__device__ __forceinline__ void value_group(float (&acc)[DG / 16][4], const u32 (&vw)[4][W], int sh,
+                                            const u32 (&tab)[8], u32 pb0, u32 pb1) {
+    u32 v[4][DG / 16];
+#pragma unroll
+    for (int j = 0; j < 4; j++) decode_slice<BITS, DG / 8, W, SYM>(vw[j], sh, tab, v[j]);
+#pragma unroll
+    for (int mt = 0; mt < DG / 16; mt++)
+        mma16816(acc[mt], __byte_perm(v[0][mt], v[1][mt], 0x5410), __byte_perm(v[0][mt], v[1][mt], 0x7632),
+                 __byte_perm(v[2][mt], v[3][mt], 0x5410), __byte_perm(v[2][mt], v[3][mt], 0x7632), pb0, pb1);
+}
+
+// The B fragment of (p * ||v||)^T for one value group: lane (g, t4) needs head g at tokens 2 t4, 2 t4 + 1 (b0) and
+// + 8 (b1); pr[i] is (token g + 8 (i >> 1), head 2 t4 + (i & 1)).
+__device__ __forceinline__ void prob_fragment(const float (&pr)[4], float vn0, float vn1, int src0, int sel, u32& pb0,
+                                              u32& pb1) {
+    const u32 x01 = pack_h2(pr[0] * vn0, pr[1] * vn0), x23 = pack_h2(pr[2] * vn1, pr[3] * vn1);
+    const u32 y0 = __shfl_sync(0xffffffffu, x01, src0), y1 = __shfl_sync(0xffffffffu, x01, src0 + 4);
+    const u32 y2 = __shfl_sync(0xffffffffu, x23, src0), y3 = __shfl_sync(0xffffffffu, x23, src0 + 4);
+    pb0 = __byte_perm(y0, y1, sel);
+    pb1 = __byte_perm(y2, y3, sel);
+}
+
+// Query B fragments of one key group: lane (g, t4) holds head g at the group's coordinates t4 * D_i / 4 + 4 kt +
+// {0, 1} (b0) and {2, 3} (b1).
+template <int DG>
+__device__ __forceinline__ void query_fragments(u32 (&qb)[DG / 16][2], const float* qr, bool valid) {
+#pragma unroll
+    for (int kt = 0; kt < DG / 16; kt++) {
+        float4 x = valid ? *(const float4*)(qr + 4 * kt) : make_float4(0.f, 0.f, 0.f, 0.f);
+        qb[kt][0] = pack_h2(x.x, x.y);
+        qb[kt][1] = pack_h2(x.z, x.w);
     }
 }
 
@@ -340,19 +413,14 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
         return;
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
-    u32 ktab[8], vtab[8];
+    u32 ktab0[8], ktab1[8], vtab0[8], vtab1[8];
 #pragma unroll
-    for (int i = 0; i < 8; i++) ktab[i] = p.ktab[i], vtab[i] = p.vtab[i];
-
-    // query B fragments: lane (g, t4) holds head g at coordinates t4 * KC + 4 kt + {0, 1} (b0) and {2, 3} (b1)
-    u32 qb[D / 16][2];
-    const float* qr = p.ws + ((long long)pid_bh * G + g) * D + t4 * KC;
-#pragma unroll
-    for (int kt = 0; kt < D / 16; kt++) {
-        float4 x = g < G ? *(const float4*)(qr + 4 * kt) : make_float4(0.f, 0.f, 0.f, 0.f);
-        qb[kt][0] = pack_h2(x.x, x.y);
-        qb[kt][1] = pack_h2(x.z, x.w);
-    }
+    for (int i = 0; i < 8; i++) ktab0[i] = p.ktab[0][i], ktab1[i] = p.ktab[1][i], vtab0[i] = p.vtab[0][i],
+                                vtab1[i] = p.vtab[1][i];
+    const float* qr = p.ws + ((long long)pid_bh * G + g) * D;
+    u32 qb0[KD0 / 16][2], qb1[KDG1 / 16][2];
+    query_fragments<KD0>(qb0, qr + t4 * (KD0 / 4), g < G);
+    if (KD1 > 0) query_fragments<KDG1>(qb1, qr + KD0 + t4 * (KD1 / 4), g < G);
     float qm[2] = {0.f, 0.f};  // <q, mu_k> of heads 2 t4, 2 t4 + 1
 #if HAS_KMEAN
 #pragma unroll
@@ -361,43 +429,40 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
 #endif
 
     const long long nb_k = (long long)pid_bh * p.k_alloc, nb_v = (long long)pid_bh * p.v_alloc;
-    const u32* kbase = p.kc + nb_k * KROW;
-    const u32* vbase = p.vc + nb_v * VROW;
     const int lo = pid_s * p.split_len, hi = min(p.n, lo + p.split_len);
     const int units = (hi - lo + UT - 1) / UT;
 
-    float acc[D / 16][4];  // O^T fragments: rows (coords g * VC + 2 mt, + 1), columns (heads 2 t4, 2 t4 + 1)
+    // O^T fragments per value group: rows (coords g * D_i / 8 + 2 mt, + 1), columns (heads 2 t4, 2 t4 + 1)
+    float acc0[VD0 / 16][4], acc1[VDG1 / 16][4];
 #pragma unroll
-    for (int i = 0; i < D / 16; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    for (int i = 0; i < VD0 / 16; i++) acc0[i][0] = acc0[i][1] = acc0[i][2] = acc0[i][3] = 0.f;
+#pragma unroll
+    for (int i = 0; i < VDG1 / 16; i++) acc1[i][0] = acc1[i][1] = acc1[i][2] = acc1[i][3] = 0.f;
     float m[2] = {NEG_BIG, NEG_BIG}, l[2] = {0.f, 0.f};
 
     const int sel = (g & 1) ? 0x7632 : 0x5410;  // this lane's head (g) half of a shuffled half2
-    const int src0 = (2 * t4) * 4 + (g >> 1), src1 = src0 + 4;
-    const int ksh = (KBITS * t4 * KC) & 31, vsh = (VBITS * g * VC) & 31;  // bit of a slice's first code
+    const int src0 = (2 * t4) * 4 + (g >> 1);
+    // bit of a slice's first code in its first word
+    const int ksh0 = (KB0 * t4 * (KD0 / 4)) & 31, ksh1 = (KB1 * t4 * (KD1 / 4)) & 31;
+    const int vsh0 = (VB0 * g * (VD0 / 8)) & 31, vsh1 = (VB1 * g * (VD1 / 8)) & 31;
     Unit cur;
-    if (warp < units) load_unit(p, cur, lo + UT * warp, g, t4, kbase, vbase, nb_k, nb_v);
+    if (warp < units) load_unit(p, cur, lo + UT * warp, g, t4, nb_k, nb_v);
     for (int u = warp; u < units; u += NWARPS) {
         Unit nxt;
         const int t0 = lo + UT * u;
-        if (u + NWARPS < units) load_unit(p, nxt, t0 + UT * NWARPS, g, t4, kbase, vbase, nb_k, nb_v);
+        if (u + NWARPS < units) load_unit(p, nxt, t0 + UT * NWARPS, g, t4, nb_k, nb_v);
         float s[UC][4];
 #pragma unroll
         for (int c = 0; c < UC; c++) {
-            u32 k0[KC / 2], k1[KC / 2];
-            decode_slice<KBITS, KC, KW, KSYM>(cur.k[c][0], ksh, ktab, k0);
-            decode_slice<KBITS, KC, KW, KSYM>(cur.k[c][1], ksh, ktab, k1);
-            float s2[4] = {0.f, 0.f, 0.f, 0.f};  // two accumulation chains halve the dependent mma latency
-            s[c][0] = s[c][1] = s[c][2] = s[c][3] = 0.f;
-#pragma unroll
-            for (int kt = 0; kt < D / 16; kt++)
-                mma16816(kt & 1 ? s2 : s[c], k0[2 * kt], k1[2 * kt], k0[2 * kt + 1], k1[2 * kt + 1], qb[kt][0],
-                         qb[kt][1]);
-#pragma unroll
-            for (int i = 0; i < 4; i++) s[c][i] += s2[i];
+            float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
+            score_group<KB0, KD0, KW0, KSYM0>(s0, cur.k0[c][0], cur.k0[c][1], ksh0, ktab0, qb0);
+            if (KD1 > 0) score_group<KB1, KDG1, KW1, KSYM1>(s1, cur.k1[c][0], cur.k1[c][1], ksh1, ktab1, qb1);
 #pragma unroll
             for (int i = 0; i < 4; i++) {  // i: (token g + 8 (i >> 1), head 2 t4 + (i & 1))
-                int t = t0 + 16 * c + g + 8 * (i >> 1);
-                s[c][i] = finish_score(p, s[c][i] * raw_f<KNORM>(cur.kn[c][i >> 1]) + qm[i & 1], b, t, t < hi);
+                const int t = t0 + 16 * c + g + 8 * (i >> 1);
+                float x = s0[i] * raw_f<KNORM>(cur.kn[c][i >> 1][0]) + qm[i & 1];
+                if (KD1 > 0) x += s1[i] * raw_f<KNORM>(cur.kn[c][i >> 1][1]);
+                s[c][i] = finish_score(p, x, b, t, t < hi);
             }
         }
         float alpha[2];
@@ -415,8 +480,11 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
         }
         if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-            for (int i = 0; i < D / 16; i++) acc[i][0] *= alpha[0], acc[i][1] *= alpha[1], acc[i][2] *= alpha[0],
-                                             acc[i][3] *= alpha[1];
+            for (int i = 0; i < VD0 / 16; i++)
+                acc0[i][0] *= alpha[0], acc0[i][1] *= alpha[1], acc0[i][2] *= alpha[0], acc0[i][3] *= alpha[1];
+#pragma unroll
+            for (int i = 0; i < (VD1 > 0 ? VD1 / 16 : 0); i++)
+                acc1[i][0] *= alpha[0], acc1[i][1] *= alpha[1], acc1[i][2] *= alpha[0], acc1[i][3] *= alpha[1];
             l[0] *= alpha[0], l[1] *= alpha[1];
         }
 #pragma unroll
@@ -427,19 +495,13 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
                 pr[i] = ex2(s[c][i] - m[i & 1]);
                 l[i & 1] += pr[i];
             }
-            // B fragment of (p ||v||)^T: lane (g, t4) needs head g at tokens 2 t4, 2 t4 + 1 (b0), + 8 (b1)
-            const float vn0 = raw_f<VNORM>(cur.vn[c][0]), vn1 = raw_f<VNORM>(cur.vn[c][1]);
-            u32 x01 = pack_h2(pr[0] * vn0, pr[1] * vn0), x23 = pack_h2(pr[2] * vn1, pr[3] * vn1);
-            u32 y0 = __shfl_sync(0xffffffffu, x01, src0), y1 = __shfl_sync(0xffffffffu, x01, src1);
-            u32 y2 = __shfl_sync(0xffffffffu, x23, src0), y3 = __shfl_sync(0xffffffffu, x23, src1);
-            u32 pb0 = __byte_perm(y0, y1, sel), pb1 = __byte_perm(y2, y3, sel);
-            u32 v[4][VC / 2];
-#pragma unroll
-            for (int j = 0; j < 4; j++) decode_slice<VBITS, VC, VW, VSYM>(cur.v[c][j], vsh, vtab, v[j]);
-#pragma unroll
-            for (int mt = 0; mt < D / 16; mt++)
-                mma16816(acc[mt], __byte_perm(v[0][mt], v[1][mt], 0x5410), __byte_perm(v[0][mt], v[1][mt], 0x7632),
-                         __byte_perm(v[2][mt], v[3][mt], 0x5410), __byte_perm(v[2][mt], v[3][mt], 0x7632), pb0, pb1);
+            u32 pb0, pb1;
+            prob_fragment(pr, raw_f<VNORM>(cur.vn[c][0][0]), raw_f<VNORM>(cur.vn[c][1][0]), src0, sel, pb0, pb1);
+            value_group<VB0, VD0, VW0, VSYM0>(acc0, cur.v0[c], vsh0, vtab0, pb0, pb1);
+            if (VD1 > 0) {
+                prob_fragment(pr, raw_f<VNORM>(cur.vn[c][0][1]), raw_f<VNORM>(cur.vn[c][1][1]), src0, sel, pb0, pb1);
+                value_group<VB1, VDG1, VW1, VSYM1>(acc1, cur.v1[c], vsh1, vtab1, pb0, pb1);
+            }
         }
         cur = nxt;
     }
@@ -452,9 +514,14 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
         if (hh < G) {
             if (g == 0) sm.m[warp][hh] = m[j], sm.l[warp][hh] = l[j];
 #pragma unroll
-            for (int mt = 0; mt < D / 16; mt++) {
-                sm.acc[warp][hh][g * VC + 2 * mt] = acc[mt][j];
-                sm.acc[warp][hh][g * VC + 2 * mt + 1] = acc[mt][j + 2];
+            for (int mt = 0; mt < VD0 / 16; mt++) {
+                sm.acc[warp][hh][g * (VD0 / 8) + 2 * mt] = acc0[mt][j];
+                sm.acc[warp][hh][g * (VD0 / 8) + 2 * mt + 1] = acc0[mt][j + 2];
+            }
+#pragma unroll
+            for (int mt = 0; mt < (VD1 > 0 ? VD1 / 16 : 0); mt++) {
+                sm.acc[warp][hh][VD0 + g * (VD1 / 8) + 2 * mt] = acc1[mt][j];
+                sm.acc[warp][hh][VD0 + g * (VD1 / 8) + 2 * mt + 1] = acc1[mt][j + 2];
             }
         }
     }
