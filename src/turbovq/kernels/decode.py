@@ -19,7 +19,7 @@ Algorithm (the torch twin is :func:`turbovq.kernels.reference.split_decode_refer
    (``s^T = K q^T``, ``acc^T += V^T p^T``): the decoded tile is the tall operand (measured 3-23% faster on an
    H200). Program ``s = S`` does the full-precision tail window in the original space. Centered caches add
    ``<q, mu_k>`` to every code score. ``S`` targets ~8 waves of programs (at most 64 splits).
-   Where it applies (one 3- or 4-bit group per side, head_dim 64/128/256, G <= 8) this step runs the CUDA kernel
+   Where it applies (3- and 4-bit groups of >= 64 channels, head_dim 64/128/256, G <= 8) this step runs the CUDA kernel
    in ``decode_mma.cu`` instead (same grid and workspace; the whole call is 1.7x faster at B = 8, T = 32k on an
    H100; that file says why), compiled once per process by NVRTC (:mod:`turbovq.kernels.cuda`).
 3. Merge kernel, grid ``(B * H, D / BN)``: combine the ``S + 1`` partials with ``exp2(m_s - M)`` (4 splits'
@@ -751,7 +751,7 @@ def decode_attention(
     pass, merge; two with ``fused_reduce``, where the last program of each (b, h) merges), one workspace and the
     output allocated, no other torch op and no host synchronisation. Layer constants are built once per layer.
 
-    ``backend``: the split pass in CUDA (``decode_mma.cu``, where it applies: one 3- or 4-bit code group per side,
+    ``backend``: the split pass in CUDA (``decode_mma.cu``, where it applies: 3- and 4-bit groups of >= 64 channels,
     head_dim 64/128/256, at most 8 query heads per KV head), in Triton, or ``"auto"`` (CUDA where it applies;
     ``TURBOVQ_CUDA=0`` turns it off). ``block_t``/``num_warps``/``num_stages``/``fused_reduce``/``trans`` tune the
     Triton split pass.

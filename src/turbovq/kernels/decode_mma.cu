@@ -13,12 +13,13 @@
 // next unit into registers, and keeps its own online softmax; the warps merge through shared memory and write
 // (m, l, acc) into the workspace that the Triton merge kernel reads (layout in decode.py).
 //
-// Per 16-token chunk and warp (G <= 8 query heads of one KV head, padded to the mma's N = 8):
-//   scores  S^T (16 tokens x 8 heads) = K (16 x D) . Qrot^T: D/16 mma.m16n8k16, A = decoded key tile, B = query.
-//           Lane (g, t4) holds tokens g and g + 8 and decodes their contiguous coordinates [t4 * D/4, +D/4).
-//   values  O^T (D x 8 heads) += V^T (D x 16 tokens) . (p * ||v||)^T: D/16 mma, A = decoded value tile (token
-//           pairs), B = probabilities moved into the B fragment by 4 shuffles. Lane (g, t4) decodes tokens
-//           2 t4, 2 t4 + 1, 2 t4 + 8, 2 t4 + 9 at coordinates [g * D/8, +D/8) and owns those accumulator rows.
+// Per 16-token chunk and warp (G <= 8 query heads of one KV head, padded to the mma's N = 8), for each channel
+// group i of D_i coordinates (one, or two for fractional widths, each with its own codes, norms and table):
+//   scores  S^T (16 tokens x 8 heads) += ||k||_i K_i (16 x D_i) . Qrot_i^T: D_i/16 mma.m16n8k16, A = decoded key
+//           tile, B = query. Lane (g, t4) holds tokens g and g + 8 and decodes coordinates [t4 D_i/4, +D_i/4).
+//   values  O_i^T (D_i x 8 heads) += V_i^T (D_i x 16 tokens) . (p ||v||_i)^T: D_i/16 mma, A = decoded value tile
+//           (token pairs), B = probabilities moved into the B fragment by 4 shuffles. Lane (g, t4) decodes tokens
+//           2 t4, 2 t4 + 1, 2 t4 + 8, 2 t4 + 9 at coordinates [g D_i/8, +D_i/8) and owns those accumulator rows.
 // Centroids come from byte-permute (PRMT) lookups in tables held in registers: no memory access per code.
 //
 // Configuration macros (set by decode.py): D, G, NWARPS; per side and channel group i (fractional widths have two:
