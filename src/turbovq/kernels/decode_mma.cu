@@ -225,10 +225,10 @@ __device__ __forceinline__ float raw_f(u32 x) {
     return T == 0 ? h2f((u16)x) : T == 1 ? __uint_as_float(x << 16) : __uint_as_float(x);
 }
 
-#define UT (16 * UC)
+#define UT (16 * UC)  // tokens per unit (UC 16-token chunks)
 #ifndef DBG
 #define DBG 0  // timing experiments only: 1 = no decode (raw words used as operands), 2 = no code loads
-#endif  // tokens per unit (UC 16-token chunks)
+#endif
 
 struct Unit {  // raw data of one unit for one lane: per chunk, keys of tokens g, g + 8 and values of tokens
                // 2 t4, 2 t4 + 1, 2 t4 + 8, 2 t4 + 9, per group; norms raw (converted at use)
@@ -245,22 +245,22 @@ __device__ __forceinline__ void load_unit(const Params& p, Unit& u, int t0, int 
     for (int c = 0; c < UC; c++) {
 #pragma unroll
         for (int j = 0; j < 2; j++) {
-            const long long tk = nb_k + min(t0 + 16 * c + g + 8 * j, last);
-            const long long tv = nb_v + min(t0 + 16 * c + g + 8 * j, last);
-            load_slice<KB0, KD0 / 4, KW0>(p.kc0 + tk * KROW0, t4 * (KD0 / 4), u.k0[c][j]);
-            u.kn[c][j][0] = load_raw<KNORM>(p.kn0, tk);
-            u.vn[c][j][0] = load_raw<VNORM>(p.vn0, tv);
+            const int t = min(t0 + 16 * c + g + 8 * j, last);
+            const long long rk = nb_k + t, rv = nb_v + t;  // rows of this (b, h)
+            load_slice<KB0, KD0 / 4, KW0>(p.kc0 + rk * KROW0, t4 * (KD0 / 4), u.k0[c][j]);
+            u.kn[c][j][0] = load_raw<KNORM>(p.kn0, rk);
+            u.vn[c][j][0] = load_raw<VNORM>(p.vn0, rv);
             if (KD1 > 0) {
-                load_slice<KB1, KD1 / 4, KW1>(p.kc1 + tk * KROW1, t4 * (KD1 / 4), u.k1[c][j]);
-                u.kn[c][j][1] = load_raw<KNORM>(p.kn1, tk);
+                load_slice<KB1, KD1 / 4, KW1>(p.kc1 + rk * KROW1, t4 * (KD1 / 4), u.k1[c][j]);
+                u.kn[c][j][1] = load_raw<KNORM>(p.kn1, rk);
             }
-            if (VD1 > 0) u.vn[c][j][1] = load_raw<VNORM>(p.vn1, tv);
+            if (VD1 > 0) u.vn[c][j][1] = load_raw<VNORM>(p.vn1, rv);
         }
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            const long long tv = nb_v + min(t0 + 16 * c + 2 * t4 + (j & 1) + 8 * (j >> 1), last);
-            load_slice<VB0, VD0 / 8, VW0>(p.vc0 + tv * VROW0, g * (VD0 / 8), u.v0[c][j]);
-            if (VD1 > 0) load_slice<VB1, VD1 / 8, VW1>(p.vc1 + tv * VROW1, g * (VD1 / 8), u.v1[c][j]);
+            const long long rv = nb_v + min(t0 + 16 * c + 2 * t4 + (j & 1) + 8 * (j >> 1), last);
+            load_slice<VB0, VD0 / 8, VW0>(p.vc0 + rv * VROW0, g * (VD0 / 8), u.v0[c][j]);
+            if (VD1 > 0) load_slice<VB1, VD1 / 8, VW1>(p.vc1 + rv * VROW1, g * (VD1 / 8), u.v1[c][j]);
         }
     }
 }
