@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import glob
-import hashlib
 import os
 import sys
 import threading
@@ -100,7 +99,7 @@ class Kernel:
 def kernel(source: str, name: str, device: torch.device, options: tuple[str, ...] = ()) -> Kernel:
     """Compile (once per process, source, options and device) and load ``name`` from ``source``."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (hashlib.sha1(source.encode()).hexdigest(), options, index, name)
+    key = (source, options, index, name)  # str hashes are cached: no per-call hashing of the source
     with _LOCK:
         func = _MODULES.get(key)
         if func is None:

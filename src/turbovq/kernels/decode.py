@@ -575,12 +575,21 @@ def _rows_layout(fields: dict[str, torch.Tensor], num_heads: int) -> tuple[dict[
     return fields, n_alloc
 
 
+def _byte_tables(half: torch.Tensor) -> list[int]:
+    """8 words: the low bytes, then the high bytes, of up to 16 float16 centroids (decode_mma.cu's PRMT tables)."""
+    u16 = half.float().cpu().half().view(torch.int16).to(torch.int32).tolist()
+    u16 = [v & 0xFFFF for v in u16]
+    words = []
+    for shift in (0, 8):
+        b = [(v >> shift) & 0xFF for v in u16]
+        words += [sum(b[4 * i + j] << (8 * j) for j in range(4)) for i in range(len(b) // 4)]
+    return words + [0] * (8 - len(words))
+
+
 def _prmt_table(half: torch.Tensor) -> torch.Tensor:
     """4 int32 words: low bytes then high bytes of 8 float16 centroids (3 bits: the table; 4 bits: its upper half)."""
     c = torch.nn.functional.pad(half[-8:].float().cpu(), (0, max(0, 8 - half.numel()))).half()  # other widths: unused
-    u16 = c.view(torch.int16).to(torch.int32) & 0xFFFF
-    lo, hi = (u16 & 0xFF).tolist(), (u16 >> 8).tolist()
-    words = [sum(v[4 * i + j] << (8 * j) for j in range(4)) for v in (lo, hi) for i in range(2)]
+    words = _byte_tables(c)[:4]
     return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
 
 
@@ -648,17 +657,6 @@ class _MmaParams(ctypes.Structure):
         + [("scaling", ctypes.c_float), ("softcap", ctypes.c_float)]
         + [("ktab", (ctypes.c_uint32 * 8) * 2), ("vtab", (ctypes.c_uint32 * 8) * 2)]
     )
-
-
-def _byte_tables(half: torch.Tensor) -> list[int]:
-    """8 words: the low bytes, then the high bytes, of up to 16 float16 centroids (decode_mma.cu's PRMT tables)."""
-    u16 = half.float().cpu().half().view(torch.int16).to(torch.int32).tolist()
-    u16 = [v & 0xFFFF for v in u16]
-    words = []
-    for shift in (0, 8):
-        b = [(v >> shift) & 0xFF for v in u16]
-        words += [sum(b[4 * i + j] << (8 * j) for j in range(4)) for i in range(len(b) // 4)]
-    return words + [0] * (8 - len(words))
 
 
 def _mma_ok(query, keys: PackedRows, values: PackedRows, groups: int, fields, mask) -> bool:
@@ -808,7 +806,7 @@ def decode_attention(
     if backend == "cuda" and not use_mma:
         raise ValueError("the CUDA split pass does not handle this call (see decode_attention's backend)")
     if use_mma:
-        fused_reduce = False
+        fused_reduce = False  # the CUDA split pass always leaves the merge to _reduce_kernel
         kern = _mma_kernel(dim, groups, ks, vs, kf["norms0"].dtype, vf["norms0"].dtype, query.dtype, mask,
                            ks.mean is not None, softcap, dev)  # fmt: skip
         prm = _MmaParams(
