@@ -7,7 +7,8 @@ Everything in one run on one card, so the numbers are ratios measured side by si
   ours (codes + float16 norms, centered cache with outlier permutation, 128-token bf16 tail) vs
   ``F.scaled_dot_product_attention(..., enable_gqa=True)`` on bf16 K/V of the same length; achieved bandwidth on
   the compressed bytes;
-* encode: ``encode_rows`` (B=8, H=8, T=32k rows of bf16) vs the roofline and vs ``RowCodec.encode``;
+* encode: ``encode_rows`` (B=8, H=8, T=32k rows of bf16), CUDA and Triton kernels, vs the roofline and vs
+  ``RowCodec.encode``;
 * ``overhead`` phase: one K4/V3 call timed as a whole (do_bench), as a replayed CUDA graph (GPU only), as host
   enqueue time, per kernel (torch profiler tables in ``profile.txt``) and checked for host syncs;
 * ``prefill`` phase: a multi-token step (128-2048 new tokens) over a 32k compressed cache: ``dequantize_attention``
@@ -27,7 +28,6 @@ Timing: ``triton.testing.do_bench`` medians (it clears the L2 before every repet
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -259,7 +259,7 @@ def prefill(dev, q_lens=(128, 512, 2048), context: int = 32768, batch: int = 1) 
 
 def profile_encode(dev) -> None:
     """Three 4-bit encodes of B = 8, H = 8, T = 32k bf16 rows, for an external profiler:
-    ``ncu -k regex:_encode_kernel -s 2 -c 1 python3 benchmarks/kernels.py --phases profile-encode``."""
+    ``ncu -k regex:tq_encode -s 2 -c 1 python3 benchmarks/kernels.py --phases profile-encode``."""
     x = torch.randn(8, HKV, 32768, D, device=dev, dtype=torch.bfloat16)
     mean = x.float().mean(2, keepdim=True)
     codec = RowCodec(D, 4, seed=1)
@@ -399,39 +399,47 @@ def overhead(dev, modules: list[str], cells: list[tuple[int, int]], log_dir: Pat
     return out
 
 
-def encode_bench(dev, copy_tbs) -> list[dict]:
+def encode_bench(dev, copy_tbs, tune_grid: list[dict]) -> list[dict]:
+    """``encode_rows`` on B = 8, H = 8, T = 32k rows of bf16 (centered, channel scales as the cache's default):
+    the CUDA kernel (encode_mma.cu), the Triton kernel and the torch ``RowCodec.encode``, side by side; achieved
+    bandwidth on the bytes read and written vs the copy roofline; for 4, 3 and 3.5 bits a sweep of the CUDA tuning."""
+    from turbovq.kernels import encode as kencode
+
     b, t = 8, 32768
     x = torch.randn(b, HKV, t, D, device=dev, dtype=torch.bfloat16)
     mean = x.float().mean(2, keepdim=True)
+    scale = torch.rand(b, HKV, 1, D, device=dev) + 0.5
     out = []
     for bits in (4, 3, 3.5, 2.5):
         codec = RowCodec(D, bits, seed=1)
         perm = codec.calibrate(x[:, :, :1024].float() - mean) if codec.num_outliers else None
         written = sum(v.numel() * v.element_size() for v in encode_rows(x[:, :, :64], codec, perm, mean).values())
         nbytes = x.numel() * 2 + written // 64 * t  # read bf16 rows once, write codes + float32 norms
-        ms = bench(lambda codec=codec, perm=perm: encode_rows(x, codec, perm, mean), rep=50)
-        ms_torch = bench(lambda codec=codec, perm=perm: codec.encode(x.float() - mean, perm), rep=20)
-        tbs = nbytes / ms / 1e9
-        out.append(
-            {
-                "bits": bits,
-                "rows": b * HKV * t,
-                "ms": ms,
-                "torch_ms": ms_torch,
-                "TBps": tbs,
-                "roofline_frac": tbs / copy_tbs,
-                "Grows_per_s": b * HKV * t / ms / 1e6,
-            }
-        )
-        print(f"encode bits={bits}: {ms:.3f} ms ({tbs:.2f} TB/s, {tbs / copy_tbs:.0%}), torch {ms_torch:.2f} ms")
-        if bits in (4, 3):  # settings sweep: tile rows, warps, rotation precision, symmetric comparisons
-            sweep = []
-            for block_t, warps, prec, sym in itertools.product((64, 128), (4, 8), ("tf32x3", "tf32"), (False, True)):
-                kw = dict(block_t=block_t, num_warps=warps, precision=prec, symmetric=sym)
-                ms_kw = bench(lambda codec=codec, perm=perm, kw=kw: encode_rows(x, codec, perm, mean, **kw), rep=30)
-                sweep.append({**kw, "ms": ms_kw, "roofline_frac": nbytes / ms_kw / 1e9 / copy_tbs})
-            out[-1]["sweep"] = sorted(sweep, key=lambda r: r["ms"])
-            print(f"  best settings: {out[-1]['sweep'][0]}", flush=True)
+
+        def run(backend, codec=codec, perm=perm):
+            return encode_rows(x, codec, perm, mean, scale, backend=backend)
+
+        ms = {k: bench(lambda k=k: run(k), rep=50) for k in ("cuda", "triton")}
+        ms["torch"] = bench(lambda codec=codec, perm=perm: codec.encode((x.float() - mean) / scale, perm), rep=20)
+        row = {"bits": bits, "rows": b * HKV * t, "bytes": nbytes}
+        for k, v in ms.items():
+            row[f"{k}_ms"] = v
+            row[f"{k}_roofline_frac"] = nbytes / v / 1e9 / copy_tbs
+        row["cuda_vs_triton"] = ms["triton"] / ms["cuda"]
+        row["cuda_vs_torch"] = ms["torch"] / ms["cuda"]
+        out.append(row)
+        print(f"encode bits={bits}: cuda {ms['cuda']:.3f} ms ({row['cuda_roofline_frac']:.0%} of copy bw), triton "
+              f"{ms['triton']:.3f} ms ({row['triton_roofline_frac']:.0%}), torch {ms['torch']:.2f} ms", flush=True)
+        if bits in (4, 3, 3.5) and tune_grid:
+            sweep, default = [], dict(kencode.MMA_TUNING[D])
+            try:
+                for kw in tune_grid:
+                    kencode.MMA_TUNING[D] = {**default, **kw}
+                    sweep.append({**kencode.MMA_TUNING[D], "ms": bench(lambda: run("cuda"), rep=30)})
+            finally:
+                kencode.MMA_TUNING[D] = default
+            row["cuda_sweep"] = sorted(sweep, key=lambda r: r["ms"])
+            print(f"  fastest CUDA settings: {row['cuda_sweep'][0]}", flush=True)
     return out
 
 
@@ -655,6 +663,8 @@ def main() -> None:
     ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--tune-cuda", default='[{"UC": 2, "MINB": 2}, {"UC": 2, "MINB": 3}, {"UC": 1, "MINB": 3}, '
                     '{"UC": 1, "MINB": 4}, {"NWARPS": 8, "UC": 1, "MINB": 1}, {"NWARPS": 8, "UC": 2, "MINB": 1}]')
+    ap.add_argument("--tune-encode", default='[{"MT": 2, "MINB": 2}, {"MT": 2, "MINB": 3}, {"MT": 1, "MINB": 4}, '
+                    '{"MT": 1, "MINB": 3}, {"NWARPS": 8, "MT": 1, "MINB": 2}, {"NWARPS": 8, "MT": 2, "MINB": 1}]')
     ap.add_argument("--graph", action="store_true", help="decode grid: also time each call as a CUDA graph replay")
     ap.add_argument("--e2e-layers", type=int, default=32)
     ap.add_argument("--e2e-context", type=int, default=32768)
@@ -703,7 +713,7 @@ def main() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         res["overhead"] = overhead(dev, args.overhead_modules.split(","), cells, out_dir)
     if "encode" in phases:
-        res["encode"] = encode_bench(dev, copy_bw)
+        res["encode"] = encode_bench(dev, copy_bw, json.loads(args.tune_encode))
     if "e2e" in phases:
         res["e2e"] = e2e(
             dev,

@@ -136,10 +136,10 @@ def test_encode_matches_row_codec(cuda, d, bits, dtype, center):
     ref = encode_reference(x, codec, perm, mean, scale)
     # (float32-accurate rotation: codes differ only at float32 ties; one-pass tf32: where |y| is within ~1e-3 of a
     # boundary, i.e. a small fraction of coordinates, each by one level)
-    exact = {"precision": "tf32x3"}
-    default_tol = 1e-4 if dtype == torch.float32 else 1e-2  # (16-bit input: one-pass tf32 rotation by default)
-    for kw, tol in ((exact, 1e-4), ({**exact, "symmetric": False}, 1e-4), ({"precision": "tf32"}, 1e-2),
-                    ({}, default_tol)):
+    exact = {"precision": "tf32x3", "backend": "triton"}
+    default_tol = 1e-4 if dtype == torch.float32 else 1e-2  # (16-bit input: the CUDA kernel, float16 operands)
+    for kw, tol in ((exact, 1e-4), ({**exact, "symmetric": False}, 1e-4), ({"precision": "tf32", "backend": "triton"},
+                    1e-2), ({}, default_tol)):  # fmt: skip
         out = encode_rows(x, codec, perm, mean, scale, **kw)
         for i, (b, dg, _) in enumerate(codec.groups):
             torch.testing.assert_close(out[f"norms{i}"], ref[f"norms{i}"], rtol=1e-5, atol=0)
@@ -147,6 +147,50 @@ def test_encode_matches_row_codec(cuda, d, bits, dtype, center):
             r = packing.unpack(ref[f"codes{i}"], b, dg).int()
             assert (a - r).abs().max() <= 1
             assert (a != r).float().mean() < tol, kw
+
+
+ENCODE_CUDA_CASES = [  # (head_dim, bits, dtype, centered, channel scales)
+    (d, bits, dtype, center, scaled)
+    for d in (64, 128, 256)
+    for bits in (4, 3, 2, 3.5, 2.5)
+    for dtype, center, scaled in ((torch.bfloat16, False, True), (torch.float16, True, False))
+]
+
+
+@pytest.mark.parametrize("d,bits,dtype,center,scaled", ENCODE_CUDA_CASES)
+def test_encode_cuda_matches_row_codec(cuda, d, bits, dtype, center, scaled):
+    """encode_mma.cu: norms to float32 rounding; codes as RowCodec.encode's except where the float16 operands move a
+    coordinate across a boundary (one level, under 1%); rows of a strided window (the cache's flush) and a tail of
+    rows that fills no whole tile."""
+    from turbovq.kernels.encode import mma_supported
+
+    g = torch.Generator().manual_seed(d + int(10 * bits))
+    window = (torch.randn(2, 3, 1200, d, generator=g) * 2 + 1).to(cuda, dtype)
+    x = window[:, :, :1001]  # strided like self.keys[..., :n, :]
+    window[0, 1, 7] = 0  # a zero row: the epsilon path
+    codec = RowCodec(d, bits, seed=3)
+    mean = x.float().mean(2, keepdim=True) if center else None
+    scale = torch.rand(2, 3, 1, d, device=cuda) + 0.5 if scaled else None
+    perm = codec.calibrate(x.float() - (0 if mean is None else mean)) if codec.num_outliers else None
+    assert mma_supported(x, codec)
+    ref = encode_reference(x, codec, perm, mean, scale)
+    out = encode_rows(x, codec, perm, mean, scale, backend="cuda")
+    for i, (b, dg, _) in enumerate(codec.groups):
+        torch.testing.assert_close(out[f"norms{i}"], ref[f"norms{i}"], rtol=1e-5, atol=1e-30)
+        a = packing.unpack(out[f"codes{i}"], b, dg).int()
+        r = packing.unpack(ref[f"codes{i}"], b, dg).int()
+        assert (a - r).abs().max() <= 1
+        assert (a != r).float().mean() < 1e-2
+        if mean is None:
+            assert torch.equal(a[0, 1, 7], r[0, 1, 7])
+
+
+def test_encode_cuda_refuses_what_it_cannot_run(cuda):
+    codec = RowCodec(128, 4, seed=0)
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        encode_rows(torch.randn(1, 2, 10, 128, device=cuda), codec, None, backend="cuda")  # float32 input
+    with pytest.raises(ValueError, match="backend"):
+        encode_rows(torch.randn(1, 2, 10, 128, device=cuda), codec, None, backend="cutlass")
 
 
 def _tiny_llama(cuda):

@@ -18,6 +18,8 @@ import torch
 _LOCK = threading.Lock()
 _MODULES: dict[tuple, ctypes.c_void_p] = {}
 _LIBS: dict[str, ctypes.CDLL] = {}
+_SMEM_OPT_IN: dict[int, int] = {}
+_OCCUPANCY: dict[tuple, int] = {}
 
 
 class CudaCompileError(RuntimeError):
@@ -90,10 +92,33 @@ class Kernel:
     def __init__(self, func: ctypes.c_void_p):
         self.func = func
 
-    def __call__(self, grid: tuple[int, int, int], block: int, params: ctypes.Structure, stream: int) -> None:
+    def __call__(self, grid: tuple[int, int, int], block: int, params: ctypes.Structure, stream: int,
+                 smem: int = 0) -> None:  # fmt: skip
+        """Launch; ``smem``: bytes of dynamic shared memory."""
+        self._opt_in(smem)
         args = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.pointer(params), ctypes.c_void_p))
-        _check(_driver().cuLaunchKernel(self.func, *grid, block, 1, 1, 0, ctypes.c_void_p(stream), args, None),
+        _check(_driver().cuLaunchKernel(self.func, *grid, block, 1, 1, smem, ctypes.c_void_p(stream), args, None),
                "cuLaunchKernel")  # fmt: skip
+
+
+    def _opt_in(self, smem: int) -> None:
+        """Above 48 KiB of dynamic shared memory a kernel must be opted in (once)."""
+        if smem > 48 * 1024 and _SMEM_OPT_IN.get(self.func.value, 0) < smem:
+            _check(_driver().cuFuncSetAttribute(self.func, 8, smem), "cuFuncSetAttribute")  # MAX_DYNAMIC_SHARED_SIZE
+            _SMEM_OPT_IN[self.func.value] = smem
+
+    def blocks_per_sm(self, block: int, smem: int = 0) -> int:
+        """How many blocks of ``block`` threads fit on one SM at once (registers, shared memory); cached."""
+        key = (self.func.value, block, smem)
+        n = _OCCUPANCY.get(key)
+        if n is None:
+            self._opt_in(smem)
+            out = ctypes.c_int()
+            _check(_driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(out), self.func, block,
+                                                                         ctypes.c_size_t(smem)),
+                   "cuOccupancyMaxActiveBlocksPerMultiprocessor")  # fmt: skip
+            n = _OCCUPANCY[key] = max(1, out.value)
+        return n
 
 
 def kernel(source: str, name: str, device: torch.device, options: tuple[str, ...] = ()) -> Kernel:

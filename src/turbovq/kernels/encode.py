@@ -16,11 +16,15 @@ and norms, so it can run at memory speed. Per block of ``BLOCK_T`` rows of one (
 
 from __future__ import annotations
 
+import ctypes
+import os
+from pathlib import Path
+
 import torch
 
 from turbovq import packing
 from turbovq.kernels.decode import HAS_TRITON, codec_supported
-from turbovq.kernels.reference import channel_groups, fused_rotation
+from turbovq.kernels.reference import channel_groups, fused_rotation, weak_cached
 from turbovq.kv.cache import RowCodec
 
 if HAS_TRITON:
@@ -111,6 +115,172 @@ def supported(x: torch.Tensor, codec: RowCodec) -> bool:
     return HAS_TRITON and x.is_cuda and codec_supported(codec)
 
 
+_MMA_SOURCE = Path(__file__).with_name("encode_mma.cu").read_text()
+# encode_mma.cu tuning per head_dim: warps per block, 16-row tiles per warp (they share each load of R from shared
+# memory), blocks per SM the register allocation must allow
+MMA_TUNING = {64: {"NWARPS": 4, "MT": 2, "MINB": 4, "PF": 0}, 128: {"NWARPS": 4, "MT": 1, "MINB": 3, "PF": 1},
+              256: {"NWARPS": 4, "MT": 1, "MINB": 1, "PF": 0}}  # fmt: skip
+
+
+def mma_tuning(dim: int) -> dict[str, int]:
+    return MMA_TUNING[dim]
+
+
+class _MmaParams(ctypes.Structure):
+    """Mirror of ``struct Params`` in encode_mma.cu (one by-value kernel argument)."""
+
+    _fields_ = (
+        [(k, ctypes.c_void_p) for k in ("x", "mean", "iscale", "rfrag", "gmask", "c0", "n0", "c1", "n1")]
+        + [(k, ctypes.c_longlong) for k in ("sxb", "sxh", "sxt", "rstride")]
+        + [(k, ctypes.c_int) for k in ("T", "H", "chunk")]
+        + [("tp0", ctypes.c_uint32 * 8), ("tp1", ctypes.c_uint32 * 8)]
+    )
+
+
+def mma_supported(x: torch.Tensor, codec: RowCodec) -> bool:
+    """The CUDA encode handles 16-bit input rows (16-byte aligned), head_dim 64/128/256 and symmetric 2-4 bit
+    codebooks in one or two channel groups; float32 input keeps the (float32-accurate) Triton kernel."""
+    if not x.is_cuda or os.environ.get("TURBOVQ_CUDA", "1") == "0" or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if x.shape[-1] not in (64, 128, 256) or x.stride(-1) != 1 or x.data_ptr() % 16:
+        return False
+    if any(st % 8 for st in x.stride()[:-1]) or not codec_supported(codec):
+        return False
+    return all(bits in (2, 3, 4) and d % 32 == 0 for bits, d, _ in codec.groups) and _codec_symmetric(codec)
+
+
+def lane_coordinates(dim: int) -> torch.Tensor:
+    """``(4, dim / 4)``: the input channel of lane coordinate q of the lanes with t4 = 0..3 (encode_mma.cu): 16-byte
+    chunks, ``32 (q / 8) + 8 t4 + q % 8``."""
+    q = torch.arange(dim // 4)
+    return 32 * (q // 8) + 8 * torch.arange(4)[:, None] + q % 8
+
+
+def run_position(u: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """Where column e (0, 1) of column tile u of a channel group lands in a lane's run of codes: the kernel packs the
+    code pairs of tiles 4w .. 4w + 3 into one 8-code word with two byte permutes (``pack8`` in encode_mma.cu)."""
+    return 8 * (u // 4) + 4 * e + torch.tensor([0, 2, 1, 3])[u % 4]
+
+
+def fragment_rotation(codec: RowCodec, perm: torch.Tensor | None, device) -> torch.Tensor:
+    """The fused rotation as the kernel's mma B fragments, float16: ``(H or 1, D/32, D/16, 2, 32, 2, 4)``.
+
+    Entry ``[h, u4, s, j, lane, i, e]`` is ``R[h][k, col]`` of column tile ``u = 4 u4 + 2 j + i`` (a lane's two
+    16-byte loads per k-step s give it the fragments of four tiles): ``k`` is the input channel of the lane's
+    coordinate ``4s + e`` (the A fragment of k-step s holds lane coordinates 4s .. 4s + 3; t4 = lane % 4) and
+    ``col`` the fused column of column ``n = lane / 4`` of tile u. Group i's tiles come in order, and column n of its
+    tile u' is group coordinate ``(n / 2) D_i / 4 + run_position(u', n % 2)``, so accumulator columns 2 t4, 2 t4 + 1
+    hold lane t4's own run of codes.
+    """
+
+    def build() -> torch.Tensor:
+        rot = fused_rotation(codec, perm, device)
+        dim = codec.dim
+        lane = torch.arange(32)
+        s = torch.arange(dim // 16)
+        rows = lane_coordinates(dim)[lane % 4][None, :, :].expand(len(s), -1, -1)  # (NK, 32, D/4)
+        rows = rows.gather(2, (4 * s[:, None, None] + torch.arange(4)).expand(-1, 32, -1))  # (NK, 32, 4)
+        n, u = lane // 4, torch.arange(dim // 8)[:, None]
+        cols = torch.cat([off + (n // 2) * (d // 4) + run_position(u[: d // 8], n % 2)
+                          for _, d, off in codec.groups])  # (D/8, 32) fmt: skip
+        frag = rot[:, rows[None].to(device), cols[:, None, :, None].to(device)]  # (Hr, U, NK, 32, 4)
+        frag = frag.view(-1, dim // 32, 2, 2, dim // 16, 32, 4).permute(0, 1, 4, 2, 5, 3, 6)  # u = 4 u4 + 2 j + i
+        return frag.half().contiguous()
+
+    return weak_cached(_FRAGMENTS, (codec, perm), device, build)
+
+
+_FRAGMENTS: dict[tuple, tuple] = {}
+def _encode_cuda(x, codec, perm, mean, scale, fields) -> None:
+    from turbovq.kernels import cuda
+
+    bsz, heads, rows, dim = x.shape
+    dev = x.device
+    frag, gmask, tp = _layer_constants(codec, perm, heads, dev)
+    (b0, d0, _), rest = codec.groups[0], codec.groups[1:]
+    b1, d1 = (rest[0][0], rest[0][1]) if rest else (b0, 0)
+    tune = mma_tuning(dim)
+    opts = dict(tune, D=dim, B0=b0, D0=d0, B1=b1, D1=d1, XT=int(x.dtype == torch.bfloat16),
+                HAS_MEAN=int(mean is not None), HAS_SCALE=int(scale is not None))  # fmt: skip
+    kern = cuda.kernel(_MMA_SOURCE, "tq_encode", dev, tuple(f"-D{k}={v}" for k, v in opts.items()))
+    mean_arg = None if mean is None else weak_cached(
+        _CONSTANTS, (mean,), dev, lambda: mean.reshape(bsz * heads, dim).float().contiguous())
+    iscale = None if scale is None else weak_cached(
+        _CONSTANTS, (scale,), dev, lambda: (1.0 / scale.reshape(bsz * heads, dim).float()).contiguous())
+    per_warp = 16 * tune["MT"]
+    block = 32 * tune["NWARPS"]
+    smem = dim * dim * 2 + 2 * dim * 4
+    splits = _row_splits(bsz * heads, -(-rows // (per_warp * tune["NWARPS"])),
+                         _sm_count(dev) * kern.blocks_per_sm(block, smem))  # fmt: skip
+    chunk = -(-rows // splits)
+    chunk = -(-chunk // per_warp) * per_warp
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    prm = _MmaParams(
+        ptr(x), ptr(mean_arg), ptr(iscale), frag.data_ptr(), gmask.data_ptr(),
+        fields["codes0"].data_ptr(), fields["norms0"].data_ptr(),
+        fields.get("codes1", fields["codes0"]).data_ptr(), fields.get("norms1", fields["norms0"]).data_ptr(),
+        x.stride(0), x.stride(1), x.stride(2), 0 if frag.shape[0] == 1 else frag[0].numel() // 2,
+        rows, heads, chunk, *tp,
+    )  # fmt: skip
+    kern((-(-rows // chunk), bsz * heads, 1), block, prm, torch.cuda.current_stream(dev).cuda_stream, smem=smem)
+
+
+def _row_splits(bh: int, max_splits: int, slots: int) -> int:
+    """Blocks per (b, h) so that the grid fills whole waves of the card's ``slots`` (blocks resident at once): a last,
+    partial wave leaves most SMs idle while it runs. The fewest splits with >= 90% of the waves' slots busy (each
+    block loads R once), else the best."""
+    best, best_eff = 1, 0.0
+    for k in range(1, max(1, min(max_splits, 64)) + 1):
+        eff = k * bh / (-(-k * bh // slots) * slots)
+        if eff >= 0.9:
+            return k
+        if eff > best_eff:
+            best, best_eff = k, eff
+    return best
+
+
+_SMS: dict = {}
+
+
+def _sm_count(device) -> int:
+    n = _SMS.get(device)
+    if n is None:
+        n = _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
+
+
+_CONSTANTS: dict[tuple, tuple] = {}
+
+
+def _layer_constants(codec: RowCodec, perm, heads: int, device) -> tuple:
+    """Per layer, built once (no host work or device sync per call): R in fragment order, the group-1 bit masks
+    (two groups) and the positive boundaries of each group as float16 pairs."""
+
+    def build():
+        frag = fragment_rotation(codec, perm, device)
+        gmask = _group_masks(codec, perm, heads, device) if len(codec.groups) > 1 else frag
+        tp = []
+        for i in range(2):
+            j = min(i, len(codec.groups) - 1)
+            bits = codec.groups[j][0]
+            h16 = codec.tensors(j, "cpu")[2].float()[(1 << (bits - 1)) :].half().view(torch.int16).int() & 0xFFFF
+            tp.append((ctypes.c_uint32 * 8)(*(h16 * 0x10001).tolist()))
+        return frag, gmask, tp
+
+    return weak_cached(_CONSTANTS, (codec, perm), (device, heads), build)
+
+
+def _group_masks(codec: RowCodec, perm, heads: int, device) -> torch.Tensor:
+    """``(H, 4, max(1, D/128))`` int32: bit q of lane t4's words = its coordinate q is in channel group 1."""
+    gid = channel_groups(codec, perm, heads, device).cpu()  # (H, D)
+    bits = gid[:, lane_coordinates(codec.dim)].long()  # (H, 4, D/4)
+    nq = bits.shape[-1]
+    words = max(1, nq // 32)
+    bits = torch.nn.functional.pad(bits, (0, 32 * words - nq)).view(heads, 4, words, 32)
+    w = (bits << torch.arange(32)).sum(-1)
+    return w.to(torch.int64).where(w < 2**31, w - 2**32).to(torch.int32).to(device)
+
+
 def encode_rows(
     x: torch.Tensor,
     codec: RowCodec,
@@ -122,6 +292,7 @@ def encode_rows(
     num_warps: int = 4,
     precision: str | None = None,
     symmetric: bool | None = None,
+    backend: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """Fused ``RowCodec.encode((x - mean) / scale, perm)`` for x of shape (B, H, T, D), any float dtype.
 
@@ -130,26 +301,38 @@ def encode_rows(
     about 2x faster) rounds the rotation to ~5e-4 relative, so codes may move by one level where a coordinate lies
     that close to a boundary (under 1% of them). The default is tf32 for bfloat16/float16 input, whose own rounding
     (4e-3 / 5e-4) is as coarse, and tf32x3 for float32. ``symmetric``: half the comparisons, using the codebook's
-    symmetry (default: when the boundaries are symmetric, as Lloyd-Max's are).
+    symmetry (default: when the boundaries are symmetric, as Lloyd-Max's are). ``backend``: ``"cuda"``
+    (``encode_mma.cu``, 16-bit input, see :func:`mma_supported`), ``"triton"``, or ``"auto"`` (CUDA where it
+    applies; ``TURBOVQ_CUDA=0`` turns it off). ``block_t``, ``num_warps``, ``precision`` and ``symmetric`` tune the
+    Triton kernel only.
     """
+    if backend not in ("auto", "cuda", "triton"):
+        raise ValueError(f"backend must be 'auto', 'cuda' or 'triton', got {backend!r}")
     bsz, heads, rows, dim = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
     dev = x.device
+    fields = {}
+    for i, (bits, d, _) in enumerate(codec.groups):
+        fields[f"codes{i}"] = torch.empty(bsz, heads, rows, packing.packed_size(d, bits), dtype=torch.uint8, device=dev)
+        fields[f"norms{i}"] = torch.empty(bsz, heads, rows, dtype=torch.float32, device=dev)
+    if rows == 0:
+        return fields
+    use_cuda = backend == "cuda" or (backend == "auto" and mma_supported(x, codec))
+    if backend == "cuda" and not mma_supported(x, codec):
+        raise ValueError("backend='cuda' needs 16-bit CUDA rows and a codec that encode_mma.cu handles (mma_supported)")
+    if use_cuda:
+        _encode_cuda(x, codec, perm, mean, scale, fields)
+        return fields
     rot = fused_rotation(codec, perm, dev)
     gid = channel_groups(codec, perm, heads, dev)
-    fields, args = {}, []
     if precision is None:
         precision = "tf32" if x.dtype in (torch.bfloat16, torch.float16) else "tf32x3"
     if symmetric is None:
-        symmetric = all(_symmetric(codec.tensors(i, "cpu")[2]) for i in range(len(codec.groups)))
+        symmetric = _codec_symmetric(codec)
+    args = []
     for i in range(2):
         j = min(i, len(codec.groups) - 1)
-        bits, d, _ = codec.groups[j]
-        if i == j:
-            fields[f"codes{i}"] = torch.empty(bsz, heads, rows, packing.packed_size(d, bits), dtype=torch.uint8,
-                                              device=dev)  # fmt: skip
-            fields[f"norms{i}"] = torch.empty(bsz, heads, rows, dtype=torch.float32, device=dev)
         args += [fields[f"codes{j}"].view(torch.int32), fields[f"norms{j}"], codec.tensors(j, dev)[2]]
     mean_arg = x if mean is None else mean.reshape(bsz * heads, dim).float().contiguous()
     scale_arg = x if scale is None else scale.reshape(bsz * heads, dim).float().contiguous()
@@ -163,6 +346,11 @@ def encode_rows(
         HAS_MEAN=mean is not None, HAS_SCALE=scale is not None, PREC=precision, SYM=symmetric, num_warps=num_warps,
     )  # fmt: skip
     return fields
+
+
+def _codec_symmetric(codec: RowCodec) -> bool:
+    return weak_cached(_CONSTANTS, (codec,), "sym", lambda: all(
+        _symmetric(codec.tensors(i, "cpu")[2]) for i in range(len(codec.groups))))
 
 
 def _symmetric(bounds: torch.Tensor) -> bool:

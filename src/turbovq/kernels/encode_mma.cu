@@ -1,0 +1,336 @@
+// Fused encode of K/V rows for 16-bit input, written for the tensor-core operand layouts (mma.sync).
+//
+// Why CUDA and not Triton: the Triton encode keeps a 128-row x D tile of float32 in registers (it spills) and
+// converts layouts through shared memory between the rotation's dot, the comparisons and the packing reductions
+// (18% of its stall samples). Here every lane owns whole slices of the rows it works on, at every stage:
+//   rotation  Y (16 rows x 8 columns) = Xn (16 x D) . R (D x 8 columns): D/16 mma.m16n8k16 per column tile, float16
+//             operands, float32 accumulation. Lane (g, t4) holds rows g and g + 8. Input coordinates and output
+//             columns may be put in any fragment slot as long as R is stored in the same order (a product sums
+//             over the input coordinates), so the lane's A fragments are its own contiguous 16-byte loads of x, and
+//             its accumulator columns are the output coordinates [t4 D_i/4, +D_i/4) of channel group i: the lane
+//             quantizes them and packs whole byte runs of the output row, with no exchange between lanes.
+//   R         read from shared memory, pre-arranged on the host in fragment order (per k-step, two conflict-free
+//             16-byte loads per lane give the B fragments of four column tiles; shared by the MT row tiles of a warp).
+//   precision x is centered, scaled and divided by its norm in float32 before the float16 conversion (so
+//             |xn| <= 1: no overflow, 2^-11 relative rounding, as fine as one-pass tf32 and 8x finer than the
+//             bfloat16 input's own rounding); R has the same rounding. Codes then differ from the float32 reference
+//             only where a coordinate lies within ~1e-3 of a boundary, by one level. Two channel groups: the group
+//             norms are exact float32 sums over each group's channels (a bit mask per lane and head selects the
+//             sum); the product uses the row norm and each group's outputs are rescaled by ||x|| / ||x_group||
+//             (a group holding under ~1e-6 of the row's energy would reach float16's subnormal range).
+//   quantize  the Lloyd-Max codebooks are symmetric: code = M + 1 + c for y > 0, M - c otherwise, where c counts
+//             the 2^(b-1) - 1 positive boundaries below |y|; two coordinates per float16-pair comparison (see
+//             quantize2). The boundaries, rounded to float16, are kernel parameters (constant-bank operands).
+//
+// One block of NWARPS warps per (row chunk, batch row b, KV head h); each warp loops over tiles of 16 MT rows.
+//
+// Configuration macros (set by encode.py): D (head_dim 64/128/256); per channel group i (fractional widths have
+// two, outliers first): B_i (bits 2..4), D_i (channels, D1 = 0 for one group); XT (0 float16, 1 bfloat16);
+// HAS_MEAN, HAS_SCALE; tuning: NWARPS, MT (16-row tiles per warp), MINB (blocks per SM the registers must allow),
+// PF (prefetch the next tile's rows into registers).
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+struct Params {
+    const void* x;       // (B, H, T, D) rows, last dimension contiguous, 16-byte aligned rows
+    const float* mean;   // (B H, D) float32, or null
+    const float* iscale; // (B H, D) float32 1 / scale, or null
+    const u32* rfrag;    // (H or 1, D/32, D/16 k-steps, 2, 32 lanes, 2 tiles, 2) float16 pairs: R in fragment order
+    const u32* gmask;    // (H, 4, D/128 or 1): per head and t4, bit q = lane coordinate q is in group 1
+    unsigned char* c0;   // codes of group 0 / 1: (B H, T, D_i B_i / 8) bytes
+    float* n0;           // norms of group 0 / 1: (B H, T)
+    unsigned char* c1;
+    float* n1;
+    long long sxb, sxh, sxt, rstride;  // x strides (elements); rfrag words per head (0: one R for all heads)
+    int T, H, chunk;                   // rows per (b, h), heads, rows per block
+    u32 tp0[8], tp1[8];                // positive boundaries of groups 0 / 1 as float16 pairs (2^(B_i-1) - 1 used)
+};
+
+#define NK (D / 16)        // k-steps of the rotation
+#define NQ (D / 4)         // input coordinates per lane and row
+#define NCH (D / 32)       // 16-byte chunks (8 coordinates) per lane and row
+#define GW (NQ > 32 ? NQ / 32 : 1)
+#define DG1 (D1 > 0 ? D1 : 16)  // sizes the (unused) group-1 arrays of a one-group codec
+#define LB0 (D0 * B0 / 32)      // output bytes per lane and row
+#define LB1 (DG1 * B1 / 32)
+
+__device__ __forceinline__ u32 pack_h2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Coordinate j (0..7) of a 16-byte chunk of 16-bit floats, as float32.
+__device__ __forceinline__ float chunk_f(const uint4& v, int j) {
+    const u32 w = j < 2 ? v.x : j < 4 ? v.y : j < 6 ? v.z : v.w;
+#if XT == 1
+    return __uint_as_float(j & 1 ? w & 0xFFFF0000u : w << 16);
+#else
+    float f;
+    const u16 hv = (u16)(j & 1 ? w >> 16 : w);
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(hv));
+    return f;
+#endif
+}
+
+// Lane coordinate q (0 .. D/4) of a row is x[32 (q / 8) + 8 t4 + q % 8] (16-byte chunk q / 8); centered and scaled.
+// (Every index below is a compile-time constant once the loops are unrolled: the arrays stay in registers.)
+__device__ __forceinline__ float coord(const uint4 (&raw)[NCH], int q, const float* sm, const float* si, int t4) {
+    float v = chunk_f(raw[q / 8], q % 8);
+    const int col = 32 * (q / 8) + 8 * t4 + q % 8;
+#if HAS_MEAN
+    v -= sm[col];
+#endif
+#if HAS_SCALE
+    v *= si[col];
+#endif
+    (void)col;
+    return v;
+}
+
+// s1 += v^2 where (word & bit) != 0, else s0 += v^2: one logic op to a predicate and two predicated FMAs.
+__device__ __forceinline__ void sq_by_group(float v, u32 word, u32 bit, float& s0, float& s1) {
+    asm("{\n .reg .pred p;\n .reg .b32 t;\n and.b32 t, %2, %3;\n setp.ne.u32 p, t, 0;\n"
+        " @p fma.rn.f32 %1, %4, %4, %1;\n @!p fma.rn.f32 %0, %4, %4, %0;\n}"
+        : "+f"(s0), "+f"(s1) : "r"(word), "r"(bit), "f"(v));
+}
+
+// Per 16-bit half: 0xFFFF where a > b (float16 pairs), else 0.
+__device__ __forceinline__ u32 hgt2(u32 a, u32 b) {
+    u32 r;
+    asm("set.gt.u32.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+
+// Codes of two normalized coordinates (y0, y1), in the low bits of the two 16-bit halves. Symmetric codebook with
+// positive boundaries tp (float16 pairs): the code is M - c for y <= 0 and M + 1 + c = (M - c) ^ (2^b - 1) for
+// y > 0, where c = #(tp < |y|). Both coordinates at once in float16 pairs: the comparison masks (0xFFFF per half)
+// summed as 32-bit integers give S = 0xFFFF (c0 + 2^16 c1), and 0xFFFF * 0x10001 = -1 (mod 2^32), so
+// S * 0x10001 + M * 0x10001 holds M - c0 and M - c1 in its halves (one multiply-add, no borrow since c <= M).
+template <int BITS>
+__device__ __forceinline__ u32 quantize2(float y0, float y1, const u32* tp) {
+    constexpr u32 M = (1u << (BITS - 1)) - 1;
+    const u32 y = pack_h2(y0, y1), a = y & 0x7FFF7FFFu;
+    u32 s = 0;
+#pragma unroll
+    for (int k = 0; k < (int)M; k++) s += hgt2(a, tp[k]);
+    return (s * 0x10001u + M * 0x10001u) ^ (hgt2(y, 0u) & (((1u << BITS) - 1) * 0x10001u));
+}
+
+// Four code pairs (column tiles 4w .. 4w + 3, halves = columns e = 0, 1) -> 8 codes of BITS bits (8 BITS low bits).
+// Two byte permutes and a shifted add give the nibbles [p0.e0, p2.e0, p1.e0, p3.e0, p0.e1, p2.e1, p1.e1, p3.e1]:
+// the run position of column e of tile 4w + i is 8w + 4e + (0, 2, 1, 3)[i] (fragment_rotation builds R to match).
+// Narrower codes are then compacted nibble pairs -> bytes -> halves -> 24 / 16 bits.
+template <int BITS>
+__device__ __forceinline__ u32 pack8(u32 p0, u32 p1, u32 p2, u32 p3) {
+    u32 x = __byte_perm(p0, p1, 0x6240) + (__byte_perm(p2, p3, 0x6240) << 4);
+    if (BITS == 3) {
+        x = (x & 0x07070707u) | ((x >> 1) & 0x38383838u);
+        x = (x & 0x003F003Fu) | ((x >> 2) & 0x0FC00FC0u);
+        x = (x & 0x00000FFFu) | ((x >> 4) & 0x00FFF000u);
+    } else if (BITS == 2) {
+        x = (x & 0x03030303u) | ((x >> 2) & 0x0C0C0C0Cu);
+        x = (x & 0x000F000Fu) | ((x >> 4) & 0x00F000F0u);
+        x = (x & 0x000000FFu) | ((x >> 8) & 0x0000FF00u);
+    }
+    return x;
+}
+
+// Add an NBITS-bit field at bit position pos of a lane's output run (fields are disjoint: + is |).
+template <int NBITS, int NW>
+__device__ __forceinline__ void put(u32 (&w)[NW], int pos, u32 v) {
+    w[pos / 32] += v << (pos % 32);
+    if (pos % 32 + NBITS > 32) w[pos / 32 + 1] += v >> (32 - pos % 32);
+}
+
+// Store a lane's NB output bytes at dst with the widest aligned stores the run size allows.
+template <int NB, int NW>
+__device__ __forceinline__ void store_run(unsigned char* dst, const u32 (&w)[NW]) {
+    if (NB % 16 == 0) {
+#pragma unroll
+        for (int i = 0; i < NB / 16; i++) ((uint4*)dst)[i] = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
+    } else if (NB % 8 == 0) {
+#pragma unroll
+        for (int i = 0; i < NB / 8; i++) ((uint2*)dst)[i] = make_uint2(w[2 * i], w[2 * i + 1]);
+    } else if (NB % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < NB / 4; i++) ((u32*)dst)[i] = w[i];
+    } else if (NB % 2 == 0) {
+#pragma unroll
+        for (int i = 0; i < NB / 2; i++) ((u16*)dst)[i] = (u16)(w[i / 2] >> (16 * (i % 2)));
+    } else {
+#pragma unroll
+        for (int i = 0; i < NB; i++) dst[i] = (unsigned char)(w[i / 4] >> (8 * (i % 4)));
+    }
+}
+
+// Rotate, quantize and pack channel group i (column tiles U0 .. U0 + DI/8) of the warp's MT row tiles and store
+// the codes: lane (g, t4) writes bytes [t4 LB, +LB) of rows g and g + 8 of each row tile. Four column tiles at a
+// time: their accumulator chains are independent (the mma latency overlaps), their B fragments come in two 16-byte
+// shared-memory loads per k-step, and their code pairs make one 8-code word (pack8).
+template <int BITS, int DI, int U0, int LB, int GRP>
+__device__ __forceinline__ void encode_group(const u32 (&a)[MT][NK][4], const float (&f)[MT][2][2], const uint4* sr,
+                                             const u32* tp, unsigned char* codes, int r0, int hi, int lane) {
+    const int g = lane >> 2, t4 = lane & 3;
+    constexpr int NW = (LB + 3) / 4;
+    u32 w[MT][2][NW];
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int r = 0; r < 2; r++)
+#pragma unroll
+            for (int i = 0; i < NW; i++) w[m][r][i] = 0u;
+#pragma unroll
+    for (int u4 = 0; u4 < DI / 32; u4++) {
+        float c[MT][4][4];
+#pragma unroll
+        for (int m = 0; m < MT; m++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) c[m][i][0] = c[m][i][1] = c[m][i][2] = c[m][i][3] = 0.f;
+#pragma unroll
+        for (int s = 0; s < NK; s++) {
+            const uint4 b01 = sr[(((U0 / 4 + u4) * NK + s) * 2) * 32 + lane];      // tiles 4 u4, 4 u4 + 1
+            const uint4 b23 = sr[(((U0 / 4 + u4) * NK + s) * 2 + 1) * 32 + lane];  // tiles 4 u4 + 2, 4 u4 + 3
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                mma16816(c[m][0], a[m][s], b01.x, b01.y);
+                mma16816(c[m][1], a[m][s], b01.z, b01.w);
+                mma16816(c[m][2], a[m][s], b23.x, b23.y);
+                mma16816(c[m][3], a[m][s], b23.z, b23.w);
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < MT; m++)
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                u32 pr[4];  // code pairs of the 4 column tiles (columns 2 t4, 2 t4 + 1 of row g + 8 r)
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const float sc = D1 > 0 ? f[m][r][GRP] : 1.f;  // two groups: y / ||x||  ->  y / ||x_group||
+                    pr[i] = quantize2<BITS>(c[m][i][2 * r] * sc, c[m][i][2 * r + 1] * sc, tp);
+                }
+                put<8 * BITS>(w[m][r], 8 * BITS * u4, pack8<BITS>(pr[0], pr[1], pr[2], pr[3]));
+            }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int row = r0 + 16 * m + 8 * r + g;
+            if (row < hi) store_run<LB>(codes + (long long)row * (4 * LB) + t4 * LB, w[m][r]);
+        }
+}
+
+extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const __grid_constant__ Params p) {
+    extern __shared__ uint4 smem_v[];
+    u32* sr = (u32*)smem_v;                // R fragments: D * D / 2 words
+    float* sm = (float*)(sr + D * D / 2);  // mean, then 1 / scale (D each)
+    float* si = sm + D;
+    const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+    {
+        const uint4* src = (const uint4*)(p.rfrag + h * p.rstride);
+        for (int i = threadIdx.x; i < D * D / 8; i += NWARPS * 32) smem_v[i] = src[i];
+#if HAS_MEAN
+        for (int i = threadIdx.x; i < D; i += NWARPS * 32) sm[i] = p.mean[(long long)bh * D + i];
+#endif
+#if HAS_SCALE
+        for (int i = threadIdx.x; i < D; i += NWARPS * 32) si[i] = p.iscale[(long long)bh * D + i];
+#endif
+    }
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
+    u32 gm[GW];
+#pragma unroll
+    for (int i = 0; i < GW; i++) gm[i] = D1 > 0 ? p.gmask[(h * 4 + t4) * GW + i] : 0u;
+    const u16* xb = (const u16*)p.x + b * p.sxb + h * p.sxh;
+    const long long out_row0 = (long long)bh * p.T;
+    unsigned char* c0 = p.c0 + out_row0 * (4 * LB0);
+    unsigned char* c1 = p.c1 + out_row0 * (4 * LB1);
+    float* n0 = p.n0 + out_row0;
+    float* n1 = p.n1 + out_row0;
+    const int lo = blockIdx.x * p.chunk, hi = min(p.T, lo + p.chunk);
+
+    // the rows of a tile are loaded before any of them is processed (PF: the next tile's too, into registers)
+    uint4 raw[MT][2][NCH];
+    auto load_tile = [&](int r0) {
+#pragma unroll
+        for (int m = 0; m < MT; m++)
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int row = r0 + 16 * m + 8 * r + g;
+                const uint4* src = (const uint4*)(xb + (long long)row * p.sxt + 8 * t4);
+#pragma unroll
+                for (int c = 0; c < NCH; c++) raw[m][r][c] = row < hi ? src[4 * c] : make_uint4(0u, 0u, 0u, 0u);
+            }
+    };
+    const int step = NWARPS * 16 * MT;
+#if PF
+    load_tile(lo + warp * 16 * MT);
+#endif
+    for (int r0 = lo + warp * 16 * MT; r0 < hi; r0 += step) {
+#if PF
+        uint4 cur[MT][2][NCH];
+#pragma unroll
+        for (int m = 0; m < MT; m++)
+#pragma unroll
+            for (int r = 0; r < 2; r++)
+#pragma unroll
+                for (int c = 0; c < NCH; c++) cur[m][r][c] = raw[m][r][c];
+        if (r0 + step < hi) load_tile(r0 + step);
+#else
+        load_tile(r0);
+        const auto& cur = raw;
+#endif
+        u32 a[MT][NK][4];
+        float f[MT][2][2];  // two groups: row norm / group norm, per row tile, row and group
+#pragma unroll
+        for (int m = 0; m < MT; m++)
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int row = r0 + 16 * m + 8 * r + g;
+                // group norms: the lane's coordinates, then the 4 lanes of the row
+                float v[NQ], s0 = 0.f, s1 = 0.f;
+#pragma unroll
+                for (int q = 0; q < NQ; q++) {
+                    v[q] = coord(cur[m][r], q, sm, si, t4);
+                    if (D1 > 0) sq_by_group(v[q], gm[q / 32], 1u << (q % 32), s0, s1);
+                    else s0 = fmaf(v[q], v[q], s0);
+                }
+                s0 += __shfl_xor_sync(0xFFFFFFFFu, s0, 1);
+                s0 += __shfl_xor_sync(0xFFFFFFFFu, s0, 2);
+                const float nrm0 = sqrtf(s0);
+                float nrm = nrm0;
+                if (D1 > 0) {
+                    s1 += __shfl_xor_sync(0xFFFFFFFFu, s1, 1);
+                    s1 += __shfl_xor_sync(0xFFFFFFFFu, s1, 2);
+                    const float nrm1 = sqrtf(s1);
+                    nrm = sqrtf(s0 + s1);
+                    f[m][r][0] = nrm0 > 0.f ? __fdividef(nrm, nrm0) : 0.f;
+                    f[m][r][1] = nrm1 > 0.f ? __fdividef(nrm, nrm1) : 0.f;
+                    if (t4 == 0 && row < hi) n1[row] = nrm1;
+                }
+                if (t4 == 0 && row < hi) n0[row] = nrm0;
+                // A fragments of k-step s for this row (r = 0: row g, registers 0 and 2; r = 1: row g + 8, 1 and 3):
+                // lane coordinates 4s, 4s + 1 (k = 2 t4, +1) and 4s + 2, 4s + 3 (k = 2 t4 + 8, +9), over the row norm
+                const float inv = __fdividef(1.f, fmaxf(nrm, 1e-30f));  // (scales float16 operands: 2 ulp is plenty)
+#pragma unroll
+                for (int s = 0; s < NK; s++)
+#pragma unroll
+                    for (int j = 0; j < 2; j++) {
+                        const int q = 4 * s + 2 * j;
+                        a[m][s][2 * j + r] = pack_h2(v[q] * inv, v[q + 1] * inv);
+                    }
+            }
+        encode_group<B0, D0, 0, LB0, 0>(a, f, smem_v, p.tp0, c0, r0, hi, lane);
+        if (D1 > 0) encode_group<B1, DG1, D0 / 8, LB1, 1>(a, f, smem_v, p.tp1, c1, r0, hi, lane);
+    }
+}
