@@ -258,13 +258,15 @@ def prefill(dev, q_lens=(128, 512, 2048), context: int = 32768, batch: int = 1) 
 
 
 def profile_encode(dev) -> None:
-    """Three 4-bit encodes of B = 8, H = 8, T = 32k bf16 rows, for an external profiler:
-    ``ncu -k regex:tq_encode -s 2 -c 1 python3 benchmarks/kernels.py --phases profile-encode``."""
+    """Three 4-bit encodes of B = 8, H = 8, T = 32k bf16 rows (centered, channel scales, as in the encode phase), for
+    an external profiler: ``ncu -k regex:tq_encode -s 2 -c 1 python3 benchmarks/kernels.py --phases profile-encode``
+    (``regex:_encode_kernel`` with ``TURBOVQ_CUDA=0`` for the Triton kernel)."""
     x = torch.randn(8, HKV, 32768, D, device=dev, dtype=torch.bfloat16)
     mean = x.float().mean(2, keepdim=True)
+    scale = torch.rand(8, HKV, 1, D, device=dev) + 0.5
     codec = RowCodec(D, 4, seed=1)
     for _ in range(3):
-        encode_rows(x, codec, None, mean)
+        encode_rows(x, codec, None, mean, scale)
     torch.cuda.synchronize(dev)
 
 
@@ -399,47 +401,56 @@ def overhead(dev, modules: list[str], cells: list[tuple[int, int]], log_dir: Pat
     return out
 
 
-def encode_bench(dev, copy_tbs, tune_grid: list[dict]) -> list[dict]:
+def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int]) -> list[dict]:
     """``encode_rows`` on B = 8, H = 8, T = 32k rows of bf16 (centered, channel scales as the cache's default):
     the CUDA kernel (encode_mma.cu), the Triton kernel and the torch ``RowCodec.encode``, side by side; achieved
-    bandwidth on the bytes read and written vs the copy roofline; for 4, 3 and 3.5 bits a sweep of the CUDA tuning."""
+    bandwidth on the bytes read and written vs the copy roofline. head_dim 128: 4, 3, 3.5 and 2.5 bits; other
+    ``dims``: 4 and 3.5 bits. With ``tune_grid``, a sweep of the CUDA tuning (MMA_TUNING) for 4, 3 and 3.5 bits."""
     from turbovq.kernels import encode as kencode
 
     b, t = 8, 32768
-    x = torch.randn(b, HKV, t, D, device=dev, dtype=torch.bfloat16)
-    mean = x.float().mean(2, keepdim=True)
-    scale = torch.rand(b, HKV, 1, D, device=dev) + 0.5
     out = []
-    for bits in (4, 3, 3.5, 2.5):
-        codec = RowCodec(D, bits, seed=1)
-        perm = codec.calibrate(x[:, :, :1024].float() - mean) if codec.num_outliers else None
-        written = sum(v.numel() * v.element_size() for v in encode_rows(x[:, :, :64], codec, perm, mean).values())
-        nbytes = x.numel() * 2 + written // 64 * t  # read bf16 rows once, write codes + float32 norms
+    for dim in dims:
+        x = torch.randn(b, HKV, t, dim, device=dev, dtype=torch.bfloat16)
+        mean = x.float().mean(2, keepdim=True)
+        scale = torch.rand(b, HKV, 1, dim, device=dev) + 0.5
+        for bits in (4, 3, 3.5, 2.5) if dim == D else (4, 3.5):
+            codec = RowCodec(dim, bits, seed=1)
+            perm = codec.calibrate(x[:, :, :1024].float() - mean) if codec.num_outliers else None
+            written = sum(v.numel() * v.element_size() for v in encode_rows(x[:, :, :64], codec, perm, mean).values())
+            nbytes = x.numel() * 2 + written // 64 * t  # read bf16 rows once, write codes + float32 norms
 
-        def run(backend, codec=codec, perm=perm):
-            return encode_rows(x, codec, perm, mean, scale, backend=backend)
+            def run(backend, codec=codec, perm=perm, x=x, mean=mean, scale=scale):
+                return encode_rows(x, codec, perm, mean, scale, backend=backend)
 
-        ms = {k: bench(lambda k=k: run(k), rep=50) for k in ("cuda", "triton")}
-        ms["torch"] = bench(lambda codec=codec, perm=perm: codec.encode((x.float() - mean) / scale, perm), rep=20)
-        row = {"bits": bits, "rows": b * HKV * t, "bytes": nbytes}
-        for k, v in ms.items():
-            row[f"{k}_ms"] = v
-            row[f"{k}_roofline_frac"] = nbytes / v / 1e9 / copy_tbs
-        row["cuda_vs_triton"] = ms["triton"] / ms["cuda"]
-        row["cuda_vs_torch"] = ms["torch"] / ms["cuda"]
-        out.append(row)
-        print(f"encode bits={bits}: cuda {ms['cuda']:.3f} ms ({row['cuda_roofline_frac']:.0%} of copy bw), triton "
-              f"{ms['triton']:.3f} ms ({row['triton_roofline_frac']:.0%}), torch {ms['torch']:.2f} ms", flush=True)
-        if bits in (4, 3, 3.5) and tune_grid:
-            sweep, default = [], dict(kencode.MMA_TUNING[D])
-            try:
-                for kw in tune_grid:
-                    kencode.MMA_TUNING[D] = {**default, **kw}
-                    sweep.append({**kencode.MMA_TUNING[D], "ms": bench(lambda: run("cuda"), rep=30)})
-            finally:
-                kencode.MMA_TUNING[D] = default
-            row["cuda_sweep"] = sorted(sweep, key=lambda r: r["ms"])
-            print(f"  fastest CUDA settings: {row['cuda_sweep'][0]}", flush=True)
+            ms = {k: bench(lambda k=k: run(k), rep=50) for k in ("cuda", "triton")}
+            if dim == D:
+                xs = (x.float() - mean) / scale
+                ms["torch"] = bench(lambda c=codec, p=perm, xs=xs: c.encode(xs, p), rep=20)
+                del xs
+            row = {"head_dim": dim, "bits": bits, "rows": b * HKV * t, "bytes": nbytes}
+            for k, v in ms.items():
+                row[f"{k}_ms"] = v
+                row[f"{k}_roofline_frac"] = nbytes / v / 1e9 / copy_tbs
+            row["cuda_vs_triton"] = ms["triton"] / ms["cuda"]
+            if "torch" in ms:
+                row["cuda_vs_torch"] = ms["torch"] / ms["cuda"]
+            out.append(row)
+            print(f"encode d={dim} bits={bits}: cuda {ms['cuda']:.3f} ms ({row['cuda_roofline_frac']:.0%} of copy bw), "
+                  f"triton {ms['triton']:.3f} ms ({row['triton_roofline_frac']:.0%})"
+                  + (f", torch {ms['torch']:.2f} ms" if "torch" in ms else ""), flush=True)  # fmt: skip
+            if bits in (4, 3, 3.5) and tune_grid:
+                sweep, default = [], dict(kencode.MMA_TUNING[dim])
+                try:
+                    for kw in tune_grid:
+                        kencode.MMA_TUNING[dim] = {**default, **kw}
+                        sweep.append({**kencode.MMA_TUNING[dim], "ms": bench(lambda: run("cuda"), rep=30)})
+                finally:
+                    kencode.MMA_TUNING[dim] = default
+                row["cuda_sweep"] = sorted(sweep, key=lambda r: r["ms"])
+                print(f"  fastest CUDA settings: {row['cuda_sweep'][0]}", flush=True)
+        del x
+        torch.cuda.empty_cache()
     return out
 
 
@@ -663,8 +674,8 @@ def main() -> None:
     ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--tune-cuda", default='[{"UC": 2, "MINB": 2}, {"UC": 2, "MINB": 3}, {"UC": 1, "MINB": 3}, '
                     '{"UC": 1, "MINB": 4}, {"NWARPS": 8, "UC": 1, "MINB": 1}, {"NWARPS": 8, "UC": 2, "MINB": 1}]')
-    ap.add_argument("--tune-encode", default='[{"MT": 2, "MINB": 2}, {"MT": 2, "MINB": 3}, {"MT": 1, "MINB": 4}, '
-                    '{"MT": 1, "MINB": 3}, {"NWARPS": 8, "MT": 1, "MINB": 2}, {"NWARPS": 8, "MT": 2, "MINB": 1}]')
+    ap.add_argument("--tune-encode", default="[]", help="encode: CUDA settings to sweep, e.g. '[{\"MINB\": 4}]'")
+    ap.add_argument("--encode-dims", default="128", help="encode: head_dims (128 runs every width)")
     ap.add_argument("--graph", action="store_true", help="decode grid: also time each call as a CUDA graph replay")
     ap.add_argument("--e2e-layers", type=int, default=32)
     ap.add_argument("--e2e-context", type=int, default=32768)
@@ -713,7 +724,8 @@ def main() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         res["overhead"] = overhead(dev, args.overhead_modules.split(","), cells, out_dir)
     if "encode" in phases:
-        res["encode"] = encode_bench(dev, copy_bw, json.loads(args.tune_encode))
+        res["encode"] = encode_bench(dev, copy_bw, json.loads(args.tune_encode),
+                                     [int(v) for v in args.encode_dims.split(",")])  # fmt: skip
     if "e2e" in phases:
         res["e2e"] = e2e(
             dev,

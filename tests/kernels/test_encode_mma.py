@@ -77,10 +77,13 @@ def _hgt2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (np.where(a0 > b0, 0xFFFF, 0) | np.where(a1 > b1, 0xFFFF0000, 0)).astype(np.uint32)
 
 
-def _quantize2(y0: torch.Tensor, y1: torch.Tensor, tp: list[int], bits: int) -> np.ndarray:
+def _quantize2(y0: torch.Tensor, y1: torch.Tensor, scale: torch.Tensor | None, tp: list[int], bits: int) -> np.ndarray:
     m = np.uint32((1 << (bits - 1)) - 1)
-    lo = y0.half().view(torch.int16).numpy().astype(np.uint16).astype(np.uint32)
-    hi = y1.half().view(torch.int16).numpy().astype(np.uint16).astype(np.uint32)
+    y0, y1 = y0.half(), y1.half()
+    if scale is not None:  # mul.rn.f16x2 by the row's float16 factor
+        y0, y1 = (y0.float() * scale.half().float()).half(), (y1.float() * scale.half().float()).half()
+    lo = y0.view(torch.int16).numpy().astype(np.uint16).astype(np.uint32)
+    hi = y1.view(torch.int16).numpy().astype(np.uint16).astype(np.uint32)
     y = lo | (hi << np.uint32(16))
     a = y & np.uint32(0x7FFF7FFF)
     s = np.zeros_like(y)
@@ -125,8 +128,10 @@ def emulate(x, codec, perm, mean, scale) -> dict[str, torch.Tensor]:
     for i in range(len(codec.groups)):
         norms.append(v.where(gid == i, 0).pow(2).sum(-1).sqrt())
         out[f"norms{i}"] = norms[-1]
-    inv = torch.stack([1 / n.clamp_min(1e-30) for n in norms], -1)  # (B, H, T, groups)
-    xs = (v * inv.gather(-1, gid.expand(bsz, -1, rows, -1).long())).half().float()
+    total = v.pow(2).sum(-1).sqrt()
+    xs = (v / total.clamp_min(1e-30)[..., None]).half().float()  # divided by the row norm
+    # two groups: each group's outputs times ||x|| / ||x_group|| (float16), so they are divided by the group norm
+    factors = [None] if len(norms) == 1 else [torch.where(n > 0, total / n, 0).clamp_max(65504) for n in norms]
     nk = dim // 16
     lanes = xs[..., kencode.lane_coordinates(dim)].view(bsz, heads, rows, 4, nk, 4)  # [b, h, t, p = t4, s, e]
     frag = kencode.fragment_rotation(codec, perm, "cpu").float()  # (Hr, U/4, NK, 2, 32, 2, 4), lane = 4 n + t4
@@ -140,8 +145,8 @@ def emulate(x, codec, perm, mean, scale) -> dict[str, torch.Tensor]:
         words = np.zeros((bsz, heads, rows, 4, (d * bits // 32 + 3) // 4 + 1), dtype=np.uint32)  # per lane run
         for t4 in range(4):
             for w in range(d // 32):
-                pairs = [_quantize2(acc[..., u0 + 4 * w + j, 2 * t4], acc[..., u0 + 4 * w + j, 2 * t4 + 1], tp, bits)
-                         for j in range(4)]  # fmt: skip
+                pairs = [_quantize2(acc[..., u0 + 4 * w + j, 2 * t4], acc[..., u0 + 4 * w + j, 2 * t4 + 1],
+                                    factors[min(i, len(factors) - 1)], tp, bits) for j in range(4)]  # fmt: skip
                 val, pos = _pack8(pairs, bits).astype(np.uint64), 8 * bits * w
                 words[..., t4, pos // 32] += (val << np.uint64(pos % 32)).astype(np.uint32)
                 if pos % 32 + 8 * bits > 32:

@@ -1,17 +1,25 @@
-"""Fused TurboQuant encode of K/V rows (Triton): center, norms, rotation, bucketize, bit-pack in one pass.
+"""Fused TurboQuant encode of K/V rows: center, norms, rotation, bucketize, bit-pack in one pass.
 
 ``RowCodec.encode`` makes ~10 passes over memory (float copy, permute, per-group norms, divide, matmul, one
-comparison pass per boundary, packing); this kernel reads each row once (model dtype) and writes only the codes
-and norms, so it can run at memory speed. Per block of ``BLOCK_T`` rows of one (batch, KV head):
+comparison pass per boundary, packing); these kernels read each row once (model dtype) and write only the codes
+and norms, so they can run at memory speed. Two implementations of the same arithmetic:
 
-* ``(x - mean) / scale`` (normalized caches), per-group norms over the group's *original* channels (``channel_groups``);
-* ``y = x @ R[h][:, cols]`` with the fused rotation (permutation + every group's rotation, see
-  ``reference.fused_rotation``), in column chunks of 64, as tensor-core products: one-pass tf32 for 16-bit input
-  (as precise as the input), 3xTF32 for float32 (codes then match the float32 reference except where a coordinate
-  is within ~1e-6 of a boundary);
-* ``code = #(boundaries < y / ||x_group||)`` (the same strict comparison as ``codebook.quantize_coordinates``),
-  counted over the positive half of the symmetric codebook only;
-* pack into int32 words with the little-endian layout of ``packing.py`` and store codes and float32 norms.
+* CUDA (``encode_mma.cu``, compiled by NVRTC, see ``cuda.py``) for bfloat16/float16 rows: tensor-core rotation on
+  float16 operands laid out so that each lane's accumulator columns are its own output codes (no exchange between
+  lanes), two coordinates per float16-pair comparison; the host side here builds R in fragment order
+  (:func:`fragment_rotation`), the lanes' channel map (:func:`lane_coordinates`) and the grid (one wave).
+* Triton (``_encode_kernel``) for float32 rows and on request, per block of ``BLOCK_T`` rows of one (batch, KV
+  head):
+
+  * ``(x - mean) / scale`` (normalized caches), per-group norms over the group's *original* channels
+    (``channel_groups``);
+  * ``y = x @ R[h][:, cols]`` with the fused rotation (permutation + every group's rotation, see
+    ``reference.fused_rotation``), in column chunks of 64, as tensor-core products: one-pass tf32 for 16-bit input
+    (as precise as the input), 3xTF32 for float32 (codes then match the float32 reference except where a
+    coordinate is within ~1e-6 of a boundary);
+  * ``code = #(boundaries < y / ||x_group||)`` (the same strict comparison as ``codebook.quantize_coordinates``),
+    counted over the positive half of the symmetric codebook only;
+  * pack into int32 words with the little-endian layout of ``packing.py`` and store codes and float32 norms.
 """
 
 from __future__ import annotations
@@ -116,10 +124,10 @@ def supported(x: torch.Tensor, codec: RowCodec) -> bool:
 
 
 _MMA_SOURCE = Path(__file__).with_name("encode_mma.cu").read_text()
-# encode_mma.cu tuning per head_dim: warps per block, 16-row tiles per warp (they share each load of R from shared
-# memory), blocks per SM the register allocation must allow
-MMA_TUNING = {64: {"NWARPS": 4, "MT": 2, "MINB": 4, "PF": 0}, 128: {"NWARPS": 4, "MT": 1, "MINB": 3, "PF": 1},
-              256: {"NWARPS": 4, "MT": 1, "MINB": 1, "PF": 0}}  # fmt: skip
+# encode_mma.cu tuning per head_dim (benchmarks/kernels.py --phases encode --tune-encode, H100): warps per block,
+# 16-row tiles per warp, blocks per SM the register allocation must allow, prefetch of the next tile's rows
+MMA_TUNING = {64: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 1}, 128: {"NWARPS": 4, "MT": 1, "MINB": 3, "PF": 1},
+              256: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 1}}  # fmt: skip
 
 
 def mma_tuning(dim: int) -> dict[str, int]:
@@ -296,15 +304,17 @@ def encode_rows(
 ) -> dict[str, torch.Tensor]:
     """Fused ``RowCodec.encode((x - mean) / scale, perm)`` for x of shape (B, H, T, D), any float dtype.
 
-    Returns the same fields (``codes{i}`` uint8 (B, H, T, bytes_i), ``norms{i}`` float32 (B, H, T)).
-    ``precision``: the rotation's ``tl.dot`` precision. ``"tf32x3"`` is float32-accurate; ``"tf32"`` (one pass,
-    about 2x faster) rounds the rotation to ~5e-4 relative, so codes may move by one level where a coordinate lies
-    that close to a boundary (under 1% of them). The default is tf32 for bfloat16/float16 input, whose own rounding
-    (4e-3 / 5e-4) is as coarse, and tf32x3 for float32. ``symmetric``: half the comparisons, using the codebook's
-    symmetry (default: when the boundaries are symmetric, as Lloyd-Max's are). ``backend``: ``"cuda"``
-    (``encode_mma.cu``, 16-bit input, see :func:`mma_supported`), ``"triton"``, or ``"auto"`` (CUDA where it
-    applies; ``TURBOVQ_CUDA=0`` turns it off). ``block_t``, ``num_warps``, ``precision`` and ``symmetric`` tune the
-    Triton kernel only.
+    Returns the same fields (``codes{i}`` uint8 (B, H, T, bytes_i), ``norms{i}`` float32 (B, H, T)). The CUDA kernel
+    (bfloat16/float16 rows) rounds the normalized rows and R to float16 (2^-11 relative, finer than bfloat16 input):
+    codes move by one level where a coordinate lies within ~1e-3 of a boundary (under 1% of them); norms are
+    float32 sums. ``precision`` (Triton): the rotation's ``tl.dot`` precision. ``"tf32x3"`` is float32-accurate;
+    ``"tf32"`` (one pass, about 2x faster) rounds the rotation to ~5e-4 relative, so codes may move by one level
+    where a coordinate lies that close to a boundary (under 1% of them). The default is tf32 for bfloat16/float16
+    input, whose own rounding (4e-3 / 5e-4) is as coarse, and tf32x3 for float32. ``symmetric``: half the
+    comparisons, using the codebook's symmetry (default: when the boundaries are symmetric, as Lloyd-Max's are).
+    ``backend``: ``"cuda"`` (``encode_mma.cu``, 16-bit input, see :func:`mma_supported`), ``"triton"``, or
+    ``"auto"`` (CUDA where it applies; ``TURBOVQ_CUDA=0`` turns it off). ``block_t``, ``num_warps``, ``precision``
+    and ``symmetric`` tune the Triton kernel only.
     """
     if backend not in ("auto", "cuda", "triton"):
         raise ValueError(f"backend must be 'auto', 'cuda' or 'triton', got {backend!r}")

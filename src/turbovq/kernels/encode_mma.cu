@@ -17,7 +17,8 @@
 //             only where a coordinate lies within ~1e-3 of a boundary, by one level. Two channel groups: the group
 //             norms are exact float32 sums over each group's channels (a bit mask per lane and head selects the
 //             sum); the product uses the row norm and each group's outputs are rescaled by ||x|| / ||x_group||
-//             (a group holding under ~1e-6 of the row's energy would reach float16's subnormal range).
+//             in float16 (one more rounding; a group holding under ~1e-6 of the row's energy would reach float16's
+//             subnormal range).
 //   quantize  the Lloyd-Max codebooks are symmetric: code = M + 1 + c for y > 0, M - c otherwise, where c counts
 //             the 2^(b-1) - 1 positive boundaries below |y|; two coordinates per float16-pair comparison (see
 //             quantize2). The boundaries, rounded to float16, are kernel parameters (constant-bank operands).
@@ -116,10 +117,12 @@ __device__ __forceinline__ u32 hgt2(u32 a, u32 b) {
 // y > 0, where c = #(tp < |y|). Both coordinates at once in float16 pairs: the comparison masks (0xFFFF per half)
 // summed as 32-bit integers give S = 0xFFFF (c0 + 2^16 c1), and 0xFFFF * 0x10001 = -1 (mod 2^32), so
 // S * 0x10001 + M * 0x10001 holds M - c0 and M - c1 in its halves (one multiply-add, no borrow since c <= M).
-template <int BITS>
-__device__ __forceinline__ u32 quantize2(float y0, float y1, const u32* tp) {
+template <int BITS, bool SCALED>
+__device__ __forceinline__ u32 quantize2(float y0, float y1, u32 scale, const u32* tp) {
     constexpr u32 M = (1u << (BITS - 1)) - 1;
-    const u32 y = pack_h2(y0, y1), a = y & 0x7FFF7FFFu;
+    u32 y = pack_h2(y0, y1);
+    if (SCALED) asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(y) : "r"(scale));
+    const u32 a = y & 0x7FFF7FFFu;
     u32 s = 0;
 #pragma unroll
     for (int k = 0; k < (int)M; k++) s += hgt2(a, tp[k]);
@@ -178,7 +181,7 @@ __device__ __forceinline__ void store_run(unsigned char* dst, const u32 (&w)[NW]
 // time: their accumulator chains are independent (the mma latency overlaps), their B fragments come in two 16-byte
 // shared-memory loads per k-step, and their code pairs make one 8-code word (pack8).
 template <int BITS, int DI, int U0, int LB, int GRP>
-__device__ __forceinline__ void encode_group(const u32 (&a)[MT][NK][4], const float (&f)[MT][2][2], const uint4* sr,
+__device__ __forceinline__ void encode_group(const u32 (&a)[MT][NK][4], const u32 (&f)[MT][2][2], const uint4* sr,
                                              const u32* tp, unsigned char* codes, int r0, int hi, int lane) {
     const int g = lane >> 2, t4 = lane & 3;
     constexpr int NW = (LB + 3) / 4;
@@ -215,8 +218,7 @@ __device__ __forceinline__ void encode_group(const u32 (&a)[MT][NK][4], const fl
                 u32 pr[4];  // code pairs of the 4 column tiles (columns 2 t4, 2 t4 + 1 of row g + 8 r)
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
-                    const float sc = D1 > 0 ? f[m][r][GRP] : 1.f;  // two groups: y / ||x||  ->  y / ||x_group||
-                    pr[i] = quantize2<BITS>(c[m][i][2 * r] * sc, c[m][i][2 * r + 1] * sc, tp);
+                    pr[i] = quantize2<BITS, (D1 > 0)>(c[m][i][2 * r], c[m][i][2 * r + 1], f[m][r][GRP], tp);
                 }
                 put<8 * BITS>(w[m][r], 8 * BITS * u4, pack8<BITS>(pr[0], pr[1], pr[2], pr[3]));
             }
@@ -291,7 +293,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const 
         const auto& cur = raw;
 #endif
         u32 a[MT][NK][4];
-        float f[MT][2][2];  // two groups: row norm / group norm, per row tile, row and group
+        u32 f[MT][2][2];  // two groups: row norm / group norm (float16 pairs), per row tile, row and group
 #pragma unroll
         for (int m = 0; m < MT; m++)
 #pragma unroll
@@ -314,8 +316,11 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const 
                     s1 += __shfl_xor_sync(0xFFFFFFFFu, s1, 2);
                     const float nrm1 = sqrtf(s1);
                     nrm = sqrtf(s0 + s1);
-                    f[m][r][0] = nrm0 > 0.f ? __fdividef(nrm, nrm0) : 0.f;
-                    f[m][r][1] = nrm1 > 0.f ? __fdividef(nrm, nrm1) : 0.f;
+                    // (capped at float16's largest: a group under ~2e-10 of the row's energy is float16-subnormal)
+                    const float f0 = nrm0 > 0.f ? fminf(__fdividef(nrm, nrm0), 65504.f) : 0.f;
+                    const float f1 = nrm1 > 0.f ? fminf(__fdividef(nrm, nrm1), 65504.f) : 0.f;
+                    f[m][r][0] = pack_h2(f0, f0);
+                    f[m][r][1] = pack_h2(f1, f1);
                     if (t4 == 0 && row < hi) n1[row] = nrm1;
                 }
                 if (t4 == 0 && row < hi) n0[row] = nrm0;
