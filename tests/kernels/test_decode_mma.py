@@ -14,16 +14,7 @@ from turbovq.kernels import cuda
 from turbovq.kernels import decode as kdecode
 from turbovq.kv.cache import RowCodec
 
-
-def _nvrtc_available() -> bool:
-    try:
-        cuda._nvrtc()
-        return True
-    except cuda.CudaCompileError:
-        return False
-
-
-needs_nvrtc = pytest.mark.skipif(not _nvrtc_available(), reason="libnvrtc not installed")
+needs_nvrtc = pytest.mark.skipif(not cuda.nvrtc_available(), reason="libnvrtc not installed")
 
 NAMES = (b"tq_decode_split",)
 # (D, G, key groups, value groups, symmetric 4-bit tables, norm dtype, query dtype, mask dtype, mask, k mean,

@@ -116,9 +116,10 @@ _INTERPRETER_CHECK = textwrap.dedent(
         mask = tr.padding_mask(2, 75, pad=9)
         q, tk, tv = q.half(), tk.half(), tv.half()
         ref = decode_reference(q, pk, pv, tk, tv, mask, d**-0.5).float()
-        out = decode_attention(q, pk, pv, tk, tv, mask, d**-0.5, block_t=16, num_splits=3).float()
-        err = ((out - ref).norm() / ref.norm()).item()
-        assert err < 3e-3, (kb, vb, err)
+        for trans in (True, False):  # both orientations of the split pass
+            out = decode_attention(q, pk, pv, tk, tv, mask, d**-0.5, block_t=16, num_splits=3, trans=trans).float()
+            err = ((out - ref).norm() / ref.norm()).item()
+            assert err < 3e-3, (kb, vb, trans, err)
         x = torch.randn(1, 2, 21, d)
         e_ref = encode_reference(x, pk.codec, pk.perm, pk.mean[:1], pk.scale[:1] if scaled else None)
         e_out = encode_rows(x, pk.codec, pk.perm, pk.mean[:1], pk.scale[:1] if scaled else None, block_t=16)

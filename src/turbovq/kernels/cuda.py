@@ -47,6 +47,15 @@ def _nvrtc() -> ctypes.CDLL:
     raise CudaCompileError(f"libnvrtc not found (tried {names[:4]}...): install the CUDA runtime compiler")
 
 
+def nvrtc_available() -> bool:
+    """Whether NVRTC can be loaded (the CUDA kernels can be compiled; no GPU needed)."""
+    try:
+        _nvrtc()
+        return True
+    except CudaCompileError:
+        return False
+
+
 def _driver() -> ctypes.CDLL:
     lib = _LIBS.get("cuda")
     if lib is None:

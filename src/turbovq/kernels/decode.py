@@ -341,6 +341,27 @@ if HAS_TRITON:
                  mask=gmask[:, None])  # fmt: skip
 
     @triton.jit
+    def _split_bases(
+        ws, pid_bh, BH, g, gmask, k_alloc, v_alloc, kc0, kn0, kc1, kn1, vc0, vn0, vc1, vn1,
+        G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+        KB0: tl.constexpr, KD0: tl.constexpr, KB1: tl.constexpr, KD1: tl.constexpr,
+        VB0: tl.constexpr, VD0: tl.constexpr, VB1: tl.constexpr, VD1: tl.constexpr, HAS_KMEAN: tl.constexpr,
+    ):  # fmt: skip
+        """A split program's setup: ``<q, mu_k>`` (the centered cache's constant key component, zero otherwise) and
+        the (b, h) row bases of the code words and norms, in int64 (B * H * N_alloc * words can pass 2^31; offsets
+        within a row stay int32)."""
+        qm = tl.zeros([BLOCK_G], tl.float32)
+        if HAS_KMEAN:
+            qm = tl.load(ws + BH * G * D + pid_bh * G + g, mask=gmask, other=0.0)
+        kb = pid_bh.to(tl.int64) * k_alloc
+        vb = pid_bh.to(tl.int64) * v_alloc
+        kw0 = kc0.to(tl.pointer_type(tl.int32)) + kb * (KD0 * KB0 // 32)
+        kw1 = kc1.to(tl.pointer_type(tl.int32)) + kb * (KD1 * KB1 // 32)
+        vw0 = vc0.to(tl.pointer_type(tl.int32)) + vb * (VD0 * VB0 // 32)
+        vw1 = vc1.to(tl.pointer_type(tl.int32)) + vb * (VD1 * VB1 // 32)
+        return qm, kw0, kw1, vw0, vw1, kn0 + kb, kn1 + kb, vn0 + vb, vn1 + vb
+
+    @triton.jit
     def _split_trans(
         ws, m_out, pid_bh, pid_s, part, PG, BH, split_len, iters, n, k_alloc, v_alloc,
         kc0, kn0, kc1, kn1, kcent, ktab, vc0, vn0, vc1, vn1, vcent, vtab,
@@ -364,17 +385,10 @@ if HAS_TRITON:
         if KD1 > 0:
             q1 = tl.load(ws + qcol + KD0 + tl.arange(0, KD1)[:, None], mask=gmask[None, :], other=0.0)
             q1 = q1.to(tl.float16)
-        qm = tl.zeros([BLOCK_G], tl.float32)
-        if HAS_KMEAN:
-            qm = tl.load(ws + BH * G * D + pid_bh * G + g, mask=gmask, other=0.0)
-        kw0 = kc0.to(tl.pointer_type(tl.int32)) + pid_bh.to(tl.int64) * k_alloc * (KD0 * KB0 // 32)
-        kw1 = kc1.to(tl.pointer_type(tl.int32)) + pid_bh.to(tl.int64) * k_alloc * (KD1 * KB1 // 32)
-        vw0 = vc0.to(tl.pointer_type(tl.int32)) + pid_bh.to(tl.int64) * v_alloc * (VD0 * VB0 // 32)
-        vw1 = vc1.to(tl.pointer_type(tl.int32)) + pid_bh.to(tl.int64) * v_alloc * (VD1 * VB1 // 32)
-        kn0_b = kn0 + pid_bh.to(tl.int64) * k_alloc
-        kn1_b = kn1 + pid_bh.to(tl.int64) * k_alloc
-        vn0_b = vn0 + pid_bh.to(tl.int64) * v_alloc
-        vn1_b = vn1 + pid_bh.to(tl.int64) * v_alloc
+        qm, kw0, kw1, vw0, vw1, kn0_b, kn1_b, vn0_b, vn1_b = _split_bases(
+            ws, pid_bh, BH, g, gmask, k_alloc, v_alloc, kc0, kn0, kc1, kn1, vc0, vn0, vc1, vn1,
+            G, BLOCK_G, D, KB0, KD0, KB1, KD1, VB0, VD0, VB1, VD1, HAS_KMEAN,
+        )  # fmt: skip
         acc0 = tl.zeros([VD0, BLOCK_G], tl.float32)
         if VD1 > 0:
             acc1 = tl.zeros([VD1, BLOCK_G], tl.float32)
@@ -466,18 +480,10 @@ if HAS_TRITON:
                 if KD1 > 0:
                     q1 = tl.load(ws + qrow + KD0 + tl.arange(0, KD1)[None, :], mask=gmask[:, None], other=0.0)
                     q1 = q1.to(tl.float16)
-                qm = tl.zeros([BLOCK_G], tl.float32)
-                if HAS_KMEAN:  # <q, mu_k>, the centered cache's constant key component
-                    qm = tl.load(ws + BH * G * D + pid_bh * G + g, mask=gmask, other=0.0)
-                # per-(b, h) row bases in int64 (B * H * N_alloc * words can pass 2^31), offsets within in int32
-                kw0 = kc0.to(tl.pointer_type(tl.int32)) + pid_bh.to(tl.int64) * k_alloc * (KD0 * KB0 // 32)
-                kw1 = kc1.to(tl.pointer_type(tl.int32)) + pid_bh.to(tl.int64) * k_alloc * (KD1 * KB1 // 32)
-                vw0 = vc0.to(tl.pointer_type(tl.int32)) + pid_bh.to(tl.int64) * v_alloc * (VD0 * VB0 // 32)
-                vw1 = vc1.to(tl.pointer_type(tl.int32)) + pid_bh.to(tl.int64) * v_alloc * (VD1 * VB1 // 32)
-                kn0_b = kn0 + pid_bh.to(tl.int64) * k_alloc
-                kn1_b = kn1 + pid_bh.to(tl.int64) * k_alloc
-                vn0_b = vn0 + pid_bh.to(tl.int64) * v_alloc
-                vn1_b = vn1 + pid_bh.to(tl.int64) * v_alloc
+                qm, kw0, kw1, vw0, vw1, kn0_b, kn1_b, vn0_b, vn1_b = _split_bases(
+                    ws, pid_bh, BH, g, gmask, k_alloc, v_alloc, kc0, kn0, kc1, kn1, vc0, vn0, vc1, vn1,
+                    G, BLOCK_G, D, KB0, KD0, KB1, KD1, VB0, VD0, VB1, VD1, HAS_KMEAN,
+                )  # fmt: skip
                 acc0 = tl.zeros([BLOCK_G, VD0], tl.float32)
                 if VD1 > 0:
                     acc1 = tl.zeros([BLOCK_G, VD1], tl.float32)

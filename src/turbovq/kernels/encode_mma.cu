@@ -185,13 +185,7 @@ __device__ __forceinline__ void encode_group(const u32 (&a)[MT][NK][4], const u3
                                              const u32* tp, unsigned char* codes, int r0, int hi, int lane) {
     const int g = lane >> 2, t4 = lane & 3;
     constexpr int NW = (LB + 3) / 4;
-    u32 w[MT][2][NW];
-#pragma unroll
-    for (int m = 0; m < MT; m++)
-#pragma unroll
-        for (int r = 0; r < 2; r++)
-#pragma unroll
-            for (int i = 0; i < NW; i++) w[m][r][i] = 0u;
+    u32 w[MT][2][NW] = {};  // the lane's byte runs of rows g, g + 8 of each row tile
 #pragma unroll
     for (int u4 = 0; u4 < DI / 32; u4++) {
         float c[MT][4][4];
