@@ -706,14 +706,19 @@ def _mma_kernel(dim, groups, ks, vs, knorm, vnorm, qtype, mask, has_kmean, softc
 _SMS: dict = {}
 
 
-def default_splits(n: int, num_bh: int, block_t: int, device, waves: float = 8.0, max_splits: int = 64) -> int:
-    """About ``waves`` x the card's SMs programs (3 fit on an SM at once), at most ``max_splits`` per (b, h) (the
-    merge reads them all) and never less than one block per split. The SM count is cached (no device query)."""
+def sm_count(device) -> int:
+    """The card's SM count, cached (no device query per call); 132 (an H100's) off CUDA, e.g. in the interpreter."""
     sms = _SMS.get(device)
     if sms is None:
         props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
         sms = _SMS[device] = props.multi_processor_count if props is not None else 132
-    return max(1, min(math.ceil(waves * sms / num_bh), max_splits, math.ceil(n / block_t)))
+    return sms
+
+
+def default_splits(n: int, num_bh: int, block_t: int, device, waves: float = 8.0, max_splits: int = 64) -> int:
+    """About ``waves`` x the card's SMs programs (3 fit on an SM at once), at most ``max_splits`` per (b, h) (the
+    merge reads them all) and never less than one block per split."""
+    return max(1, min(math.ceil(waves * sm_count(device) / num_bh), max_splits, math.ceil(n / block_t)))
 
 
 _COUNTERS: dict = {}

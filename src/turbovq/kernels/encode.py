@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from turbovq import packing
-from turbovq.kernels.decode import HAS_TRITON, codec_supported
+from turbovq.kernels.decode import HAS_TRITON, codec_supported, sm_count
 from turbovq.kernels.reference import channel_groups, fused_rotation, weak_cached
 from turbovq.kv.cache import RowCodec
 
@@ -199,6 +199,8 @@ def fragment_rotation(codec: RowCodec, perm: torch.Tensor | None, device) -> tor
 
 
 _FRAGMENTS: dict[tuple, tuple] = {}
+
+
 def _encode_cuda(x, codec, perm, mean, scale, fields) -> None:
     from turbovq.kernels import cuda
 
@@ -212,14 +214,14 @@ def _encode_cuda(x, codec, perm, mean, scale, fields) -> None:
                 HAS_MEAN=int(mean is not None), HAS_SCALE=int(scale is not None))  # fmt: skip
     kern = cuda.kernel(_MMA_SOURCE, "tq_encode", dev, tuple(f"-D{k}={v}" for k, v in opts.items()))
     mean_arg = None if mean is None else weak_cached(
-        _CONSTANTS, (mean,), dev, lambda: mean.reshape(bsz * heads, dim).float().contiguous())
+        _NORMALIZERS, (mean,), dev, lambda: mean.reshape(bsz * heads, dim).float().contiguous())
     iscale = None if scale is None else weak_cached(
-        _CONSTANTS, (scale,), dev, lambda: (1.0 / scale.reshape(bsz * heads, dim).float()).contiguous())
+        _NORMALIZERS, (scale,), dev, lambda: (1.0 / scale.reshape(bsz * heads, dim).float()).contiguous())
     per_warp = 16 * tune["MT"]
     block = 32 * tune["NWARPS"]
     smem = dim * dim * 2 + 2 * dim * 4
     splits = _row_splits(bsz * heads, -(-rows // (per_warp * tune["NWARPS"])),
-                         _sm_count(dev) * kern.blocks_per_sm(block, smem))  # fmt: skip
+                         sm_count(dev) * kern.blocks_per_sm(block, smem))  # fmt: skip
     chunk = -(-rows // splits)
     chunk = -(-chunk // per_warp) * per_warp
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
@@ -247,17 +249,9 @@ def _row_splits(bh: int, max_splits: int, slots: int) -> int:
     return best
 
 
-_SMS: dict = {}
-
-
-def _sm_count(device) -> int:
-    n = _SMS.get(device)
-    if n is None:
-        n = _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return n
-
-
 _CONSTANTS: dict[tuple, tuple] = {}
+_NORMALIZERS: dict[tuple, tuple] = {}  # the cache's means and 1 / scales as (B H, D) float32, per layer
+_SYMMETRY: dict[tuple, tuple] = {}
 
 
 def _layer_constants(codec: RowCodec, perm, heads: int, device) -> tuple:
@@ -359,7 +353,7 @@ def encode_rows(
 
 
 def _codec_symmetric(codec: RowCodec) -> bool:
-    return weak_cached(_CONSTANTS, (codec,), "sym", lambda: all(
+    return weak_cached(_SYMMETRY, (codec,), "cpu", lambda: all(
         _symmetric(codec.tensors(i, "cpu")[2]) for i in range(len(codec.groups))))
 
 
