@@ -322,8 +322,8 @@ def encode_rows(
         fields[f"norms{i}"] = torch.empty(bsz, heads, rows, dtype=torch.float32, device=dev)
     if rows == 0:
         return fields
-    use_cuda = backend == "cuda" or (backend == "auto" and mma_supported(x, codec))
-    if backend == "cuda" and not mma_supported(x, codec):
+    use_cuda = backend != "triton" and mma_supported(x, codec)
+    if backend == "cuda" and not use_cuda:
         raise ValueError("backend='cuda' needs 16-bit CUDA rows and a codec that encode_mma.cu handles (mma_supported)")
     if use_cuda:
         _encode_cuda(x, codec, perm, mean, scale, fields)
