@@ -28,6 +28,9 @@ CONFIGS = [
     (64, 3, [(4, 64)], [(3, 64)], 1, 0, 1, 1, 1, 0, 0),  # G = 3, bfloat16 mask
     (256, 8, [(3, 256)], [(4, 256)], 0, 1, 0, 1, 3, 0, 1),
     (256, 2, [(4, 128), (3, 128)], [(3, 128), (4, 128)], 1, 0, 0, 3, 0, 0, 0),
+    (128, 4, [(3, 64), (2, 64)], [(3, 64), (2, 64)], 1, 0, 1, 3, 1, 1, 0),  # 2.5 bits (value slices: half words)
+    (64, 8, [(2, 64)], [(2, 64)], 0, 1, 0, 3, 0, 1, 0),
+    (256, 2, [(2, 256)], [(3, 128), (2, 128)], 0, 0, 1, 3, 1, 0, 0),
 ]
 
 
@@ -76,6 +79,53 @@ def test_byte_tables_hold_the_centroids(bits):
         )
         assert torch.equal(back, cents)
         assert len(words) == 8 and all(0 <= w < 2**32 for w in words)
+
+
+def _byte_perm(a: int, b: int, sel: int) -> int:
+    """``__byte_perm``: byte k of the result is byte (nibble k of sel) & 7 of the 8 bytes b:a."""
+    src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+    return sum(src[(sel >> (4 * k)) & 7] << (8 * k) for k in range(4))
+
+
+def _lookup8(y: int, t: list[int]) -> list[int]:  # transcribed from decode_mma.cu
+    yh = y >> 16
+    la, ha = _byte_perm(t[0], t[1], y), _byte_perm(t[2], t[3], y)
+    lb, hb = _byte_perm(t[0], t[1], yh), _byte_perm(t[2], t[3], yh)
+    return [_byte_perm(la, ha, 0x5140), _byte_perm(la, ha, 0x7362), _byte_perm(lb, hb, 0x5140),
+            _byte_perm(lb, hb, 0x7362)]  # fmt: skip
+
+
+def _dec3(u: int, t: list[int]) -> list[int]:
+    y = (u & 0xFFF) | ((u << 4) & 0xFFF0000)
+    y = (y & 0x3F003F) | ((y << 2) & 0x3F003F00)
+    y = (y & 0x07070707) | ((y << 1) & 0x70707070)
+    return _lookup8(y, t)
+
+
+def _dec2(w: int, hb: int, t: list[int]) -> list[int]:
+    y = _byte_perm(w, 0, 0x4140 + 0x202 * hb)
+    y = (y & 0x000F000F) | ((y << 4) & 0x0F000F00)
+    y = (y & 0x03030303) | ((y << 2) & 0x30303030)
+    return _lookup8(y, t)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_slice_decoders_give_the_centroids_in_coordinate_pairs(bits):
+    """The 2- and 3-bit paths of ``decode_slice`` (a Python transcription of their bit operations) turn a packed
+    slice into half2 words of (coordinate 2j, 2j + 1) centroids, for every code and both halves of a 2-bit word."""
+    half = RowCodec(128, bits, seed=0).tensors(0, "cpu")[1].half()
+    t = kdecode._byte_tables(torch.nn.functional.pad(half, (0, 8 - half.numel())))  # as _Side pads 2-bit tables
+    g = torch.Generator().manual_seed(bits)
+    for _ in range(50):
+        codes = torch.randint(0, 2**bits, (16,), generator=g).tolist()
+        word = sum(c << (bits * i) for i, c in enumerate(codes))  # LSB first, as RowCodec packs
+        if bits == 2:
+            out = _dec2(word, 0, t) + _dec2(word, 1, t)  # NC = 16: j & 1; NC = 8: the half at sh >> 4
+        else:
+            out = _dec3(word & 0xFFFFFF, t) + _dec3(word >> 24, t)
+        pairs = torch.tensor([[w & 0xFFFF, w >> 16] for w in out], dtype=torch.int32).reshape(-1)
+        got = pairs.to(torch.int16).view(torch.float16)
+        assert torch.equal(got, half[codes]), (codes, got)
 
 
 def test_params_struct_matches_the_c_layout():

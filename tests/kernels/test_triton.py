@@ -68,6 +68,8 @@ DECODE_CASES = [
     (128, 8, 2, 2, 20, 3, 4, 3, torch.float16, False, True, None),  # fewer codes than one 32-token unit
     (128, 32, 8, 2, 900, 70, 3.5, 3.5, torch.bfloat16, "scaled", True, None),  # CUDA split: two groups per side
     (256, 8, 2, 1, 700, 20, 3.5, 4, torch.float16, True, False, None),
+    (128, 32, 8, 2, 1000, 50, 2, 2, torch.bfloat16, "scaled", True, None),  # CUDA split: 2-bit slices
+    (64, 16, 2, 2, 333, 9, 2.5, 2, torch.float16, False, False, None),  # 2-bit value slices of half a word
 ]
 
 
@@ -102,13 +104,13 @@ def test_decode_matches_reference(cuda, case):
 
 
 def _cuda_split_applies(q, pk, pv, groups) -> bool:
-    """decode_mma.cu's scope: 3- and 4-bit groups of >= 64 channels, head_dim 64/128/256, G <= 8."""
-    ok = all(bits in (3, 4) and d >= 64 for r in (pk, pv) for bits, d, _ in r.codec.groups)
+    """decode_mma.cu's scope: 2-, 3- and 4-bit groups of >= 64 channels, head_dim 64/128/256, G <= 8."""
+    ok = all(bits in (2, 3, 4) and d >= 64 for r in (pk, pv) for bits, d, _ in r.codec.groups)
     return ok and q.shape[-1] in (64, 128, 256) and groups <= 8
 
 
 def test_cuda_backend_refuses_what_it_cannot_run(cuda):
-    q, pk, pv, tk, tv = make_case(cuda, 128, 8, 2, 1, 100, 4, 2.5, 3, torch.float16, False)  # a 2-bit group
+    q, pk, pv, tk, tv = make_case(cuda, 64, 8, 2, 1, 100, 4, 3.5, 3, torch.float16, False)  # 32-channel groups
     with pytest.raises(ValueError, match="CUDA split pass"):
         decode_attention(q, pk, pv, tk, tv, None, 128**-0.5, backend="cuda")
     with pytest.raises(ValueError, match="backend"):

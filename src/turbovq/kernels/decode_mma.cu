@@ -23,11 +23,13 @@
 // Centroids come from byte-permute (PRMT) lookups in tables held in registers: no memory access per code.
 //
 // Configuration macros (set by decode.py): D, G, NWARPS; per side and channel group i (fractional widths have two:
-// outliers first) KB_i / VB_i (3 or 4 bits), KD_i / VD_i (channels, >= 64; KD1 = VD1 = 0 for one group),
+// outliers first) KB_i / VB_i (2, 3 or 4 bits), KD_i / VD_i (channels, >= 64; KD1 = VD1 = 0 for one group),
 // KSYM_i / VSYM_i (symmetric 4-bit table); KNORM / VNORM / QTYPE / MTYPE (0 float16, 1 bfloat16, 2 float32,
 // 3 bool), HAS_MASK, HAS_KMEAN, SOFTCAP;
-// tuning: UC (16-token chunks per unit), MINB (blocks per SM the register allocation must allow); DBG (timing
-// experiments only, wrong results on purpose: 1 = no decode, 2 = no code loads).
+// tuning: UC (16-token chunks per unit), MINB (blocks per SM the register allocation must allow), L2PF (sm_90: each warp
+// bulk-prefetches into L2 its unit L2PF iterations after the next, 0 = off), LAZYMAX (skip the warp max and
+// rescaling of a unit whose scores stay below the running max: no lane sees a larger one); DBG (timing experiments
+// only, wrong results on purpose: 1 = no decode, 2 = no code loads).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -56,9 +58,11 @@ struct Params {
 };
 
 // Channel groups (outliers + the rest for fractional widths; KD1 = VD1 = 0 for one group). Per group: words per
-// row, coordinates per lane (keys: D_i / 4 by t4, values: D_i / 8 by g) and raw words per lane slice (4 bits are
-// word-aligned; a 3-bit slice of 8 or 16 codes may straddle one more word).
-#define RAW(BITS, NC) ((BITS) == 4 ? (NC) / 8 : ((3 * (NC)) % 32 ? 2 : 3 * (NC) / 32))
+// row, coordinates per lane (keys: D_i / 4 by t4, values: D_i / 8 by g) and raw words per lane slice (2 and 4
+// bits are word-aligned, a 2-bit slice of 8 codes is half a word; a 3-bit slice of 8 or 16 codes may straddle one
+// more word).
+#define RAW(BITS, NC) \
+    ((BITS) == 3 ? ((3 * (NC)) % 32 ? 2 : 3 * (NC) / 32) : ((BITS) * (NC) + 31) / 32)
 #define KDG1 (KD1 > 0 ? KD1 : 64)  // sizes the (unused) group-1 arrays of a one-group side
 #define VDG1 (VD1 > 0 ? VD1 : 64)
 #define KROW0 (KD0 * KB0 / 32)
@@ -143,18 +147,32 @@ __device__ __forceinline__ void dec4(u32 w, const u32 (&t)[8], u32* out) {
     out[3] = __byte_perm(lb, hb, 0x7362);
 }
 
+// Codes spread to nibbles (y: codes 0-3 in the low half, 4-7 in the high half, each < 8) -> 4 half2 from an
+// 8-entry table (t[0..1] low bytes, t[2..3] high bytes).
+__device__ __forceinline__ void lookup8(u32 y, const u32 (&t)[8], u32* out) {
+    const u32 yh = y >> 16;
+    const u32 la = __byte_perm(t[0], t[1], y), ha = __byte_perm(t[2], t[3], y);
+    const u32 lb = __byte_perm(t[0], t[1], yh), hb = __byte_perm(t[2], t[3], yh);
+    out[0] = __byte_perm(la, ha, 0x5140);
+    out[1] = __byte_perm(la, ha, 0x7362);
+    out[2] = __byte_perm(lb, hb, 0x5140);
+    out[3] = __byte_perm(lb, hb, 0x7362);
+}
+
 // 8 codes of 3 bits (low 24 bits of u) -> 4 half2: spread the codes to nibbles, then 8-entry lookups.
 __device__ __forceinline__ void dec3(u32 u, const u32 (&t)[8], u32* out) {
     u32 y = (u & 0xFFFu) | ((u << 4) & 0xFFF0000u);
     y = (y & 0x3F003Fu) | ((y << 2) & 0x3F003F00u);
     y = (y & 0x07070707u) | ((y << 1) & 0x70707070u);
-    u32 yh = y >> 16;
-    u32 la = __byte_perm(t[0], t[1], y), ha = __byte_perm(t[2], t[3], y);
-    u32 lb = __byte_perm(t[0], t[1], yh), hb = __byte_perm(t[2], t[3], yh);
-    out[0] = __byte_perm(la, ha, 0x5140);
-    out[1] = __byte_perm(la, ha, 0x7362);
-    out[2] = __byte_perm(lb, hb, 0x5140);
-    out[3] = __byte_perm(lb, hb, 0x7362);
+    lookup8(y, t, out);
+}
+
+// 8 codes of 2 bits (bytes 2 hb and 2 hb + 1 of w) -> 4 half2: spread to nibbles (the table's entries 4-7 unused).
+__device__ __forceinline__ void dec2(u32 w, int hb, const u32 (&t)[8], u32* out) {
+    u32 y = __byte_perm(w, 0u, 0x4140 + 0x202 * hb);  // the two bytes -> bytes 0 and 2
+    y = (y & 0x000F000Fu) | ((y << 4) & 0x0F000F00u);
+    y = (y & 0x03030303u) | ((y << 2) & 0x30303030u);
+    lookup8(y, t, out);
 }
 
 // Raw words of the NC codes starting at code c0 of a row (bit stream, LSB first); sh = the first code's bit in w[0].
@@ -167,19 +185,20 @@ __device__ __forceinline__ void load_slice(const u32* row, int c0, u32 (&w)[NW])
     return;
 #endif
     const u32* p = row + ((BITS * c0) >> 5);
-    if (BITS == 4 && NC % 32 == 0) {
+    constexpr int BYTES = BITS * NC / 8;  // 2 and 4 bits: slices are aligned to their size (c0 a multiple of NC)
+    if (BITS != 3 && BYTES % 16 == 0) {
 #pragma unroll
-        for (int i = 0; i < NC / 32; i++) {
+        for (int i = 0; i < BYTES / 16; i++) {
             uint4 v = ((const uint4*)p)[i];
             w[4 * i] = v.x, w[4 * i + 1] = v.y, w[4 * i + 2] = v.z, w[4 * i + 3] = v.w;
         }
-    } else if (BITS == 4 && NC % 16 == 0) {
+    } else if (BITS != 3 && BYTES % 8 == 0) {
 #pragma unroll
-        for (int i = 0; i < NC / 16; i++) {
+        for (int i = 0; i < BYTES / 8; i++) {
             uint2 v = ((const uint2*)p)[i];
             w[2 * i] = v.x, w[2 * i + 1] = v.y;
         }
-    } else if (BITS == 4 || (3 * NC) % 32 == 0) {
+    } else if (BITS != 3 || (3 * NC) % 32 == 0) {  // includes a 2-bit half word (its half chosen at decode)
 #pragma unroll
         for (int i = 0; i < NW; i++) w[i] = p[i];
     } else {  // 3-bit slice of 8 or 16 codes: the second word only where the slice reaches into it
@@ -200,6 +219,9 @@ __device__ __forceinline__ void decode_slice(const u32 (&raw)[NW], int sh, const
     if (BITS == 4) {
 #pragma unroll
         for (int j = 0; j < NC / 8; j++) dec4<SYM>(raw[j], t, out + 4 * j);
+    } else if (BITS == 2) {  // sh is 0 or 16 (a slice of 8 codes in the high half of its word)
+#pragma unroll
+        for (int j = 0; j < NC / 8; j++) dec2(raw[j / 2], NC == 8 ? sh >> 4 : j & 1, t, out + 4 * j);
     } else {
         u32 w[NW + 1];
 #pragma unroll
@@ -226,9 +248,36 @@ __device__ __forceinline__ float raw_f(u32 x) {
 }
 
 #define UT (16 * UC)  // tokens per unit (UC 16-token chunks)
-#ifndef DBG
-#define DBG 0  // timing experiments only: 1 = no decode (raw words used as operands), 2 = no code loads
+#ifndef L2PF
+#define L2PF 0
 #endif
+#ifndef LAZYMAX
+#define LAZYMAX 0
+#endif
+
+// Hint: bring rows [r0, r0 + rows) of an array with row_bytes per row into L2 (one bulk request, rounded out to
+// 16-byte bounds, which stay inside the allocation's granule).
+__device__ __forceinline__ void l2_rows(const void* base, long long r0, int rows, int row_bytes) {
+#if __CUDA_ARCH__ >= 900
+    const unsigned long long a = (unsigned long long)base + r0 * row_bytes;
+    const unsigned long long lo = a & ~15ull, hi = (a + (unsigned long long)rows * row_bytes + 15) & ~15ull;
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(lo), "r"((u32)(hi - lo)) : "memory");
+#endif
+}
+
+#define NORM_BYTES(T) ((T) == 2 ? 4 : 2)
+
+// The unit starting at token t0 (rows up to hi of this split) into L2: lane i < 8 requests array i (codes and norms
+// of each group and side), so the warp issues one request sequence.
+__device__ __forceinline__ void l2_unit(const Params& p, int lane, int t0, int hi, long long nb_k, long long nb_v) {
+    const int rows = min(UT, hi - t0), a = lane & 7;
+    if (rows <= 0 || lane >= 8 || (a >= 4 && (a < 6 ? KD1 : VD1) == 0)) return;
+    const bool v = a & 2, norm = a & 1, g1 = a & 4;  // selects, not an indexed array (that would live on the stack)
+    const void* code = v ? (g1 ? (const void*)p.vc1 : p.vc0) : (g1 ? (const void*)p.kc1 : p.kc0);
+    const void* nrm = v ? (g1 ? p.vn1 : p.vn0) : (g1 ? p.kn1 : p.kn0);
+    const int row = norm ? NORM_BYTES(v ? VNORM : KNORM) : 4 * (v ? (g1 ? VROW1 : VROW0) : (g1 ? KROW1 : KROW0));
+    l2_rows(norm ? nrm : code, (v ? nb_v : nb_k) + t0, rows, row);
+}
 
 struct Unit {  // raw data of one unit for one lane: per chunk, keys of tokens g, g + 8 and values of tokens
                // 2 t4, 2 t4 + 1, 2 t4 + 8, 2 t4 + 9, per group; norms raw (converted at use)
@@ -451,6 +500,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
     for (int u = warp; u < units; u += NWARPS) {
         Unit nxt;
         const int t0 = lo + UT * u;
+        if (L2PF > 0) l2_unit(p, lane, t0 + UT * NWARPS * (L2PF + 1), hi, nb_k, nb_v);
         if (u + NWARPS < units) load_unit(p, nxt, t0 + UT * NWARPS, g, t4, nb_k, nb_v);
         float s[UC][4];
 #pragma unroll
@@ -466,18 +516,23 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
                 s[c][i] = finish_score(p, x, b, t, t < hi);
             }
         }
-        float alpha[2];
+        float alpha[2] = {1.f, 1.f}, mx[2];
 #pragma unroll
         for (int j = 0; j < 2; j++) {  // online softmax per head over the unit's tokens (lanes of one t4)
-            float mx = fmaxf(s[0][j], s[0][j + 2]);
+            mx[j] = fmaxf(s[0][j], s[0][j + 2]);
 #pragma unroll
-            for (int c = 1; c < UC; c++) mx = fmaxf(mx, fmaxf(s[c][j], s[c][j + 2]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-            float mn = fmaxf(m[j], mx);
-            alpha[j] = ex2(m[j] - mn);
-            m[j] = mn;
+            for (int c = 1; c < UC; c++) mx[j] = fmaxf(mx[j], fmaxf(s[c][j], s[c][j + 2]));
+        }
+        if (!LAZYMAX || __any_sync(0xffffffffu, mx[0] > m[0] || mx[1] > m[1])) {
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], 4));
+                mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], 8));
+                mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], 16));
+                const float mn = fmaxf(m[j], mx[j]);
+                alpha[j] = ex2(m[j] - mn);
+                m[j] = mn;
+            }
         }
         if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
