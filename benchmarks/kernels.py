@@ -3,7 +3,8 @@
 Everything in one run on one card, so the numbers are ratios measured side by side:
 
 * copy bandwidth: a 2 GiB device-to-device ``copy_`` (bytes read + written) -- the roofline;
-* decode attention, one query token, Llama-3.1-8B heads (32 query / 8 KV heads, head_dim 128), B x T grid:
+* decode attention, one query token, Llama-3.1-8B heads (32 query / 8 KV heads, head_dim 128; ``--heads``,
+  ``--head-dim`` for other models), B x T grid:
   ours (codes + float16 norms, centered cache with outlier permutation, 128-token bf16 tail) vs
   ``F.scaled_dot_product_attention(..., enable_gqa=True)`` on bf16 K/V of the same length; achieved bandwidth on
   the compressed bytes;
@@ -184,14 +185,16 @@ def tune(dev) -> list[dict]:
     return out
 
 
-def tune_cuda(dev, variants: list[dict]) -> list[dict]:
+def tune_cuda(dev, variants: list[dict], config: str = "K4/V3") -> list[dict]:
     """decode_mma.cu tuning (``decode.MMA_TUNING``: warps per block, 16-token chunks per unit, blocks per SM) at
-    B = 8 and 32, T = 32k, K4/V3, against bf16 SDPA in the same run."""
+    B = 8 and 32, T = 32k, one width (``config``), against bf16 SDPA in the same run. A variant's ``"source"`` names
+    another version of decode_mma.cu to time instead (an A/B of two kernel versions in one run)."""
     from turbovq.kernels import decode as kdecode
 
     out = []
-    kc, vc = RowCodec(D, 4, seed=1), RowCodec(D, 3, seed=2)
-    default = dict(kdecode.MMA_TUNING)
+    kb, vb, _ = CONFIGS[config]
+    kc, vc = RowCodec(D, kb, seed=1), RowCodec(D, vb, seed=2)
+    default, default_source = dict(kdecode.MMA_TUNING), kdecode._MMA_SOURCE
     for b in (8, 32):
         t = 32768
         q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.bfloat16)
@@ -206,18 +209,21 @@ def tune_cuda(dev, variants: list[dict]) -> list[dict]:
         pk, pv = synthetic_rows(kc, b, t - TAIL, dev, 1), synthetic_rows(vc, b, t - TAIL, dev, 2)
         for var in variants:
             var = dict(var)
-            splits = var.pop("splits", None)
+            splits, source = var.pop("splits", None), var.pop("source", None)
+            kdecode._MMA_SOURCE = Path(source).read_text() if source else default_source
             kdecode.MMA_TUNING.update(var)
             def call(q=q, pk=pk, pv=pv, tk=tk, s=splits):
                 return decode_attention(q, pk, pv, tk, tk, None, D**-0.5, num_splits=s)
 
             ms, gms = bench(call), _graph_ms(call, dev)
-            out.append({"B": b, "T": t, **kdecode.MMA_TUNING, "splits": splits, "ms": ms, "graph_ms": gms,
-                        "sdpa_ms": sdpa, "sdpa_graph_ms": sdpa_g})  # fmt: skip
-            print(f"tune-cuda B={b} {kdecode.MMA_TUNING} splits={splits}: {ms * 1e3:.1f} us ({sdpa / ms:.2f}x sdpa), "
+            out.append({"B": b, "T": t, "config": config, **kdecode.MMA_TUNING, "splits": splits, "source": source,
+                        "ms": ms, "graph_ms": gms, "sdpa_ms": sdpa, "sdpa_graph_ms": sdpa_g})  # fmt: skip
+            print(f"tune-cuda {config} B={b} {kdecode.MMA_TUNING} splits={splits} source={source}: {ms * 1e3:.1f} us "
+                  f"({sdpa / ms:.2f}x sdpa), "
                   f"graph {gms * 1e3:.1f} us ({sdpa_g / gms:.2f}x)", flush=True)  # fmt: skip
             kdecode.MMA_TUNING.clear()
             kdecode.MMA_TUNING.update(default)
+            kdecode._MMA_SOURCE = default_source
         del pk, pv
         torch.cuda.empty_cache()
     return out
@@ -332,7 +338,18 @@ def _profile(call, dev, rec: dict, log_dir: Path | None, tag: str) -> None:
     rec["triton_kernels_us"] = sum(v for k, v in per_call.items() if k.startswith("_"))
     rec["all_kernels_us"] = sum(per_call.values())
     if log_dir is not None:
+        import cProfile
+        import io
+        import pstats
+
+        with cProfile.Profile() as host:  # where the host's enqueue time goes (Python functions, 300 calls)
+            for _ in range(300):
+                call()
+        torch.cuda.synchronize(dev)
+        text = io.StringIO()
+        pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(30)
         with open(log_dir / "profile.txt", "a") as f:
+            f.write(f"===== {tag}: host, cProfile of 300 calls by own time =====\n{text.getvalue()}\n")
             f.write(f"===== {tag}: by self CUDA time =====\n")
             f.write(ka.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=50))
             f.write(f"\n===== {tag}: by CPU time total =====\n")
@@ -657,12 +674,13 @@ def plot(decode_rows, copy_tbs, path: Path) -> None:
         ax.set_xticks(list(x), cells, fontsize=7)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.suptitle("Decode attention on TurboQuant codes, Llama-3.1-8B heads (32q/8kv, d=128)")
+    fig.suptitle(f"Decode attention on TurboQuant codes, {HQ} query / {HKV} KV heads, d={D}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
+    global HQ, HKV, D  # the model shape every phase uses (--heads, --head-dim)
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="kernels")
@@ -670,10 +688,13 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--lengths", default="8192,32768,131072")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--heads", default=f"{HQ},{HKV}", help="query heads,KV heads (default Llama-3.1-8B's)")
+    ap.add_argument("--head-dim", type=int, default=D)
     ap.add_argument("--block-t", type=int, default=128)
     ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--tune-cuda", default='[{"UC": 2, "MINB": 2}, {"UC": 2, "MINB": 3}, {"UC": 1, "MINB": 3}, '
                     '{"UC": 1, "MINB": 4}, {"NWARPS": 8, "UC": 1, "MINB": 1}, {"NWARPS": 8, "UC": 2, "MINB": 1}]')
+    ap.add_argument("--tune-configs", default="K4/V3", help="tune-cuda: the widths (CONFIGS names) to time")
     ap.add_argument("--tune-encode", default="[]", help="encode: CUDA settings to sweep, e.g. '[{\"MINB\": 4}]'")
     ap.add_argument("--encode-dims", default="128", help="encode: head_dims (128 runs every width)")
     ap.add_argument("--graph", action="store_true", help="decode grid: also time each call as a CUDA graph replay")
@@ -687,9 +708,11 @@ def main() -> None:
     ap.add_argument("--overhead-modules", default="turbovq.kernels.decode")
     ap.add_argument("--overhead-cells", default="8x32768,1x8192")
     args = ap.parse_args()
+    (HQ, HKV), D = (int(x) for x in args.heads.split(",")), args.head_dim
     dev = torch.device(args.device)
     phases = args.phases.split(",")
     res = {"device": torch.cuda.get_device_name(dev) if _cuda(dev) else str(dev), "torch": torch.__version__}
+    res["shape"] = {"query_heads": HQ, "kv_heads": HKV, "head_dim": D}
     res["triton"] = triton.__version__
     if _cuda(dev):
         res["copy_TBps"] = copy_bw = copy_bandwidth(dev)
@@ -705,7 +728,8 @@ def main() -> None:
     if "tune" in phases:
         res["tune"] = tune(dev)
     if "tune-cuda" in phases:
-        res["tune_cuda"] = tune_cuda(dev, json.loads(args.tune_cuda))
+        variants = json.loads(args.tune_cuda)
+        res["tune_cuda"] = [row for c in args.tune_configs.split(",") for row in tune_cuda(dev, variants, c)]
     if "decode" in phases:
         res["decode"] = decode_grid(
             dev,

@@ -31,6 +31,8 @@ CONFIGS = [
     (128, 4, [(3, 64), (2, 64)], [(3, 64), (2, 64)], 1, 0, 1, 3, 1, 1, 0),  # 2.5 bits (value slices: half words)
     (64, 8, [(2, 64)], [(2, 64)], 0, 1, 0, 3, 0, 1, 0),
     (256, 2, [(2, 256)], [(3, 128), (2, 128)], 0, 0, 1, 3, 1, 0, 0),
+    (64, 3, [(4, 32), (3, 32)], [(4, 32), (3, 32)], 1, 0, 1, 3, 1, 1, 0),  # 3.5 bits at d 64: 4-code value slices
+    (64, 8, [(3, 32), (2, 32)], [(3, 32), (2, 32)], 0, 1, 0, 1, 1, 0, 1),
 ]
 
 
@@ -109,10 +111,15 @@ def _dec2(w: int, hb: int, t: list[int]) -> list[int]:
     return _lookup8(y, t)
 
 
+def _funnel_r(lo: int, hi: int, sh: int) -> int:
+    return ((hi << 32 | lo) >> sh) & 0xFFFFFFFF
+
+
 @pytest.mark.parametrize("bits", [2, 3])
 def test_slice_decoders_give_the_centroids_in_coordinate_pairs(bits):
     """The 2- and 3-bit paths of ``decode_slice`` (a Python transcription of their bit operations) turn a packed
-    slice into half2 words of (coordinate 2j, 2j + 1) centroids, for every code and both halves of a 2-bit word."""
+    slice into half2 words of (coordinate 2j, 2j + 1) centroids, for every code and both halves of a 2-bit word;
+    4-code slices (32-channel groups) from any start bit, across a word boundary at 3 bits."""
     half = RowCodec(128, bits, seed=0).tensors(0, "cpu")[1].half()
     t = kdecode._byte_tables(torch.nn.functional.pad(half, (0, 8 - half.numel())))  # as _Side pads 2-bit tables
     g = torch.Generator().manual_seed(bits)
@@ -126,6 +133,25 @@ def test_slice_decoders_give_the_centroids_in_coordinate_pairs(bits):
         pairs = torch.tensor([[w & 0xFFFF, w >> 16] for w in out], dtype=torch.int32).reshape(-1)
         got = pairs.to(torch.int16).view(torch.float16)
         assert torch.equal(got, half[codes]), (codes, got)
+        for lane in range(8):  # NC = 4: value slice of lane g = lane starts at bit 4 bits g of its row
+            bit = 4 * bits * lane
+            row = sum(c << (bits * i) for i, c in enumerate(codes + codes))  # 32 codes
+            w0, w1 = (row >> (32 * (bit // 32))) & 0xFFFFFFFF, (row >> (32 * (bit // 32 + 1))) & 0xFFFFFFFF
+            sh = bit % 32
+            out = _dec2(w0 >> sh, 0, t) if bits == 2 else _dec3(_funnel_r(w0, w1, sh) & 0xFFF, t)
+            pairs = torch.tensor([[w & 0xFFFF, w >> 16] for w in out[:2]], dtype=torch.int32).reshape(-1)
+            want = (codes + codes)[4 * lane : 4 * lane + 4]
+            assert torch.equal(pairs.to(torch.int16).view(torch.float16), half[want]), (lane, want)
+
+
+@pytest.mark.parametrize(
+    "dim,bits,ok", [(128, 4, True), (64, 3.5, True), (64, 2.5, True), (256, 2.5, True), (128, 3.25, False),
+                    (256, 3.25, False), (128, 1, False), (128, 3.75, False)],
+)  # fmt: skip
+def test_mma_groups(dim, bits, ok):
+    """The CUDA split pass takes 2-4-bit groups of 32/64/128/256 channels: not 3.25 bits' 96- or 192-channel
+    groups (no kernel does: codec_supported) nor 1-bit codes (Triton)."""
+    assert kdecode.mma_groups_ok(RowCodec(dim, bits)) is ok
 
 
 def test_params_struct_matches_the_c_layout():

@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 
 from conftest import assert_codes_match  # noqa: E402
 
-from turbovq.kernels.decode import decode_attention, supported  # noqa: E402
+from turbovq.kernels.decode import decode_attention, mma_groups_ok, supported  # noqa: E402
 from turbovq.kernels.encode import encode_rows  # noqa: E402
 from turbovq.kernels.reference import decode_reference, encode_reference  # noqa: E402
 from turbovq.kv.cache import PackedRows, RowCodec  # noqa: E402
@@ -70,6 +70,7 @@ DECODE_CASES = [
     (256, 8, 2, 1, 700, 20, 3.5, 4, torch.float16, True, False, None),
     (128, 32, 8, 2, 1000, 50, 2, 2, torch.bfloat16, "scaled", True, None),  # CUDA split: 2-bit slices
     (64, 16, 2, 2, 333, 9, 2.5, 2, torch.float16, False, False, None),  # 2-bit value slices of half a word
+    (64, 16, 2, 2, 700, 12, 3.5, 3.5, torch.float16, True, False, None),  # CUDA split: 32-channel groups, G = 8
 ]
 
 
@@ -104,13 +105,13 @@ def test_decode_matches_reference(cuda, case):
 
 
 def _cuda_split_applies(q, pk, pv, groups) -> bool:
-    """decode_mma.cu's scope: 2-, 3- and 4-bit groups of >= 64 channels, head_dim 64/128/256, G <= 8."""
-    ok = all(bits in (2, 3, 4) and d >= 64 for r in (pk, pv) for bits, d, _ in r.codec.groups)
+    """decode_mma.cu's scope: its channel groups (mma_groups_ok), head_dim 64/128/256, G <= 8."""
+    ok = mma_groups_ok(pk.codec) and mma_groups_ok(pv.codec)
     return ok and q.shape[-1] in (64, 128, 256) and groups <= 8
 
 
 def test_cuda_backend_refuses_what_it_cannot_run(cuda):
-    q, pk, pv, tk, tv = make_case(cuda, 64, 8, 2, 1, 100, 4, 3.5, 3, torch.float16, False)  # 32-channel groups
+    q, pk, pv, tk, tv = make_case(cuda, 128, 16, 1, 1, 100, 4, 4, 3, torch.float16, False)  # G = 16 heads per KV head
     with pytest.raises(ValueError, match="CUDA split pass"):
         decode_attention(q, pk, pv, tk, tv, None, 128**-0.5, backend="cuda")
     with pytest.raises(ValueError, match="backend"):

@@ -19,9 +19,9 @@ Algorithm (the torch twin is :func:`turbovq.kernels.reference.split_decode_refer
    (``s^T = K q^T``, ``acc^T += V^T p^T``): the decoded tile is the tall operand (measured 3-23% faster on an
    H200). Program ``s = S`` does the full-precision tail window in the original space. Centered caches add
    ``<q, mu_k>`` to every code score. ``S`` targets ~8 waves of programs (at most 64 splits).
-   Where it applies (2-, 3- and 4-bit groups of >= 64 channels, head_dim 64/128/256, G <= 8) this step runs the CUDA
-   kernel in ``decode_mma.cu`` instead (same grid and workspace; the whole call is 1.7x faster at B = 8, T = 32k on
-   an H100; that file says why), compiled once per process by NVRTC (:mod:`turbovq.kernels.cuda`).
+   Where it applies (2-, 3- and 4-bit groups of 32, 64, 128 or 256 channels, head_dim 64/128/256, G <= 8) this step
+   runs the CUDA kernel in ``decode_mma.cu`` instead (same grid and workspace; the whole call is 1.7x faster at
+   B = 8, T = 32k on an H100; that file says why), compiled once per process by NVRTC (:mod:`turbovq.kernels.cuda`).
 3. Merge kernel, grid ``(B * H, D / BN)``: combine the ``S + 1`` partials with ``exp2(m_s - M)`` (4 splits'
    loads in flight at a time), rotate the code part of ``BN`` output columns back with ``R_v[h]^T`` (3xTF32 dot),
    multiply by ``s_v``, add ``(sum_codes p) * mu_v`` and the tail part, divide by the total. With
@@ -666,16 +666,21 @@ class _MmaParams(ctypes.Structure):
     )
 
 
+def mma_groups_ok(codec: RowCodec) -> bool:
+    """decode_mma.cu's channel groups: 2, 3 or 4 bits and 32, 64, 128 or 256 channels (its lanes decode whole
+    slices of D_i / 4 key and D_i / 8 value codes, sized for these)."""
+    return all(bits in (2, 3, 4) and d in (32, 64, 128, 256) for bits, d, _ in codec.groups)
+
+
 def _mma_ok(query, keys: PackedRows, values: PackedRows, groups: int, fields, mask) -> bool:
-    """The CUDA split pass handles 2-, 3- and 4-bit groups of >= 64 channels (one, or two for fractional widths), the
+    """The CUDA split pass handles 2-, 3- and 4-bit groups of 32-256 channels (one, or two for fractional widths), the
     same norm dtype in both groups, head_dim 64/128/256 and G <= 8."""
     if not query.is_cuda or not _PRMT or os.environ.get("TURBOVQ_CUDA", "1") == "0":  # _PRMT: not the interpreter
         return False
     if groups > 8 or query.shape[-1] not in (64, 128, 256):
         return False
-    for rows in (keys, values):
-        if any(bits not in (2, 3, 4) or d < 64 for bits, d, _ in rows.codec.groups):
-            return False
+    if not (mma_groups_ok(keys.codec) and mma_groups_ok(values.codec)):
+        return False
     if mask is not None and mask.dtype not in _DTYPE_CODE:
         return False
     codes, norms = fields[0::2], fields[1::2]
@@ -761,9 +766,9 @@ def decode_attention(
     pass, merge; two with ``fused_reduce``, where the last program of each (b, h) merges), one workspace and the
     output allocated, no other torch op and no host synchronisation. Layer constants are built once per layer.
 
-    ``backend``: the split pass in CUDA (``decode_mma.cu``, where it applies: 2-, 3- and 4-bit groups of >= 64
-    channels, head_dim 64/128/256, at most 8 query heads per KV head), in Triton, or ``"auto"`` (CUDA where it applies;
-    ``TURBOVQ_CUDA=0`` turns it off). ``block_t``/``num_warps``/``num_stages``/``fused_reduce``/``trans`` tune the
+    ``backend``: the split pass in CUDA (``decode_mma.cu``, where it applies: see :func:`mma_groups_ok`, head_dim
+    64/128/256, at most 8 query heads per KV head), in Triton, or ``"auto"`` (CUDA where it applies; ``TURBOVQ_CUDA=0``
+    turns it off). ``block_t``/``num_warps``/``num_stages``/``fused_reduce``/``trans`` tune the
     Triton split pass.
     """
     if backend not in ("auto", "cuda", "triton"):

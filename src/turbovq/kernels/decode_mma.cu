@@ -23,13 +23,11 @@
 // Centroids come from byte-permute (PRMT) lookups in tables held in registers: no memory access per code.
 //
 // Configuration macros (set by decode.py): D, G, NWARPS; per side and channel group i (fractional widths have two:
-// outliers first) KB_i / VB_i (2, 3 or 4 bits), KD_i / VD_i (channels, >= 64; KD1 = VD1 = 0 for one group),
+// outliers first) KB_i / VB_i (2, 3 or 4 bits), KD_i / VD_i (channels, >= 32; KD1 = VD1 = 0 for one group),
 // KSYM_i / VSYM_i (symmetric 4-bit table); KNORM / VNORM / QTYPE / MTYPE (0 float16, 1 bfloat16, 2 float32,
 // 3 bool), HAS_MASK, HAS_KMEAN, SOFTCAP;
-// tuning: UC (16-token chunks per unit), MINB (blocks per SM the register allocation must allow), L2PF (sm_90: each warp
-// bulk-prefetches into L2 its unit L2PF iterations after the next, 0 = off), LAZYMAX (skip the warp max and
-// rescaling of a unit whose scores stay below the running max: no lane sees a larger one); DBG (timing experiments
-// only, wrong results on purpose: 1 = no decode, 2 = no code loads).
+// tuning: UC (16-token chunks per unit), MINB (blocks per SM the register allocation must allow); DBG (timing
+// experiments only, wrong results on purpose: 1 = no decode, 2 = no code loads).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -59,8 +57,8 @@ struct Params {
 
 // Channel groups (outliers + the rest for fractional widths; KD1 = VD1 = 0 for one group). Per group: words per
 // row, coordinates per lane (keys: D_i / 4 by t4, values: D_i / 8 by g) and raw words per lane slice (2 and 4
-// bits are word-aligned, a 2-bit slice of 8 codes is half a word; a 3-bit slice of 8 or 16 codes may straddle one
-// more word).
+// bits are word-aligned, 2-bit slices of 8 codes and 4-bit slices of 4 are half words, a 2-bit slice of 4 a byte; a
+// 3-bit slice of 4, 8 or 16 codes may straddle one more word).
 #define RAW(BITS, NC) \
     ((BITS) == 3 ? ((3 * (NC)) % 32 ? 2 : 3 * (NC) / 32) : ((BITS) * (NC) + 31) / 32)
 #define KDG1 (KD1 > 0 ? KD1 : 64)  // sizes the (unused) group-1 arrays of a one-group side
@@ -216,7 +214,13 @@ __device__ __forceinline__ void decode_slice(const u32 (&raw)[NW], int sh, const
     for (int j = 0; j < NC / 2; j++) out[j] = (raw[j % NW] & 0x3BFF3BFFu) ^ (j << 4);
     return;
 #endif
-    if (BITS == 4) {
+    if (NC == 4) {  // a value slice of a 32-channel group: decode 8 codes from the slice's first bit, keep 4
+        u32 tmp[4];
+        if (BITS == 4) dec4<SYM>(raw[0] >> sh, t, tmp);
+        else if (BITS == 2) dec2(raw[0] >> sh, 0, t, tmp);
+        else dec3(__funnelshift_r(raw[0], raw[NW - 1], sh) & 0xFFFu, t, tmp);  // NW = 2: 12 bits may straddle
+        out[0] = tmp[0], out[1] = tmp[1];
+    } else if (BITS == 4) {
 #pragma unroll
         for (int j = 0; j < NC / 8; j++) dec4<SYM>(raw[j], t, out + 4 * j);
     } else if (BITS == 2) {  // sh is 0 or 16 (a slice of 8 codes in the high half of its word)
@@ -248,36 +252,9 @@ __device__ __forceinline__ float raw_f(u32 x) {
 }
 
 #define UT (16 * UC)  // tokens per unit (UC 16-token chunks)
-#ifndef L2PF
-#define L2PF 0
+#ifndef DBG
+#define DBG 0  // timing experiments only: 1 = no decode (raw words used as operands), 2 = no code loads
 #endif
-#ifndef LAZYMAX
-#define LAZYMAX 0
-#endif
-
-// Hint: bring rows [r0, r0 + rows) of an array with row_bytes per row into L2 (one bulk request, rounded out to
-// 16-byte bounds, which stay inside the allocation's granule).
-__device__ __forceinline__ void l2_rows(const void* base, long long r0, int rows, int row_bytes) {
-#if __CUDA_ARCH__ >= 900
-    const unsigned long long a = (unsigned long long)base + r0 * row_bytes;
-    const unsigned long long lo = a & ~15ull, hi = (a + (unsigned long long)rows * row_bytes + 15) & ~15ull;
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(lo), "r"((u32)(hi - lo)) : "memory");
-#endif
-}
-
-#define NORM_BYTES(T) ((T) == 2 ? 4 : 2)
-
-// The unit starting at token t0 (rows up to hi of this split) into L2: lane i < 8 requests array i (codes and norms
-// of each group and side), so the warp issues one request sequence.
-__device__ __forceinline__ void l2_unit(const Params& p, int lane, int t0, int hi, long long nb_k, long long nb_v) {
-    const int rows = min(UT, hi - t0), a = lane & 7;
-    if (rows <= 0 || lane >= 8 || (a >= 4 && (a < 6 ? KD1 : VD1) == 0)) return;
-    const bool v = a & 2, norm = a & 1, g1 = a & 4;  // selects, not an indexed array (that would live on the stack)
-    const void* code = v ? (g1 ? (const void*)p.vc1 : p.vc0) : (g1 ? (const void*)p.kc1 : p.kc0);
-    const void* nrm = v ? (g1 ? p.vn1 : p.vn0) : (g1 ? p.kn1 : p.kn0);
-    const int row = norm ? NORM_BYTES(v ? VNORM : KNORM) : 4 * (v ? (g1 ? VROW1 : VROW0) : (g1 ? KROW1 : KROW0));
-    l2_rows(norm ? nrm : code, (v ? nb_v : nb_k) + t0, rows, row);
-}
 
 struct Unit {  // raw data of one unit for one lane: per chunk, keys of tokens g, g + 8 and values of tokens
                // 2 t4, 2 t4 + 1, 2 t4 + 8, 2 t4 + 9, per group; norms raw (converted at use)
@@ -500,7 +477,6 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
     for (int u = warp; u < units; u += NWARPS) {
         Unit nxt;
         const int t0 = lo + UT * u;
-        if (L2PF > 0) l2_unit(p, lane, t0 + UT * NWARPS * (L2PF + 1), hi, nb_k, nb_v);
         if (u + NWARPS < units) load_unit(p, nxt, t0 + UT * NWARPS, g, t4, nb_k, nb_v);
         float s[UC][4];
 #pragma unroll
@@ -516,23 +492,18 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
                 s[c][i] = finish_score(p, x, b, t, t < hi);
             }
         }
-        float alpha[2] = {1.f, 1.f}, mx[2];
+        float alpha[2];
 #pragma unroll
         for (int j = 0; j < 2; j++) {  // online softmax per head over the unit's tokens (lanes of one t4)
-            mx[j] = fmaxf(s[0][j], s[0][j + 2]);
+            float mx = fmaxf(s[0][j], s[0][j + 2]);
 #pragma unroll
-            for (int c = 1; c < UC; c++) mx[j] = fmaxf(mx[j], fmaxf(s[c][j], s[c][j + 2]));
-        }
-        if (!LAZYMAX || __any_sync(0xffffffffu, mx[0] > m[0] || mx[1] > m[1])) {
-#pragma unroll
-            for (int j = 0; j < 2; j++) {
-                mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], 4));
-                mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], 8));
-                mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], 16));
-                const float mn = fmaxf(m[j], mx[j]);
-                alpha[j] = ex2(m[j] - mn);
-                m[j] = mn;
-            }
+            for (int c = 1; c < UC; c++) mx = fmaxf(mx, fmaxf(s[c][j], s[c][j + 2]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+            float mn = fmaxf(m[j], mx);
+            alpha[j] = ex2(m[j] - mn);
+            m[j] = mn;
         }
         if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
