@@ -242,7 +242,7 @@ __device__ __forceinline__ void decode_slice(const u32 (&raw)[NW], int sh, const
 }
 
 template <int T>
-__device__ __forceinline__ u32 load_raw(const void* p, long long i) {  // a norm's bits, converted at use
+__device__ __forceinline__ u32 load_raw(const void* p, int i) {  // a norm's bits, converted at use
     return T == 2 ? ((const u32*)p)[i] : (u32)((const u16*)p)[i];
 }
 
@@ -263,30 +263,42 @@ struct Unit {  // raw data of one unit for one lane: per chunk, keys of tokens g
     u32 kn[UC][2][2], vn[UC][2][2];  // [chunk][token g, g + 8][group]
 };
 
+// The arrays of one (b, h): its first row of codes and norms (rows below are 32-bit offsets from here).
+struct Rows {
+    const u32 *k0, *k1, *v0, *v1;
+    const char *kn0, *kn1, *vn0, *vn1;
+};
+
+__device__ __forceinline__ Rows head_rows(const Params& p, int pid_bh) {
+    const long long rk = (long long)pid_bh * p.k_alloc, rv = (long long)pid_bh * p.v_alloc;
+    constexpr int KNB = KNORM == 2 ? 4 : 2, VNB = VNORM == 2 ? 4 : 2;  // norm bytes
+    return {p.kc0 + rk * KROW0, p.kc1 + rk * KROW1, p.vc0 + rv * VROW0, p.vc1 + rv * VROW1,
+            (const char*)p.kn0 + rk * KNB, (const char*)p.kn1 + rk * KNB, (const char*)p.vn0 + rv * VNB,
+            (const char*)p.vn1 + rv * VNB};
+}
+
 // Codes and norms of the unit starting at token t0; rows past the last code (n - 1) read that row instead.
-__device__ __forceinline__ void load_unit(const Params& p, Unit& u, int t0, int g, int t4, long long nb_k,
-                                          long long nb_v) {
+__device__ __forceinline__ void load_unit(const Params& p, const Rows& r, Unit& u, int t0, int g, int t4) {
     const int last = p.n - 1;
 #pragma unroll
     for (int c = 0; c < UC; c++) {
 #pragma unroll
         for (int j = 0; j < 2; j++) {
             const int t = min(t0 + 16 * c + g + 8 * j, last);
-            const long long rk = nb_k + t, rv = nb_v + t;  // rows of this (b, h)
-            load_slice<KB0, KD0 / 4, KW0>(p.kc0 + rk * KROW0, t4 * (KD0 / 4), u.k0[c][j]);
-            u.kn[c][j][0] = load_raw<KNORM>(p.kn0, rk);
-            u.vn[c][j][0] = load_raw<VNORM>(p.vn0, rv);
+            load_slice<KB0, KD0 / 4, KW0>(r.k0 + t * KROW0, t4 * (KD0 / 4), u.k0[c][j]);
+            u.kn[c][j][0] = load_raw<KNORM>(r.kn0, t);
+            u.vn[c][j][0] = load_raw<VNORM>(r.vn0, t);
             if (KD1 > 0) {
-                load_slice<KB1, KD1 / 4, KW1>(p.kc1 + rk * KROW1, t4 * (KD1 / 4), u.k1[c][j]);
-                u.kn[c][j][1] = load_raw<KNORM>(p.kn1, rk);
+                load_slice<KB1, KD1 / 4, KW1>(r.k1 + t * KROW1, t4 * (KD1 / 4), u.k1[c][j]);
+                u.kn[c][j][1] = load_raw<KNORM>(r.kn1, t);
             }
-            if (VD1 > 0) u.vn[c][j][1] = load_raw<VNORM>(p.vn1, rv);
+            if (VD1 > 0) u.vn[c][j][1] = load_raw<VNORM>(r.vn1, t);
         }
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            const long long rv = nb_v + min(t0 + 16 * c + 2 * t4 + (j & 1) + 8 * (j >> 1), last);
-            load_slice<VB0, VD0 / 8, VW0>(p.vc0 + rv * VROW0, g * (VD0 / 8), u.v0[c][j]);
-            if (VD1 > 0) load_slice<VB1, VD1 / 8, VW1>(p.vc1 + rv * VROW1, g * (VD1 / 8), u.v1[c][j]);
+            const int t = min(t0 + 16 * c + 2 * t4 + (j & 1) + 8 * (j >> 1), last);
+            load_slice<VB0, VD0 / 8, VW0>(r.v0 + t * VROW0, g * (VD0 / 8), u.v0[c][j]);
+            if (VD1 > 0) load_slice<VB1, VD1 / 8, VW1>(r.v1 + t * VROW1, g * (VD1 / 8), u.v1[c][j]);
         }
     }
 }
@@ -455,7 +467,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
         if (2 * t4 + j < G) qm[j] = p.ws[(long long)gridDim.y * G * D + (long long)pid_bh * G + 2 * t4 + j];
 #endif
 
-    const long long nb_k = (long long)pid_bh * p.k_alloc, nb_v = (long long)pid_bh * p.v_alloc;
+    const Rows rows = head_rows(p, pid_bh);
     const int lo = pid_s * p.split_len, hi = min(p.n, lo + p.split_len);
     const int units = (hi - lo + UT - 1) / UT;
 
@@ -473,11 +485,11 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
     const int ksh0 = (KB0 * t4 * (KD0 / 4)) & 31, ksh1 = (KB1 * t4 * (KD1 / 4)) & 31;
     const int vsh0 = (VB0 * g * (VD0 / 8)) & 31, vsh1 = (VB1 * g * (VD1 / 8)) & 31;
     Unit cur;
-    if (warp < units) load_unit(p, cur, lo + UT * warp, g, t4, nb_k, nb_v);
+    if (warp < units) load_unit(p, rows, cur, lo + UT * warp, g, t4);
     for (int u = warp; u < units; u += NWARPS) {
         Unit nxt;
         const int t0 = lo + UT * u;
-        if (u + NWARPS < units) load_unit(p, nxt, t0 + UT * NWARPS, g, t4, nb_k, nb_v);
+        if (u + NWARPS < units) load_unit(p, rows, nxt, t0 + UT * NWARPS, g, t4);
         float s[UC][4];
 #pragma unroll
         for (int c = 0; c < UC; c++) {
