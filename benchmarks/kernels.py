@@ -185,21 +185,21 @@ def tune(dev) -> list[dict]:
     return out
 
 
-def tune_cuda(dev, variants: list[dict], config: str = "K4/V3") -> list[dict]:
-    """decode_mma.cu tuning (``decode.MMA_TUNING``: warps per block, 16-token chunks per unit, blocks per SM) at
-    B = 8 and 32, T = 32k, one width (``config``), against bf16 SDPA in the same run. A variant's ``"source"`` names
-    another version of decode_mma.cu to time instead (an A/B of two kernel versions in one run)."""
+def tune_cuda(dev, variants: list[dict], config: str = "K4/V3", cells=((8, 32768), (32, 32768))) -> list[dict]:
+    """decode_mma.cu tuning (``decode.MMA_TUNING``: warps per block, 16-token chunks per unit, blocks per SM; or
+    ``"splits"``) at ``cells`` (B, T), one width (``config``), against bf16 SDPA in the same run. A variant's
+    ``"source"`` names another version of decode_mma.cu to time instead (an A/B of two kernel versions in one run)."""
     from turbovq.kernels import decode as kdecode
 
     out = []
     kb, vb, _ = CONFIGS[config]
     kc, vc = RowCodec(D, kb, seed=1), RowCodec(D, vb, seed=2)
     default, default_source = dict(kdecode.MMA_TUNING), kdecode._MMA_SOURCE
-    for b in (8, 32):
-        t = 32768
+    for b, t in cells:
         q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.bfloat16)
         kk = torch.randn(b, HKV, t, D, device=dev, dtype=torch.bfloat16)
         vv = torch.randn_like(kk)
+
         def sdpa_call(kk=kk, vv=vv, q=q):
             return F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
 
@@ -216,11 +216,14 @@ def tune_cuda(dev, variants: list[dict], config: str = "K4/V3") -> list[dict]:
                 return decode_attention(q, pk, pv, tk, tk, None, D**-0.5, num_splits=s)
 
             ms, gms = bench(call), _graph_ms(call, dev)
+            lim = kdecode.MMA_SPLITS  # what decode_attention picks when splits is None
+            splits = splits or kdecode.default_splits(t - TAIL, b * HKV, lim["min_tokens"], dev,
+                                                      max_splits=lim["max_splits"])  # fmt: skip
             out.append({"B": b, "T": t, "config": config, **kdecode.MMA_TUNING, "splits": splits, "source": source,
                         "ms": ms, "graph_ms": gms, "sdpa_ms": sdpa, "sdpa_graph_ms": sdpa_g})  # fmt: skip
-            print(f"tune-cuda {config} B={b} {kdecode.MMA_TUNING} splits={splits} source={source}: {ms * 1e3:.1f} us "
-                  f"({sdpa / ms:.2f}x sdpa), "
-                  f"graph {gms * 1e3:.1f} us ({sdpa_g / gms:.2f}x)", flush=True)  # fmt: skip
+            print(f"tune-cuda {config} B={b} T={t} {kdecode.MMA_TUNING} splits={splits} source={source}: "
+                  f"{ms * 1e3:.1f} us ({sdpa / ms:.2f}x sdpa), graph {gms * 1e3:.1f} us ({sdpa_g / gms:.2f}x)",
+                  flush=True)  # fmt: skip
             kdecode.MMA_TUNING.clear()
             kdecode.MMA_TUNING.update(default)
             kdecode._MMA_SOURCE = default_source
@@ -695,6 +698,7 @@ def main() -> None:
     ap.add_argument("--tune-cuda", default='[{"UC": 2, "MINB": 2}, {"UC": 2, "MINB": 3}, {"UC": 1, "MINB": 3}, '
                     '{"UC": 1, "MINB": 4}, {"NWARPS": 8, "UC": 1, "MINB": 1}, {"NWARPS": 8, "UC": 2, "MINB": 1}]')
     ap.add_argument("--tune-configs", default="K4/V3", help="tune-cuda: the widths (CONFIGS names) to time")
+    ap.add_argument("--tune-cells", default="8x32768,32x32768", help="tune-cuda: BxT cells")
     ap.add_argument("--tune-encode", default="[]", help="encode: CUDA settings to sweep, e.g. '[{\"MINB\": 4}]'")
     ap.add_argument("--encode-dims", default="128", help="encode: head_dims (128 runs every width)")
     ap.add_argument("--graph", action="store_true", help="decode grid: also time each call as a CUDA graph replay")
@@ -729,7 +733,8 @@ def main() -> None:
         res["tune"] = tune(dev)
     if "tune-cuda" in phases:
         variants = json.loads(args.tune_cuda)
-        res["tune_cuda"] = [row for c in args.tune_configs.split(",") for row in tune_cuda(dev, variants, c)]
+        cells = [tuple(int(v) for v in c.split("x")) for c in args.tune_cells.split(",")]
+        res["tune_cuda"] = [row for c in args.tune_configs.split(",") for row in tune_cuda(dev, variants, c, cells)]
     if "decode" in phases:
         res["decode"] = decode_grid(
             dev,

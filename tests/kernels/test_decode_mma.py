@@ -161,3 +161,13 @@ def test_params_struct_matches_the_c_layout():
     assert kdecode._MmaParams.ktab.offset == 14 * 8 + 9 * 8 + 5 * 4 + 2 * 4
     assert kdecode._MmaParams.vtab.offset == kdecode._MmaParams.ktab.offset + 64
     assert fields["scaling"] is ctypes.c_float and list(itertools.islice(fields, 2)) == ["ws", "part"]
+
+
+@pytest.mark.parametrize("n,bh,want", [(8064, 8, 8), (32640, 8, 32), (130944, 8, 32), (8064, 64, 8), (32640, 64, 17),
+                                       (32640, 256, 5), (100, 8, 1)])  # fmt: skip
+def test_cuda_split_counts(n, bh, want):
+    """The CUDA path's splits per (b, h) on a 132-SM card: >= 1024 tokens each, at most 32, ~8 waves of programs
+    (the counts measured best or near it in kernels_tune_splits.json)."""
+    ms = kdecode.MMA_SPLITS
+    got = kdecode.default_splits(n, bh, ms["min_tokens"], torch.device("cpu"), max_splits=ms["max_splits"])
+    assert got == want

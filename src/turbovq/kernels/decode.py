@@ -693,6 +693,9 @@ def _mma_ok(query, keys: PackedRows, values: PackedRows, groups: int, fields, ma
 # decode_mma.cu tuning (measured on an H200, benchmarks/kernels.py --phases tune-cuda): warps per block, 16-token
 # chunks per unit, blocks per SM that the register allocation must allow
 MMA_TUNING = {"NWARPS": 4, "UC": 2, "MINB": 2}
+# Its splits per (b, h): at least min_tokens each, at most max_splits (H100, kernels_tune_splits.json: fewer, longer
+# splits cut the per-block setup and the merge where there is little work, e.g. B = 1, T = 8k: 50 -> 37 us)
+MMA_SPLITS = {"min_tokens": 1024, "max_splits": 32}
 
 
 def _mma_kernel(dim, groups, ks, vs, knorm, vnorm, qtype, mask, has_kmean, softcap, device):
@@ -721,10 +724,10 @@ def sm_count(device) -> int:
     return sms
 
 
-def default_splits(n: int, num_bh: int, block_t: int, device, waves: float = 8.0, max_splits: int = 64) -> int:
+def default_splits(n: int, num_bh: int, min_len: int, device, waves: float = 8.0, max_splits: int = 64) -> int:
     """About ``waves`` x the card's SMs programs (3 fit on an SM at once), at most ``max_splits`` per (b, h) (the
-    merge reads them all) and never less than one block per split."""
-    return max(1, min(math.ceil(waves * sm_count(device) / num_bh), max_splits, math.ceil(n / block_t)))
+    merge reads them all) and never less than ``min_len`` tokens (a Triton block) per split."""
+    return max(1, min(math.ceil(waves * sm_count(device) / num_bh), max_splits, math.ceil(n / min_len)))
 
 
 _COUNTERS: dict = {}
@@ -800,8 +803,14 @@ def decode_attention(
     if t_len and (tk.stride() != tv.stride() or tk.stride(-1) != 1):
         tk, tv = tk.contiguous(), tv.contiguous()
 
+    k1, v1 = min(1, len(keys.codec.groups) - 1), min(1, len(values.codec.groups) - 1)
+    fields = tuple(f[f"{k}{i}"] for f, i in ((kf, 0), (kf, k1), (vf, 0), (vf, v1)) for k in ("codes", "norms"))
+    use_mma = backend != "triton" and _mma_ok(query, keys, values, groups, fields, mask)
+    if backend == "cuda" and not use_mma:
+        raise ValueError("the CUDA split pass does not handle this call (see decode_attention's backend)")
     bh = bsz * num_kv
-    splits = num_splits or default_splits(n, bh, block_t, dev, waves)
+    min_len, max_splits = (MMA_SPLITS["min_tokens"], MMA_SPLITS["max_splits"]) if use_mma else (block_t, 64)
+    splits = num_splits or default_splits(n, bh, min_len, dev, waves, max_splits)
     split_len = math.ceil(math.ceil(n / splits) / block_t) * block_t
     splits = math.ceil(n / split_len)
     block_g = max(16, triton.next_power_of_2(groups))
@@ -817,11 +826,6 @@ def decode_attention(
         G=groups, BLOCK_G=block_g, D=dim, BN=bn, HAS_KSCALE=ks.scale is not None,
         HAS_KMEAN=ks.mean is not None, num_warps=4,
     )  # fmt: skip
-    k1, v1 = min(1, len(keys.codec.groups) - 1), min(1, len(values.codec.groups) - 1)
-    fields = tuple(f[f"{k}{i}"] for f, i in ((kf, 0), (kf, k1), (vf, 0), (vf, v1)) for k in ("codes", "norms"))
-    use_mma = backend != "triton" and _mma_ok(query, keys, values, groups, fields, mask)
-    if backend == "cuda" and not use_mma:
-        raise ValueError("the CUDA split pass does not handle this call (see decode_attention's backend)")
     if use_mma:
         fused_reduce = False  # the CUDA split pass always leaves the merge to _reduce_kernel
         kern = _mma_kernel(dim, groups, ks, vs, kf["norms0"].dtype, vf["norms0"].dtype, query.dtype, mask,
