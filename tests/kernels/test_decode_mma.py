@@ -36,14 +36,27 @@ CONFIGS = [
 ]
 
 
+DTYPES = {code: dtype for dtype, code in kdecode._DTYPE_CODE.items()}
+
+
 def _options(d, g, kg, vg, sym, norm, qt, mt, mask, kmean, softcap, **tune):
-    opts = dict(kdecode.MMA_TUNING, D=d, G=g, KNORM=norm, VNORM=norm, QTYPE=qt, MTYPE=mt, HAS_MASK=mask,
-                HAS_KMEAN=kmean, SOFTCAP=softcap, **tune)  # fmt: skip
-    for side, groups in (("K", kg), ("V", vg)):
+    """decode.py's macros for a CONFIGS row (dtype codes as in _DTYPE_CODE; ``tune`` overrides MMA_TUNING)."""
+    sides = []
+    for groups in (kg, vg):
         (b0, d0), (b1, d1) = groups[0], (groups[1] if len(groups) > 1 else (groups[0][0], 0))
-        opts.update({f"{side}B0": b0, f"{side}D0": d0, f"{side}B1": b1, f"{side}D1": d1,
-                     f"{side}SYM0": int(sym and b0 == 4), f"{side}SYM1": int(sym and b1 == 4)})  # fmt: skip
-    return tuple(f"-D{k}={v}" for k, v in opts.items())
+        sides.append(((b0, d0, b1, d1), (bool(sym and b0 == 4), bool(sym and b1 == 4))))
+    opts = kdecode._mma_options(d, g, *sides, DTYPES[norm], DTYPES[norm], DTYPES[qt], DTYPES[mt] if mask else None,
+                                kmean, softcap)  # fmt: skip
+    return tuple(o for o in opts if o.split("=")[0][2:] not in tune) + tuple(f"-D{k}={v}" for k, v in tune.items())
+
+
+@pytest.mark.parametrize("mask", [None, torch.bool, torch.float16])
+def test_mask_macros(mask):
+    """A boolean mask has the same MTYPE code as no mask (3): HAS_MASK must tell them apart."""
+    opts = kdecode._mma_options(128, 4, ((4, 128, 4, 0), (True, False)), ((3, 128, 3, 0), (False, False)),
+                                torch.float16, torch.float16, torch.bfloat16, mask, True, False)  # fmt: skip
+    assert f"-DHAS_MASK={int(mask is not None)}" in opts
+    assert f"-DMTYPE={0 if mask == torch.float16 else 3}" in opts
 
 
 @needs_nvrtc

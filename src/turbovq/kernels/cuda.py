@@ -130,6 +130,12 @@ class Kernel:
         return n
 
 
+def stream(device: torch.device) -> int:
+    """The current stream's handle on ``device`` (what ``torch.cuda.current_stream(device).cuda_stream`` gives,
+    without building a Stream object on every launch)."""
+    return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def kernel(source: str, name: str, device: torch.device, options: tuple[str, ...] = ()) -> Kernel:
     """Compile (once per process, source, options and device) and load ``name`` from ``source``."""
     index = device.index if device.index is not None else torch.cuda.current_device()

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from turbovq.kernels import cuda
 from turbovq.kernels.reference import fused_rotation, weak_cached
 from turbovq.kv.cache import PackedRows, RowCodec
 
@@ -603,7 +604,7 @@ class _Side:
     """Per-layer constants of one side (keys or values) on one device, built once: fused rotation, float32
     mean/scale rows, float16 centroid tables (group 0 then group 1) and PRMT tables (4 words per group)."""
 
-    __slots__ = ("rot", "rot_sh", "mean", "scale", "cent", "tab", "consts", "prmt", "mma_tab", "mma_sym")
+    __slots__ = ("rot", "rot_sh", "mean", "scale", "cent", "tab", "consts", "prmt", "mma_tab", "mma_sym", "mma_groups")
 
     def __init__(self, rows: PackedRows, device):
         codec = rows.codec
@@ -624,6 +625,7 @@ class _Side:
         pad8 = lambda h: torch.nn.functional.pad(h, (0, max(0, 8 - h.numel())))  # noqa: E731 (2 bits: 4 entries)
         tabs = [_byte_tables(h[8:] if sym else pad8(h)) for h, sym in zip(halves, self.mma_sym)]
         self.mma_tab = ((ctypes.c_uint32 * 8) * 2)(*((ctypes.c_uint32 * 8)(*t) for t in tabs))
+        self.mma_groups = mma_groups_ok(codec)
 
 
 _LAYERS: dict[tuple, tuple] = {}  # per-layer constants of both sides, see reference.weak_cached
@@ -672,14 +674,14 @@ def mma_groups_ok(codec: RowCodec) -> bool:
     return all(bits in (2, 3, 4) and d in (32, 64, 128, 256) for bits, d, _ in codec.groups)
 
 
-def _mma_ok(query, keys: PackedRows, values: PackedRows, groups: int, fields, mask) -> bool:
+def _mma_ok(query, ks: _Side, vs: _Side, groups: int, fields, mask) -> bool:
     """The CUDA split pass handles 2-, 3- and 4-bit groups of 32-256 channels (one, or two for fractional widths), the
     same norm dtype in both groups, head_dim 64/128/256 and G <= 8."""
     if not query.is_cuda or not _PRMT or os.environ.get("TURBOVQ_CUDA", "1") == "0":  # _PRMT: not the interpreter
         return False
     if groups > 8 or query.shape[-1] not in (64, 128, 256):
         return False
-    if not (mma_groups_ok(keys.codec) and mma_groups_ok(values.codec)):
+    if not (ks.mma_groups and vs.mma_groups):
         return False
     if mask is not None and mask.dtype not in _DTYPE_CODE:
         return False
@@ -698,18 +700,37 @@ MMA_TUNING = {"NWARPS": 4, "UC": 2, "MINB": 2}
 MMA_SPLITS = {"min_tokens": 1024, "max_splits": 32}
 
 
-def _mma_kernel(dim, groups, ks, vs, knorm, vnorm, qtype, mask, has_kmean, softcap, device):
-    from turbovq.kernels import cuda
+_MMA_KERNELS: dict[tuple, object] = {}
 
-    mtype = _DTYPE_CODE[mask.dtype] if mask is not None else 3
+
+def _mma_kernel(dim, groups, ks, vs, knorm, vnorm, qtype, mask, has_kmean, softcap, device):
+    """The split kernel for this call's configuration, looked up by the raw values (no option strings per call)."""
+    mdtype = None if mask is None else mask.dtype
+    key = (dim, groups, ks.consts, ks.mma_sym, vs.consts, vs.mma_sym, knorm, vnorm, qtype, mdtype, has_kmean,
+           softcap is None, device, tuple(MMA_TUNING.items()), id(_MMA_SOURCE))  # fmt: skip
+    kern = _MMA_KERNELS.get(key)
+    if kern is None:
+        kern = _MMA_KERNELS[key] = _compile_mma(dim, groups, ks, vs, knorm, vnorm, qtype, mdtype, has_kmean, softcap,
+                                                device)  # fmt: skip
+    return kern
+
+
+def _compile_mma(dim, groups, ks, vs, knorm, vnorm, qtype, mdtype, has_kmean, softcap, device):
+    opts = _mma_options(dim, groups, (ks.consts, ks.mma_sym), (vs.consts, vs.mma_sym), knorm, vnorm, qtype, mdtype,
+                        has_kmean, softcap is not None)  # fmt: skip
+    return cuda.kernel(_MMA_SOURCE, "tq_decode_split", device, opts)
+
+
+def _mma_options(dim, groups, kside, vside, knorm, vnorm, qtype, mdtype, has_kmean, has_softcap) -> tuple[str, ...]:
+    """decode_mma.cu's macros; ``kside``/``vside``: ((bits0, channels0, bits1, channels1), (symmetric0, symmetric1))."""
+    mtype = 3 if mdtype is None else _DTYPE_CODE[mdtype]  # (3 is also bool: HAS_MASK tells the two apart)
     opts = dict(MMA_TUNING, D=dim, G=groups, KNORM=_DTYPE_CODE[knorm], VNORM=_DTYPE_CODE[vnorm],
-                QTYPE=_DTYPE_CODE[qtype], MTYPE=mtype, HAS_MASK=int(mask is not None), HAS_KMEAN=int(has_kmean),
-                SOFTCAP=int(softcap is not None))  # fmt: skip
-    for side, c in (("K", ks), ("V", vs)):
-        b0, d0, b1, d1 = c.consts
+                QTYPE=_DTYPE_CODE[qtype], MTYPE=mtype, HAS_MASK=int(mdtype is not None), HAS_KMEAN=int(has_kmean),
+                SOFTCAP=int(has_softcap))  # fmt: skip
+    for side, ((b0, d0, b1, d1), sym) in (("K", kside), ("V", vside)):
         opts.update({f"{side}B0": b0, f"{side}D0": d0, f"{side}B1": b1, f"{side}D1": d1,
-                     f"{side}SYM0": int(c.mma_sym[0]), f"{side}SYM1": int(c.mma_sym[1])})  # fmt: skip
-    return cuda.kernel(_MMA_SOURCE, "tq_decode_split", device, tuple(f"-D{k}={v}" for k, v in opts.items()))
+                     f"{side}SYM0": int(sym[0]), f"{side}SYM1": int(sym[1])})  # fmt: skip
+    return tuple(f"-D{k}={v}" for k, v in opts.items())
 
 
 _SMS: dict = {}
@@ -736,7 +757,7 @@ _COUNTERS: dict = {}
 def _counters(device, size: int) -> torch.Tensor:
     """Arrival counters of the fused merge, one per (b, h), zeroed once and reset by the kernel itself; one buffer
     per stream, so calls on one stream (ordered) share it."""
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    key = (device, cuda.stream(device) if device.type == "cuda" else 0)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < size:
         buf = _COUNTERS[key] = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
@@ -805,7 +826,7 @@ def decode_attention(
 
     k1, v1 = min(1, len(keys.codec.groups) - 1), min(1, len(values.codec.groups) - 1)
     fields = tuple(f[f"{k}{i}"] for f, i in ((kf, 0), (kf, k1), (vf, 0), (vf, v1)) for k in ("codes", "norms"))
-    use_mma = backend != "triton" and _mma_ok(query, keys, values, groups, fields, mask)
+    use_mma = backend != "triton" and _mma_ok(query, ks, vs, groups, fields, mask)
     if backend == "cuda" and not use_mma:
         raise ValueError("the CUDA split pass does not handle this call (see decode_attention's backend)")
     bh = bsz * num_kv
@@ -837,7 +858,7 @@ def decode_attention(
             tk.stride(0), tk.stride(1), tk.stride(2), stride_mb, stride_mt, n, t_len, split_len, splits, num_kv,
             float(scaling), float(softcap or 1.0), ks.mma_tab, vs.mma_tab,
         )  # fmt: skip
-        kern((splits + 1, bh, 1), 32 * MMA_TUNING["NWARPS"], prm, torch.cuda.current_stream(dev).cuda_stream)
+        kern((splits + 1, bh, 1), 32 * MMA_TUNING["NWARPS"], prm, cuda.stream(dev))
     else:
         cnt = _counters(dev, bh) if fused_reduce else ws
         _decode_kernel[(splits + 1, bh)](

@@ -232,7 +232,7 @@ def _encode_cuda(x, codec, perm, mean, scale, fields) -> None:
         x.stride(0), x.stride(1), x.stride(2), 0 if frag.shape[0] == 1 else frag[0].numel() // 2,
         rows, heads, chunk, *tp,
     )  # fmt: skip
-    kern((-(-rows // chunk), bsz * heads, 1), block, prm, torch.cuda.current_stream(dev).cuda_stream, smem=smem)
+    kern((-(-rows // chunk), bsz * heads, 1), block, prm, cuda.stream(dev), smem=smem)
 
 
 def _row_splits(bh: int, max_splits: int, slots: int) -> int:
