@@ -18,7 +18,8 @@ Algorithm (the torch twin is :func:`turbovq.kernels.reference.split_decode_refer
    centroids into an accumulator in the rotated space. By default (``trans=True``) both products are transposed
    (``s^T = K q^T``, ``acc^T += V^T p^T``): the decoded tile is the tall operand (measured 3-23% faster on an
    H200). Program ``s = S`` does the full-precision tail window in the original space. Centered caches add
-   ``<q, mu_k>`` to every code score. ``S`` targets ~8 waves of programs (at most 64 splits).
+   ``<q, mu_k>`` to every code score. ``S`` targets ~8 waves of programs (at most 64 splits; the CUDA split pass
+   below takes splits of at least 1024 tokens, at most 32: ``MMA_SPLITS``).
    Where it applies (2-, 3- and 4-bit groups of 32, 64, 128 or 256 channels, head_dim 64/128/256, G <= 8) this step
    runs the CUDA kernel in ``decode_mma.cu`` instead (same grid and workspace; the whole call is 1.7x faster at
    B = 8, T = 32k on an H100; that file says why), compiled once per process by NVRTC (:mod:`turbovq.kernels.cuda`).

@@ -23,8 +23,8 @@
 // Centroids come from byte-permute (PRMT) lookups in tables held in registers: no memory access per code.
 //
 // Configuration macros (set by decode.py): D, G, NWARPS; per side and channel group i (fractional widths have two:
-// outliers first) KB_i / VB_i (2, 3 or 4 bits), KD_i / VD_i (channels, >= 32; KD1 = VD1 = 0 for one group),
-// KSYM_i / VSYM_i (symmetric 4-bit table); KNORM / VNORM / QTYPE / MTYPE (0 float16, 1 bfloat16, 2 float32,
+// outliers first) KB_i / VB_i (2, 3 or 4 bits), KD_i / VD_i (channels: 32, 64, 128 or 256; KD1 = VD1 = 0 for one
+// group), KSYM_i / VSYM_i (symmetric 4-bit table); KNORM / VNORM / QTYPE / MTYPE (0 float16, 1 bfloat16, 2 float32,
 // 3 bool), HAS_MASK, HAS_KMEAN, SOFTCAP;
 // tuning: UC (16-token chunks per unit), MINB (blocks per SM the register allocation must allow); DBG (timing
 // experiments only, wrong results on purpose: 1 = no decode, 2 = no code loads).
@@ -199,7 +199,7 @@ __device__ __forceinline__ void load_slice(const u32* row, int c0, u32 (&w)[NW])
     } else if (BITS != 3 || (3 * NC) % 32 == 0) {  // includes a 2-bit half word (its half chosen at decode)
 #pragma unroll
         for (int i = 0; i < NW; i++) w[i] = p[i];
-    } else {  // 3-bit slice of 8 or 16 codes: the second word only where the slice reaches into it
+    } else {  // 3-bit slice of 4, 8 or 16 codes: the second word only where the slice reaches into it
         const int sh = (3 * c0) & 31;
         w[0] = p[0];
         w[1] = sh + 3 * NC > 32 ? p[1] : 0u;
