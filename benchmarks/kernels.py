@@ -185,6 +185,22 @@ def tune(dev) -> list[dict]:
     return out
 
 
+def _sdpa_baseline(b: int, t: int, dev) -> tuple[torch.Tensor, float, float]:
+    """A bf16 query of B = b and bf16 SDPA over T = t random K/V: (query, ms as called, ms as a replayed graph); the
+    K/V are freed before returning."""
+    q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.bfloat16)
+    kk = torch.randn(b, HKV, t, D, device=dev, dtype=torch.bfloat16)
+    vv = torch.randn_like(kk)
+
+    def sdpa(q=q, kk=kk, vv=vv):
+        return F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
+
+    ms, graph_ms = bench(sdpa), _graph_ms(sdpa, dev)
+    del kk, vv, sdpa
+    torch.cuda.empty_cache()
+    return q, ms, graph_ms
+
+
 def tune_cuda(dev, variants: list[dict], config: str = "K4/V3", cells=((8, 32768), (32, 32768))) -> list[dict]:
     """decode_mma.cu tuning (``decode.MMA_TUNING``: warps per block, 16-token chunks per unit, blocks per SM; or
     ``"splits"``) at ``cells`` (B, T), one width (``config``), against bf16 SDPA in the same run. A variant's
@@ -196,15 +212,7 @@ def tune_cuda(dev, variants: list[dict], config: str = "K4/V3", cells=((8, 32768
     kc, vc = RowCodec(D, kb, seed=1), RowCodec(D, vb, seed=2)
     default, default_source = dict(kdecode.MMA_TUNING), kdecode._MMA_SOURCE
     for b, t in cells:
-        q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.bfloat16)
-        kk = torch.randn(b, HKV, t, D, device=dev, dtype=torch.bfloat16)
-        vv = torch.randn_like(kk)
-
-        def sdpa_call(kk=kk, vv=vv, q=q):
-            return F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
-
-        sdpa, sdpa_g = bench(sdpa_call), _graph_ms(sdpa_call, dev)
-        del kk, vv, sdpa_call
+        q, sdpa, sdpa_g = _sdpa_baseline(b, t, dev)
         tk = torch.randn(b, HKV, TAIL, D, device=dev, dtype=torch.bfloat16)
         pk, pv = synthetic_rows(kc, b, t - TAIL, dev, 1), synthetic_rows(vc, b, t - TAIL, dev, 2)
         for var in variants:
@@ -368,16 +376,8 @@ def overhead(dev, modules: list[str], cells: list[tuple[int, int]], log_dir: Pat
     out = []
     kc, vc = RowCodec(D, 4, seed=1), RowCodec(D, 3, seed=2)
     for b, t in cells:
-        q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.bfloat16)
-        kk = torch.randn(b, HKV, t, D, device=dev, dtype=torch.bfloat16)
-        vv = torch.randn_like(kk)
-
-        def sdpa(q=q, kk=kk, vv=vv):
-            return F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
-
-        row = {"B": b, "T": t, "sdpa_ms": bench(sdpa), "sdpa_graph_ms": _graph_ms(sdpa, dev)}
-        del kk, vv, sdpa
-        torch.cuda.empty_cache()
+        q, sdpa, sdpa_g = _sdpa_baseline(b, t, dev)
+        row = {"B": b, "T": t, "sdpa_ms": sdpa, "sdpa_graph_ms": sdpa_g}
         tk = torch.randn(b, HKV, TAIL, D, device=dev, dtype=torch.bfloat16)
         tv = torch.randn_like(tk)
         pk, pv = synthetic_rows(kc, b, t - TAIL, dev, 1), synthetic_rows(vc, b, t - TAIL, dev, 2)

@@ -130,6 +130,11 @@ class Kernel:
         return n
 
 
+def enabled() -> bool:
+    """The CUDA kernels are on unless ``TURBOVQ_CUDA=0`` (then the Triton ones run)."""
+    return os.environ.get("TURBOVQ_CUDA", "1") != "0"
+
+
 def stream(device: torch.device) -> int:
     """The current stream's handle on ``device`` (what ``torch.cuda.current_stream(device).cuda_stream`` gives,
     without building a Stream object on every launch)."""

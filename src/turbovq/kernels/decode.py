@@ -678,7 +678,7 @@ def mma_groups_ok(codec: RowCodec) -> bool:
 def _mma_ok(query, ks: _Side, vs: _Side, groups: int, fields, mask) -> bool:
     """The CUDA split pass handles 2-, 3- and 4-bit groups of 32-256 channels (one, or two for fractional widths), the
     same norm dtype in both groups, head_dim 64/128/256 and G <= 8."""
-    if not query.is_cuda or not _PRMT or os.environ.get("TURBOVQ_CUDA", "1") == "0":  # _PRMT: not the interpreter
+    if not query.is_cuda or not _PRMT or not cuda.enabled():  # _PRMT: not the interpreter
         return False
     if groups > 8 or query.shape[-1] not in (64, 128, 256):
         return False
@@ -711,15 +711,10 @@ def _mma_kernel(dim, groups, ks, vs, knorm, vnorm, qtype, mask, has_kmean, softc
            softcap is None, device, tuple(MMA_TUNING.items()), id(_MMA_SOURCE))  # fmt: skip
     kern = _MMA_KERNELS.get(key)
     if kern is None:
-        kern = _MMA_KERNELS[key] = _compile_mma(dim, groups, ks, vs, knorm, vnorm, qtype, mdtype, has_kmean, softcap,
-                                                device)  # fmt: skip
+        opts = _mma_options(dim, groups, (ks.consts, ks.mma_sym), (vs.consts, vs.mma_sym), knorm, vnorm, qtype,
+                            mdtype, has_kmean, softcap is not None)  # fmt: skip
+        kern = _MMA_KERNELS[key] = cuda.kernel(_MMA_SOURCE, "tq_decode_split", device, opts)
     return kern
-
-
-def _compile_mma(dim, groups, ks, vs, knorm, vnorm, qtype, mdtype, has_kmean, softcap, device):
-    opts = _mma_options(dim, groups, (ks.consts, ks.mma_sym), (vs.consts, vs.mma_sym), knorm, vnorm, qtype, mdtype,
-                        has_kmean, softcap is not None)  # fmt: skip
-    return cuda.kernel(_MMA_SOURCE, "tq_decode_split", device, opts)
 
 
 def _mma_options(dim, groups, kside, vside, knorm, vnorm, qtype, mdtype, has_kmean, has_softcap) -> tuple[str, ...]:

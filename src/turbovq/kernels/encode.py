@@ -25,12 +25,12 @@ and norms, so they can run at memory speed. Two implementations of the same arit
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 import torch
 
 from turbovq import packing
+from turbovq.kernels import cuda
 from turbovq.kernels.decode import HAS_TRITON, codec_supported, sm_count
 from turbovq.kernels.reference import channel_groups, fused_rotation, weak_cached
 from turbovq.kv.cache import RowCodec
@@ -148,7 +148,7 @@ class _MmaParams(ctypes.Structure):
 def mma_supported(x: torch.Tensor, codec: RowCodec) -> bool:
     """The CUDA encode handles 16-bit input rows (16-byte aligned), head_dim 64/128/256 and symmetric 2-4 bit
     codebooks in one or two channel groups; float32 input keeps the (float32-accurate) Triton kernel."""
-    if not x.is_cuda or os.environ.get("TURBOVQ_CUDA", "1") == "0" or x.dtype not in (torch.float16, torch.bfloat16):
+    if not x.is_cuda or not cuda.enabled() or x.dtype not in (torch.float16, torch.bfloat16):
         return False
     if x.shape[-1] not in (64, 128, 256) or x.stride(-1) != 1 or x.data_ptr() % 16:
         return False
@@ -202,8 +202,6 @@ _FRAGMENTS: dict[tuple, tuple] = {}
 
 
 def _encode_cuda(x, codec, perm, mean, scale, fields) -> None:
-    from turbovq.kernels import cuda
-
     bsz, heads, rows, dim = x.shape
     dev = x.device
     frag, gmask, tp = _layer_constants(codec, perm, heads, dev)
