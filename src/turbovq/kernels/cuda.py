@@ -111,8 +111,8 @@ class Kernel:
 
 
     def _opt_in(self, smem: int) -> None:
-        """Above 48 KiB of dynamic shared memory a kernel must be opted in (once)."""
-        if smem > 48 * 1024 and _SMEM_OPT_IN.get(self.func.value, 0) < smem:
+        """Above 48 KiB of shared memory, static and dynamic together, a kernel must be opted in (once)."""
+        if smem and _SMEM_OPT_IN.get(self.func.value, 0) < smem:
             _check(_driver().cuFuncSetAttribute(self.func, 8, smem), "cuFuncSetAttribute")  # MAX_DYNAMIC_SHARED_SIZE
             _SMEM_OPT_IN[self.func.value] = smem
 

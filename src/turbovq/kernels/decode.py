@@ -594,6 +594,19 @@ def _byte_tables(half: torch.Tensor) -> list[int]:
     return words + [0] * (8 - len(words))
 
 
+def _int8_table(cent: torch.Tensor) -> list[int]:
+    """8 words for decode_mma.cu's int8 keys (KI8): up to 16 centroids as int8 at the scale that minimises their
+    squared rounding error (words 0-3), then that scale as float32 bits (word 4)."""
+    c = cent.double().cpu()
+    steps = torch.linspace(96.0, 127.0, 3101, dtype=torch.float64)  # max |c| / scale: the table uses all of int8
+    scales = c.abs().max() / steps
+    err = ((c[None] - (c[None] / scales[:, None]).round() * scales[:, None]) ** 2).sum(1)
+    scale = float(scales[err.argmin()])
+    q = [int(v) & 0xFF for v in (c / scale).round().tolist()] + [0] * (16 - c.numel())
+    words = [sum(q[4 * i + j] << (8 * j) for j in range(4)) for i in range(4)]
+    return words + [int(torch.tensor([scale], dtype=torch.float32).view(torch.int32)) & 0xFFFFFFFF, 0, 0, 0]
+
+
 def _prmt_table(half: torch.Tensor) -> torch.Tensor:
     """4 int32 words: low bytes then high bytes of 8 float16 centroids (3 bits: the table; 4 bits: its upper half)."""
     c = torch.nn.functional.pad(half[-8:].float().cpu(), (0, max(0, 8 - half.numel()))).half()  # other widths: unused
@@ -605,7 +618,8 @@ class _Side:
     """Per-layer constants of one side (keys or values) on one device, built once: fused rotation, float32
     mean/scale rows, float16 centroid tables (group 0 then group 1) and PRMT tables (4 words per group)."""
 
-    __slots__ = ("rot", "rot_sh", "mean", "scale", "cent", "tab", "consts", "prmt", "mma_tab", "mma_sym", "mma_groups")
+    __slots__ = ("rot", "rot_sh", "mean", "scale", "cent", "tab", "consts", "prmt", "mma_tab", "mma_tab_i8", "mma_sym",
+                 "mma_groups")
 
     def __init__(self, rows: PackedRows, device):
         codec = rows.codec
@@ -626,6 +640,8 @@ class _Side:
         pad8 = lambda h: torch.nn.functional.pad(h, (0, max(0, 8 - h.numel())))  # noqa: E731 (2 bits: 4 entries)
         tabs = [_byte_tables(h[8:] if sym else pad8(h)) for h, sym in zip(halves, self.mma_sym)]
         self.mma_tab = ((ctypes.c_uint32 * 8) * 2)(*((ctypes.c_uint32 * 8)(*t) for t in tabs))
+        i8 = [_int8_table(codec.tensors(min(i, len(codec.groups) - 1), "cpu")[1]) for i in range(2)]
+        self.mma_tab_i8 = ((ctypes.c_uint32 * 8) * 2)(*((ctypes.c_uint32 * 8)(*t) for t in i8))
         self.mma_groups = mma_groups_ok(codec)
 
 
@@ -695,13 +711,25 @@ def _mma_ok(query, ks: _Side, vs: _Side, groups: int, fields, mask) -> bool:
 
 # decode_mma.cu tuning (measured on an H200, benchmarks/kernels.py --phases tune-cuda): warps per block, 16-token
 # chunks per unit, blocks per SM that the register allocation must allow
-MMA_TUNING = {"NWARPS": 4, "UC": 2, "MINB": 2}
+MMA_TUNING = {"NWARPS": 4, "UC": 2, "MINB": 2, "RING": 0, "KI8": 0}
 # Its splits per (b, h): at least min_tokens each, at most max_splits (H100, kernels_tune_splits.json: fewer, longer
 # splits cut the per-block setup and the merge where there is little work, e.g. B = 1, T = 8k: 50 -> 37 us)
 MMA_SPLITS = {"min_tokens": 1024, "max_splits": 32}
 
 
 _MMA_KERNELS: dict[tuple, object] = {}
+
+
+def _ring_bytes(kside: tuple, vside: tuple, knorm: torch.dtype, vnorm: torch.dtype) -> int:
+    """Dynamic shared memory of decode_mma.cu's ring (its RING_BYTES): per warp RING slots of one unit of every
+    array (+16 bytes each for the alignment slack) and an 8-byte barrier per slot; ``kside``/``vside`` as in
+    ``_Side.consts``."""
+    ring, ut = MMA_TUNING["RING"], 16 * MMA_TUNING["UC"]
+    slot = 0
+    for (b0, d0, b1, d1), nb in ((kside, knorm.itemsize), (vside, vnorm.itemsize)):
+        for bits, d in ((b0, d0), (b1, d1)):
+            slot += (ut * d * bits // 8 + 16) + (ut * nb + 16) if d else 0
+    return MMA_TUNING["NWARPS"] * ring * (slot + 8)
 
 
 def _mma_kernel(dim, groups, ks, vs, knorm, vnorm, qtype, mask, has_kmean, softcap, device):
@@ -852,9 +880,10 @@ def decode_attention(
             query.data_ptr(), tk.data_ptr() if t_len else 0, tv.data_ptr() if t_len else 0,
             0 if mask is None else mask.data_ptr(), k_alloc, v_alloc, query.stride(0), query.stride(1),
             tk.stride(0), tk.stride(1), tk.stride(2), stride_mb, stride_mt, n, t_len, split_len, splits, num_kv,
-            float(scaling), float(softcap or 1.0), ks.mma_tab, vs.mma_tab,
+            float(scaling), float(softcap or 1.0), ks.mma_tab_i8 if MMA_TUNING["KI8"] else ks.mma_tab, vs.mma_tab,
         )  # fmt: skip
-        kern((splits + 1, bh, 1), 32 * MMA_TUNING["NWARPS"], prm, cuda.stream(dev))
+        smem = _ring_bytes(ks.consts, vs.consts, kf["norms0"].dtype, vf["norms0"].dtype)
+        kern((splits + 1, bh, 1), 32 * MMA_TUNING["NWARPS"], prm, cuda.stream(dev), smem)
     else:
         cnt = _counters(dev, bh) if fused_reduce else ws
         _decode_kernel[(splits + 1, bh)](

@@ -121,11 +121,18 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
 // k < 8 look up c[15 - k] and set the sign bit. Otherwise t[0..7] = low / high bytes of c[0..15]: two 8-entry
 // lookups per byte, selected by the code's top bit. PRMT's sign-replicate mode spreads each code's top bit to a
 // byte mask (0xFF where k >= 8).
-template <bool SYM>
+// I8: -> 2 words of 4 int8 centroids (codes 0-3, 4-7) from t[0..1] = c[0..7] and t[2..3] = c[8..15].
+template <bool SYM, bool I8 = false>
 __device__ __forceinline__ void dec4(u32 w, const u32 (&t)[8], u32* out) {
     const u32 w4 = w << 4;
     const u32 ma = prmt(w4, w, 0xD9C8), mb = prmt(w4, w, 0xFBEA);
     u32 la, ha, lb, hb;
+    if (I8) {
+        const u32 idx = w & 0x77777777u, idh = idx >> 16;
+        out[0] = (__byte_perm(t[2], t[3], idx) & ma) | (__byte_perm(t[0], t[1], idx) & ~ma);
+        out[1] = (__byte_perm(t[2], t[3], idh) & mb) | (__byte_perm(t[0], t[1], idh) & ~mb);
+        return;
+    }
     if (SYM) {
         const u32 nt = ~w & 0x88888888u;  // top bit clear: the negative half
         const u32 idx = (w ^ ((nt >> 3) * 7)) & 0x77777777u, idh = idx >> 16;  // k < 8 -> 15 - k
@@ -146,9 +153,14 @@ __device__ __forceinline__ void dec4(u32 w, const u32 (&t)[8], u32* out) {
 }
 
 // Codes spread to nibbles (y: codes 0-3 in the low half, 4-7 in the high half, each < 8) -> 4 half2 from an
-// 8-entry table (t[0..1] low bytes, t[2..3] high bytes).
+// 8-entry table (t[0..1] low bytes, t[2..3] high bytes); I8: -> 2 words of 4 int8 (t[0..1] the int8 entries).
+template <bool I8>
 __device__ __forceinline__ void lookup8(u32 y, const u32 (&t)[8], u32* out) {
     const u32 yh = y >> 16;
+    if (I8) {
+        out[0] = __byte_perm(t[0], t[1], y), out[1] = __byte_perm(t[0], t[1], yh);
+        return;
+    }
     const u32 la = __byte_perm(t[0], t[1], y), ha = __byte_perm(t[2], t[3], y);
     const u32 lb = __byte_perm(t[0], t[1], yh), hb = __byte_perm(t[2], t[3], yh);
     out[0] = __byte_perm(la, ha, 0x5140);
@@ -158,19 +170,21 @@ __device__ __forceinline__ void lookup8(u32 y, const u32 (&t)[8], u32* out) {
 }
 
 // 8 codes of 3 bits (low 24 bits of u) -> 4 half2: spread the codes to nibbles, then 8-entry lookups.
+template <bool I8 = false>
 __device__ __forceinline__ void dec3(u32 u, const u32 (&t)[8], u32* out) {
     u32 y = (u & 0xFFFu) | ((u << 4) & 0xFFF0000u);
     y = (y & 0x3F003Fu) | ((y << 2) & 0x3F003F00u);
     y = (y & 0x07070707u) | ((y << 1) & 0x70707070u);
-    lookup8(y, t, out);
+    lookup8<I8>(y, t, out);
 }
 
 // 8 codes of 2 bits (bytes 2 hb and 2 hb + 1 of w) -> 4 half2: spread to nibbles (the table's entries 4-7 unused).
+template <bool I8 = false>
 __device__ __forceinline__ void dec2(u32 w, int hb, const u32 (&t)[8], u32* out) {
     u32 y = __byte_perm(w, 0u, 0x4140 + 0x202 * hb);  // the two bytes -> bytes 0 and 2
     y = (y & 0x000F000Fu) | ((y << 4) & 0x0F000F00u);
     y = (y & 0x03030303u) | ((y << 2) & 0x30303030u);
-    lookup8(y, t, out);
+    lookup8<I8>(y, t, out);
 }
 
 // Raw words of the NC codes starting at code c0 of a row (bit stream, LSB first); sh = the first code's bit in w[0].
@@ -206,14 +220,15 @@ __device__ __forceinline__ void load_slice(const u32* row, int c0, u32 (&w)[NW])
     }
 }
 
-// Raw words (first code at bit sh) -> NC / 2 half2 coordinate pairs.
-template <int BITS, int NC, int NW, bool SYM>
+// Raw words (first code at bit sh) -> NC / 2 half2 coordinate pairs (I8: NC / 4 words of 4 int8; NC >= 8).
+template <int BITS, int NC, int NW, bool SYM, bool I8 = false>
 __device__ __forceinline__ void decode_slice(const u32 (&raw)[NW], int sh, const u32 (&t)[8], u32* out) {
 #if DBG == 1
 #pragma unroll
-    for (int j = 0; j < NC / 2; j++) out[j] = (raw[j % NW] & 0x3BFF3BFFu) ^ (j << 4);
+    for (int j = 0; j < NC / (I8 ? 4 : 2); j++) out[j] = (raw[j % NW] & 0x3BFF3BFFu) ^ (j << 4);
     return;
 #endif
+    constexpr int O = I8 ? 2 : 4;  // output words per 8 codes
     if (NC == 4) {  // a value slice of a 32-channel group: decode 8 codes from the slice's first bit, keep 4
         u32 tmp[4];
         if (BITS == 4) dec4<SYM>(raw[0] >> sh, t, tmp);
@@ -222,10 +237,10 @@ __device__ __forceinline__ void decode_slice(const u32 (&raw)[NW], int sh, const
         out[0] = tmp[0], out[1] = tmp[1];
     } else if (BITS == 4) {
 #pragma unroll
-        for (int j = 0; j < NC / 8; j++) dec4<SYM>(raw[j], t, out + 4 * j);
+        for (int j = 0; j < NC / 8; j++) dec4<SYM, I8>(raw[j], t, out + O * j);
     } else if (BITS == 2) {  // sh is 0 or 16 (a slice of 8 codes in the high half of its word)
 #pragma unroll
-        for (int j = 0; j < NC / 8; j++) dec2(raw[j / 2], NC == 8 ? sh >> 4 : j & 1, t, out + 4 * j);
+        for (int j = 0; j < NC / 8; j++) dec2<I8>(raw[j / 2], NC == 8 ? sh >> 4 : j & 1, t, out + O * j);
     } else {
         u32 w[NW + 1];
 #pragma unroll
@@ -236,7 +251,7 @@ __device__ __forceinline__ void decode_slice(const u32 (&raw)[NW], int sh, const
         for (int j = 0; j < NC / 8; j++) {
             const int b = 24 * j, i = b >> 5, s = b & 31;
             u32 u = s ? __funnelshift_r(w[i], w[i + 1], s) : w[i];
-            dec3(u & 0xFFFFFFu, t, out + 4 * j);
+            dec3<I8>(u & 0xFFFFFFu, t, out + O * j);
         }
     }
 }
@@ -252,6 +267,16 @@ __device__ __forceinline__ float raw_f(u32 x) {
 }
 
 #define UT (16 * UC)  // tokens per unit (UC 16-token chunks)
+#ifndef KI8
+#define KI8 0  // keys through int8 tensor-core products (see score_group_i8)
+#endif
+#ifndef RING
+#define RING 0  // 0: the next unit prefetched into registers; else unit slots per warp in a shared-memory ring (sm_90)
+#endif
+#if RING && defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#undef RING
+#define RING 0  // bulk copies need sm_90
+#endif
 #ifndef DBG
 #define DBG 0  // timing experiments only: 1 = no decode (raw words used as operands), 2 = no code loads
 #endif
@@ -278,8 +303,7 @@ __device__ __forceinline__ Rows head_rows(const Params& p, int pid_bh) {
 }
 
 // Codes and norms of the unit starting at token t0; rows past the last code (n - 1) read that row instead.
-__device__ __forceinline__ void load_unit(const Params& p, const Rows& r, Unit& u, int t0, int g, int t4) {
-    const int last = p.n - 1;
+__device__ __forceinline__ void load_unit(const Rows& r, Unit& u, int t0, int last, int g, int t4) {
 #pragma unroll
     for (int c = 0; c < UC; c++) {
 #pragma unroll
@@ -303,6 +327,77 @@ __device__ __forceinline__ void load_unit(const Params& p, const Rows& r, Unit& 
     }
 }
 
+#if RING
+// The shared-memory ring (RING = slots per warp; sm_90): one lane of each warp copies whole units (the rows of
+// every code and norm array of tokens [t0, t0 + UT)) with bulk asynchronous copies (cp.async.bulk, completion on an
+// mbarrier per slot), so RING - 1 units stay in flight without holding registers, and no lane computes addresses.
+// A copy starts at the 16-byte boundary at or below its first row and ends at the one at or above its last; the rows'
+// offset past that boundary (OFF) is the same for every unit of a (b, h), as t0 * row bytes is a multiple of 16.
+#define KNB (KNORM == 2 ? 4 : 2)  // norm bytes
+#define VNB (VNORM == 2 ? 4 : 2)
+#define S_KC0 (UT * KROW0 * 4 + 16)  // slot regions: a unit's rows plus the alignment slack
+#define S_KC1 (KD1 > 0 ? UT * KROW1 * 4 + 16 : 0)
+#define S_VC0 (UT * VROW0 * 4 + 16)
+#define S_VC1 (VD1 > 0 ? UT * VROW1 * 4 + 16 : 0)
+#define S_KN1 (KD1 > 0 ? UT * KNB + 16 : 0)
+#define S_VN1 (VD1 > 0 ? UT * VNB + 16 : 0)
+#define O_KC1 S_KC0
+#define O_VC0 (O_KC1 + S_KC1)
+#define O_VC1 (O_VC0 + S_VC0)
+#define O_KN0 (O_VC1 + S_VC1)
+#define O_KN1 (O_KN0 + UT * KNB + 16)
+#define O_VN0 (O_KN1 + S_KN1)
+#define O_VN1 (O_VN0 + UT * VNB + 16)
+#define SLOT (O_VN1 + S_VN1)
+#define RING_BYTES (NWARPS * RING * (SLOT + 8))  // slots, then one 8-byte mbarrier per slot
+
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    asm volatile(
+        "{\n .reg .pred p;\n WAIT_%=:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT_%=;\n}"
+        ::"r"(bar), "r"(parity) : "memory");  // fmt: skip
+}
+
+// One array's rows [t0, t0 + rows) of row bytes RB -> the slot region at dst; returns the bytes copied.
+template <int RB>
+__device__ __forceinline__ u32 bulk_rows(u32 dst, const char* base, int t0, int rows, u32 bar, bool issue) {
+    const char* src = base + (long long)t0 * RB;
+    const char* from = (const char*)((size_t)src & ~(size_t)15);
+    const u32 bytes = ((u32)(src - from) + rows * RB + 15) & ~15u;
+    if (issue)
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                     ::"r"(dst), "l"(from), "r"(bytes), "r"(bar) : "memory");  // fmt: skip
+    return bytes;
+}
+
+// (Lane 0) every array of the unit at t0 into the slot at dst: the barrier expects their bytes, then the copies.
+__device__ __forceinline__ void issue_unit(const Rows& r, u32 dst, u32 bar, int t0, int n) {
+    const int rows = min(UT, n - t0);  // never past the last code: rows beyond it keep older (finite) slot data
+#pragma unroll
+    for (int pass = 0; pass < 2; pass++) {
+        u32 tx = bulk_rows<KROW0 * 4>(dst, (const char*)r.k0, t0, rows, bar, pass);
+        if (KD1 > 0) tx += bulk_rows<KROW1 * 4>(dst + O_KC1, (const char*)r.k1, t0, rows, bar, pass);
+        tx += bulk_rows<VROW0 * 4>(dst + O_VC0, (const char*)r.v0, t0, rows, bar, pass);
+        if (VD1 > 0) tx += bulk_rows<VROW1 * 4>(dst + O_VC1, (const char*)r.v1, t0, rows, bar, pass);
+        tx += bulk_rows<KNB>(dst + O_KN0, r.kn0, t0, rows, bar, pass);
+        if (KD1 > 0) tx += bulk_rows<KNB>(dst + O_KN1, r.kn1, t0, rows, bar, pass);
+        tx += bulk_rows<VNB>(dst + O_VN0, r.vn0, t0, rows, bar, pass);
+        if (VD1 > 0) tx += bulk_rows<VNB>(dst + O_VN1, r.vn1, t0, rows, bar, pass);
+        if (pass == 0) asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(tx)
+                                    : "memory");  // fmt: skip
+    }
+}
+
+// A slot's arrays as Rows (the first row of the unit in each), so load_unit reads them like global rows.
+__device__ __forceinline__ Rows slot_rows(const char* slot, const Rows& r) {
+    const auto off = [](const void* a) { return (int)((size_t)a & 15); };
+    return {(const u32*)(slot + off(r.k0)), (const u32*)(slot + O_KC1 + off(r.k1)), (const u32*)(slot + O_VC0 + off(r.v0)),
+            (const u32*)(slot + O_VC1 + off(r.v1)), slot + O_KN0 + off(r.kn0), slot + O_KN1 + off(r.kn1),
+            slot + O_VN0 + off(r.vn0), slot + O_VN1 + off(r.vn1)};
+}
+#endif
+
 // Scores of one key group for a chunk: s += K_i (16 tokens x D_i) . Qrot_i^T, A fragments decoded from the codes
 // of tokens g (kw0) and g + 8 (kw1), two accumulation chains (half the dependent mma latency).
 template <int BITS, int DG, int W, bool SYM>
@@ -318,6 +413,80 @@ __device__ __forceinline__ void score_group(float (&s)[4], const u32 (&kw0)[W], 
 #pragma unroll
     for (int i = 0; i < 4; i++) s[i] += s2[i];
 }
+
+#if KI8
+// Keys through int8 tensor-core products (KI8): a byte per centroid, so the decode needs no byte interleave (about
+// half the permutes of the float16 decode). The centroids are rounded to int8 at a scale chosen per table (host side:
+// +0.1-0.2% key distortion at 4 bits, < 0.02% at 2-3 bits); the query is split into two int8 parts, q ~ sq (qh +
+// ql / 256), so the product keeps ~15 bits of the query: S = sk sq (K8 . qh * 256 + K8 . ql) / 256, exact in int32.
+__device__ __forceinline__ void mma_i8(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Scores of one key group (as score_group): lane (g, t4) decodes tokens g and g + 8 at coordinates [t4 D_i/4, +D_i/4)
+// into D_i/16 words; mma kt takes words 2 kt, 2 kt + 1 (slice codes 8 kt .. 8 kt + 7). scl: sk sq / 256 of the
+// lane's two heads.
+template <int BITS, int DG, int W>
+__device__ __forceinline__ void score_group_i8(float (&s)[4], const u32 (&kw0)[W], const u32 (&kw1)[W], int sh,
+                                               const u32 (&tab)[8], const u32 (&qh)[DG / 32][2],
+                                               const u32 (&ql)[DG / 32][2], const float (&scl)[2]) {
+    u32 a0[DG / 16], a1[DG / 16];
+    decode_slice<BITS, DG / 4, W, false, true>(kw0, sh, tab, a0);
+    decode_slice<BITS, DG / 4, W, false, true>(kw1, sh, tab, a1);
+    int c0[4] = {0, 0, 0, 0}, c1[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int kt = 0; kt < DG / 32; kt++)
+        mma_i8(kt & 1 ? c1 : c0, a0[2 * kt], a1[2 * kt], a0[2 * kt + 1], a1[2 * kt + 1], qh[kt][0], qh[kt][1]);
+#pragma unroll
+    for (int i = 0; i < 4; i++) c0[i] = (c0[i] + c1[i]) << 8, c1[i] = 0;  // |K8 . q| < 2^21 (D <= 256): no overflow
+#pragma unroll
+    for (int kt = 0; kt < DG / 32; kt++)
+        mma_i8(kt & 1 ? c1 : c0, a0[2 * kt], a1[2 * kt], a0[2 * kt + 1], a1[2 * kt + 1], ql[kt][0], ql[kt][1]);
+#pragma unroll
+    for (int i = 0; i < 4; i++) s[i] += (float)(c0[i] + c1[i]) * scl[i & 1];
+}
+
+__device__ __forceinline__ u32 pack_s8(int a, int b, int c, int d) {
+    return (u32)(a & 0xFF) | ((u32)(b & 0xFF) << 8) | ((u32)(c & 0xFF) << 16) | ((u32)d << 24);
+}
+
+// Int8 query B fragments of one key group: lane (g, t4) holds head g at slice coordinates 8 kt + {0..3} (b0) and
+// 8 kt + {4..7} (b1) of [t4 D_i / 4, +D_i / 4); inv = 127 / max |q| of the head.
+template <int DG>
+__device__ __forceinline__ void query_i8(u32 (&qh)[DG / 32][2], u32 (&ql)[DG / 32][2], const float* qr, bool valid,
+                                         float inv) {
+#pragma unroll
+    for (int kt = 0; kt < DG / 32; kt++)
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            const float4 x = valid ? *(const float4*)(qr + 8 * kt + 4 * j) : make_float4(0.f, 0.f, 0.f, 0.f);
+            const float v[4] = {x.x * inv, x.y * inv, x.z * inv, x.w * inv};
+            int h[4], l[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                h[e] = __float2int_rn(v[e]);
+                l[e] = max(-127, min(127, __float2int_rn((v[e] - h[e]) * 256.f)));
+            }
+            qh[kt][j] = pack_s8(h[0], h[1], h[2], h[3]);
+            ql[kt][j] = pack_s8(l[0], l[1], l[2], l[3]);
+        }
+}
+
+// max |q| over the lane's coordinates of its head, reduced over the head's four lanes (t4)
+__device__ __forceinline__ float head_absmax(const float* qr, int n, bool valid) {
+    float mx = 0.f;
+    if (valid)
+        for (int i = 0; i < n; i += 4) {
+            const float4 x = *(const float4*)(qr + i);
+            mx = fmaxf(mx, fmaxf(fmaxf(fabsf(x.x), fabsf(x.y)), fmaxf(fabsf(x.z), fabsf(x.w))));
+        }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    return fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+}
+#endif
 
 // Values of one group for a chunk: acc += V_i^T (D_i x 16 tokens) . (p ||v||_i)^T; one byte permute per register
 // turns two tokens' coordinate pairs into the token pairs of the A fragment.
@@ -457,9 +626,26 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
     for (int i = 0; i < 8; i++) ktab0[i] = p.ktab[0][i], ktab1[i] = p.ktab[1][i], vtab0[i] = p.vtab[0][i],
                                 vtab1[i] = p.vtab[1][i];
     const float* qr = p.ws + ((long long)pid_bh * G + g) * D;
+#if KI8
+    u32 qh0[KD0 / 32][2], ql0[KD0 / 32][2], qh1[KDG1 / 32][2], ql1[KDG1 / 32][2];
+    float kscl0[2], kscl1[2];  // sk sq / 256 of heads 2 t4, 2 t4 + 1, per key group
+    {
+        float mx = head_absmax(qr + t4 * (KD0 / 4), KD0 / 4, g < G);
+        if (KD1 > 0) mx = fmaxf(mx, head_absmax(qr + KD0 + t4 * (KD1 / 4), KD1 / 4, g < G));
+        const float inv = mx > 0.f ? 127.f / mx : 0.f, sq = mx / (127.f * 256.f);
+        query_i8<KD0>(qh0, ql0, qr + t4 * (KD0 / 4), g < G, inv);
+        if (KD1 > 0) query_i8<KDG1>(qh1, ql1, qr + KD0 + t4 * (KD1 / 4), g < G, inv);
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            const float sqj = __shfl_sync(0xffffffffu, sq, (2 * t4 + j) * 4);
+            kscl0[j] = sqj * __uint_as_float(p.ktab[0][4]), kscl1[j] = sqj * __uint_as_float(p.ktab[1][4]);
+        }
+    }
+#else
     u32 qb0[KD0 / 16][2], qb1[KDG1 / 16][2];
     query_fragments<KD0>(qb0, qr + t4 * (KD0 / 4), g < G);
     if (KD1 > 0) query_fragments<KDG1>(qb1, qr + KD0 + t4 * (KD1 / 4), g < G);
+#endif
     float qm[2] = {0.f, 0.f};  // <q, mu_k> of heads 2 t4, 2 t4 + 1
 #if HAS_KMEAN
 #pragma unroll
@@ -484,18 +670,20 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
     // bit of a slice's first code in its first word
     const int ksh0 = (KB0 * t4 * (KD0 / 4)) & 31, ksh1 = (KB1 * t4 * (KD1 / 4)) & 31;
     const int vsh0 = (VB0 * g * (VD0 / 8)) & 31, vsh1 = (VB1 * g * (VD1 / 8)) & 31;
-    Unit cur;
-    if (warp < units) load_unit(p, rows, cur, lo + UT * warp, g, t4);
-    for (int u = warp; u < units; u += NWARPS) {
-        Unit nxt;
-        const int t0 = lo + UT * u;
-        if (u + NWARPS < units) load_unit(p, rows, nxt, t0 + UT * NWARPS, g, t4);
+    // one unit of this warp (its raw data in cur) into the online softmax and the accumulators
+    const auto step = [&](const Unit& cur, int t0) {
         float s[UC][4];
 #pragma unroll
         for (int c = 0; c < UC; c++) {
             float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
+#if KI8
+            score_group_i8<KB0, KD0, KW0>(s0, cur.k0[c][0], cur.k0[c][1], ksh0, ktab0, qh0, ql0, kscl0);
+            if (KD1 > 0)
+                score_group_i8<KB1, KDG1, KW1>(s1, cur.k1[c][0], cur.k1[c][1], ksh1, ktab1, qh1, ql1, kscl1);
+#else
             score_group<KB0, KD0, KW0, KSYM0>(s0, cur.k0[c][0], cur.k0[c][1], ksh0, ktab0, qb0);
             if (KD1 > 0) score_group<KB1, KDG1, KW1, KSYM1>(s1, cur.k1[c][0], cur.k1[c][1], ksh1, ktab1, qb1);
+#endif
 #pragma unroll
             for (int i = 0; i < 4; i++) {  // i: (token g + 8 (i >> 1), head 2 t4 + (i & 1))
                 const int t = t0 + 16 * c + g + 8 * (i >> 1);
@@ -542,8 +730,52 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
                 value_group<VB1, VDG1, VW1, VSYM1>(acc1, cur.v1[c], vsh1, vtab1, pb0, pb1);
             }
         }
+    };
+#if RING
+    // ring of RING unit slots per warp (see issue_unit); the slot of unit i is i % RING, its k-th use has parity k & 1
+    extern __shared__ __align__(16) char dsm[];
+    char* ring = dsm + warp * RING * SLOT;
+    const u32 bar0 = smem_addr(dsm + NWARPS * RING * SLOT + warp * RING * 8);
+    const int mine = warp < units ? (units - warp + NWARPS - 1) / NWARPS : 0;  // units of this warp
+    if (lane == 0) {
+        u32 dyn;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+        if (dyn < RING_BYTES) __trap();  // the host sized the ring for another configuration
+#pragma unroll
+        for (int i = 0; i < RING; i++) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar0 + 8 * i));
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    for (int i = lane * 16; i < RING * SLOT; i += 32 * 16) *(uint4*)(ring + i) = make_uint4(0, 0, 0, 0);
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the zeros before the copies' writes
+    __syncwarp();  // barriers ready; zeroed slots (rows past the last code read zeros or older units' rows)
+    if (lane == 0) {
+        for (int i = 0; i < min(RING, mine); i++)
+            issue_unit(rows, smem_addr(ring + i * SLOT), bar0 + 8 * i, lo + UT * (warp + NWARPS * i), p.n);
+    }
+    for (int i = 0; i < mine; i++) {
+        const int slot = i % RING;
+        if (i > 0) {  // the previous unit's slot is free (its values were used up) for the unit RING - 1 ahead
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // every lane's reads before the writes
+            __syncwarp();
+            const int k = i - 1 + RING, prev = (i - 1) % RING;
+            if (lane == 0 && k < mine)
+                issue_unit(rows, smem_addr(ring + prev * SLOT), bar0 + 8 * prev, lo + UT * (warp + NWARPS * k), p.n);
+        }
+        mbar_wait(bar0 + 8 * slot, (i / RING) & 1);
+        Unit cur;
+        load_unit(slot_rows(ring + slot * SLOT, rows), cur, 0, UT - 1, g, t4);
+        step(cur, lo + UT * (warp + NWARPS * i));
+    }
+#else
+    Unit cur;
+    if (warp < units) load_unit(rows, cur, lo + UT * warp, p.n - 1, g, t4);
+    for (int u = warp; u < units; u += NWARPS) {
+        Unit nxt;
+        if (u + NWARPS < units) load_unit(rows, nxt, lo + UT * (u + NWARPS), p.n - 1, g, t4);
+        step(cur, lo + UT * u);
         cur = nxt;
     }
+#endif
 #pragma unroll
     for (int j = 0; j < 2; j++) {
         l[j] += __shfl_xor_sync(0xffffffffu, l[j], 4);
