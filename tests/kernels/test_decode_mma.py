@@ -68,10 +68,10 @@ def test_compiles(cfg, arch):
 
 
 @needs_nvrtc
-@pytest.mark.parametrize("uc,minb,nwarps", [(1, 3, 4), (2, 1, 8)])
-def test_tuning_variants_compile(uc, minb, nwarps):
-    cubin = cuda.compile_cubin(kdecode._MMA_SOURCE, "sm_90", _options(*CONFIGS[0], UC=uc, MINB=minb, NWARPS=nwarps))
-    assert NAMES[0] in cubin
+@pytest.mark.parametrize("uc,minb,nwarps,ring,vpair", [(1, 3, 4, 4, 1), (2, 1, 8, 0, 1), (2, 2, 4, 0, 0)])
+def test_tuning_variants_compile(uc, minb, nwarps, ring, vpair):
+    opts = _options(*CONFIGS[0], UC=uc, MINB=minb, NWARPS=nwarps, RING=ring, VPAIR=vpair)
+    assert NAMES[0] in cuda.compile_cubin(kdecode._MMA_SOURCE, "sm_90", opts)
 
 
 @needs_nvrtc
@@ -155,6 +155,68 @@ def test_slice_decoders_give_the_centroids_in_coordinate_pairs(bits):
             pairs = torch.tensor([[w & 0xFFFF, w >> 16] for w in out[:2]], dtype=torch.int32).reshape(-1)
             want = (codes + codes)[4 * lane : 4 * lane + 4]
             assert torch.equal(pairs.to(torch.int16).view(torch.float16), half[want]), (lane, want)
+
+
+def _spread3(u: int) -> int:  # transcribed from decode_mma.cu
+    y = (u & 0xFFF) | ((u << 4) & 0xFFF0000)
+    y = (y & 0x3F003F) | ((y << 2) & 0x3F003F00)
+    return (y & 0x07070707) | ((y << 1) & 0x70707070)
+
+
+def _vslot(i: int) -> int:
+    return 8 * (i // 8) + (2 * (i % 8) if i % 8 < 4 else 2 * (i % 8) - 7)
+
+
+def test_value_pairs_give_token_pairs_per_coordinate():
+    """VPAIR (value_group): the 3-bit value slices of two tokens (16 codes each, lane g's slice starts at bit 48 g of
+    a 128-channel row), read with ``nibbles``' funnel shifts, nibble-interleaved and looked up, give one half2 per
+    coordinate holding (token a, token b) at that coordinate, in ``vslot`` order."""
+    half = RowCodec(128, 3, seed=0).tensors(0, "cpu")[1].half()
+    t = kdecode._byte_tables(half)
+    g = torch.Generator().manual_seed(0)
+    for lane in range(8):
+        rows = [torch.randint(0, 8, (128,), generator=g).tolist() for _ in range(2)]  # tokens a, b
+        packed = [sum(c << (3 * i) for i, c in enumerate(r)) for r in rows]
+        bit = 48 * lane
+        raws = [[(p >> (32 * (bit // 32 + k))) & 0xFFFFFFFF for k in range(2)] for p in packed]
+        sh = bit % 32
+        regs = []
+        for j in range(2):  # nibbles<3, 16, 2>(raw, sh, j)
+            ys = []
+            for raw in raws:
+                w0, w1 = _funnel_r(raw[0], raw[1], sh), _funnel_r(raw[1], 0, sh)
+                s_ = (24 * j) & 31
+                ys.append(_spread3((_funnel_r(w0, w1, s_) if s_ else w0) & 0xFFFFFF))
+            ya, yb = ys
+            ze = (ya & 0x0F0F0F0F) | ((yb << 4) & 0xF0F0F0F0)
+            zo = ((ya >> 4) & 0x0F0F0F0F) | (yb & 0xF0F0F0F0)
+            regs += _lookup8(ze, t) + _lookup8(zo, t)
+        for i, w in enumerate(regs):
+            c = 16 * lane + _vslot(i)
+            got = torch.tensor([w & 0xFFFF, w >> 16], dtype=torch.int32).to(torch.int16).view(torch.float16)
+            assert torch.equal(got, half[[rows[0][c], rows[1][c]]]), (lane, i)
+    assert sorted(_vslot(i) for i in range(16)) == list(range(16))
+
+
+def test_ring_bytes():
+    """The host sizes decode_mma.cu's shared-memory ring as RING_BYTES does: per warp and slot, one 32-token unit of
+    each code and norm array plus 16 bytes of alignment slack each, and an 8-byte barrier."""
+    tuning = {"NWARPS": 4, "UC": 2, "MINB": 3, "RING": 2}
+    k4v3 = kdecode._ring_bytes(tuning, (4, 128, 4, 0), (3, 128, 3, 0), torch.float16, torch.float16)
+    assert k4v3 == 4 * 2 * ((2048 + 16) + (1536 + 16) + 2 * (64 + 16) + 8)
+    two = kdecode._ring_bytes(tuning, (4, 64, 3, 64), (4, 64, 3, 64), torch.float32, torch.bfloat16)
+    assert two == 4 * 2 * (2 * ((1024 + 16) + (768 + 16)) + 2 * (128 + 16) + 2 * (64 + 16) + 8)
+    assert kdecode._ring_bytes({**tuning, "RING": 0}, (4, 128, 4, 0), (3, 128, 3, 0), torch.float16,
+                               torch.float16) == 0  # fmt: skip
+
+
+def test_tuning_keeps_the_ring_to_sm90(monkeypatch):
+    """Bulk copies need sm_90: older cards get the register prefetch, with the register budget it needs."""
+    dev = torch.device("cuda", 7)
+    monkeypatch.setitem(kdecode._CAPABILITY, dev, (8, 0))
+    assert kdecode._tuning(dev)["RING"] == 0 and kdecode._tuning(dev)["MINB"] == 2
+    monkeypatch.setitem(kdecode._CAPABILITY, dev, (9, 0))
+    assert kdecode._tuning(dev) is kdecode.MMA_TUNING
 
 
 @pytest.mark.parametrize(

@@ -594,19 +594,6 @@ def _byte_tables(half: torch.Tensor) -> list[int]:
     return words + [0] * (8 - len(words))
 
 
-def _int8_table(cent: torch.Tensor) -> list[int]:
-    """8 words for decode_mma.cu's int8 keys (KI8): up to 16 centroids as int8 at the scale that minimises their
-    squared rounding error (words 0-3), then that scale as float32 bits (word 4)."""
-    c = cent.double().cpu()
-    steps = torch.linspace(96.0, 127.0, 3101, dtype=torch.float64)  # max |c| / scale: the table uses all of int8
-    scales = c.abs().max() / steps
-    err = ((c[None] - (c[None] / scales[:, None]).round() * scales[:, None]) ** 2).sum(1)
-    scale = float(scales[err.argmin()])
-    q = [int(v) & 0xFF for v in (c / scale).round().tolist()] + [0] * (16 - c.numel())
-    words = [sum(q[4 * i + j] << (8 * j) for j in range(4)) for i in range(4)]
-    return words + [int(torch.tensor([scale], dtype=torch.float32).view(torch.int32)) & 0xFFFFFFFF, 0, 0, 0]
-
-
 def _prmt_table(half: torch.Tensor) -> torch.Tensor:
     """4 int32 words: low bytes then high bytes of 8 float16 centroids (3 bits: the table; 4 bits: its upper half)."""
     c = torch.nn.functional.pad(half[-8:].float().cpu(), (0, max(0, 8 - half.numel()))).half()  # other widths: unused
@@ -618,8 +605,7 @@ class _Side:
     """Per-layer constants of one side (keys or values) on one device, built once: fused rotation, float32
     mean/scale rows, float16 centroid tables (group 0 then group 1) and PRMT tables (4 words per group)."""
 
-    __slots__ = ("rot", "rot_sh", "mean", "scale", "cent", "tab", "consts", "prmt", "mma_tab", "mma_tab_i8", "mma_sym",
-                 "mma_groups")
+    __slots__ = ("rot", "rot_sh", "mean", "scale", "cent", "tab", "consts", "prmt", "mma_tab", "mma_sym", "mma_groups")
 
     def __init__(self, rows: PackedRows, device):
         codec = rows.codec
@@ -640,8 +626,6 @@ class _Side:
         pad8 = lambda h: torch.nn.functional.pad(h, (0, max(0, 8 - h.numel())))  # noqa: E731 (2 bits: 4 entries)
         tabs = [_byte_tables(h[8:] if sym else pad8(h)) for h, sym in zip(halves, self.mma_sym)]
         self.mma_tab = ((ctypes.c_uint32 * 8) * 2)(*((ctypes.c_uint32 * 8)(*t) for t in tabs))
-        i8 = [_int8_table(codec.tensors(min(i, len(codec.groups) - 1), "cpu")[1]) for i in range(2)]
-        self.mma_tab_i8 = ((ctypes.c_uint32 * 8) * 2)(*((ctypes.c_uint32 * 8)(*t) for t in i8))
         self.mma_groups = mma_groups_ok(codec)
 
 
@@ -709,48 +693,63 @@ def _mma_ok(query, ks: _Side, vs: _Side, groups: int, fields, mask) -> bool:
     return aligned and same and norms[0].dtype in floats and norms[2].dtype in floats
 
 
-# decode_mma.cu tuning (measured on an H200, benchmarks/kernels.py --phases tune-cuda): warps per block, 16-token
-# chunks per unit, blocks per SM that the register allocation must allow
-MMA_TUNING = {"NWARPS": 4, "UC": 2, "MINB": 2, "RING": 0, "KI8": 0}
+# decode_mma.cu tuning (H100, benchmarks/kernels.py --phases tune-cuda, kernels_tune_r7b.json): warps per block,
+# 16-token chunks per unit, blocks per SM that the register allocation must allow, unit slots per warp in the
+# shared-memory ring (0: the next unit is prefetched into registers, as before sm_90 where the ring is off)
+MMA_TUNING = {"NWARPS": 4, "UC": 2, "MINB": 3, "RING": 2}
 # Its splits per (b, h): at least min_tokens each, at most max_splits (H100, kernels_tune_splits.json: fewer, longer
 # splits cut the per-block setup and the merge where there is little work, e.g. B = 1, T = 8k: 50 -> 37 us)
 MMA_SPLITS = {"min_tokens": 1024, "max_splits": 32}
 
 
-_MMA_KERNELS: dict[tuple, object] = {}
+_MMA_KERNELS: dict[tuple, tuple] = {}
+_CAPABILITY: dict = {}
 
 
-def _ring_bytes(kside: tuple, vside: tuple, knorm: torch.dtype, vnorm: torch.dtype) -> int:
+def _tuning(device) -> dict:
+    """MMA_TUNING as it applies on ``device``: the ring needs sm_90 (bulk copies); before, the register prefetch
+    needs more registers than 3 blocks per SM leave."""
+    cap = _CAPABILITY.get(device)
+    if cap is None:
+        cap = _CAPABILITY[device] = torch.cuda.get_device_capability(device)
+    return MMA_TUNING if cap >= (9, 0) or not MMA_TUNING["RING"] else {**MMA_TUNING, "RING": 0, "MINB": 2}
+
+
+def _ring_bytes(tuning: dict, kside: tuple, vside: tuple, knorm: torch.dtype, vnorm: torch.dtype) -> int:
     """Dynamic shared memory of decode_mma.cu's ring (its RING_BYTES): per warp RING slots of one unit of every
     array (+16 bytes each for the alignment slack) and an 8-byte barrier per slot; ``kside``/``vside`` as in
     ``_Side.consts``."""
-    ring, ut = MMA_TUNING["RING"], 16 * MMA_TUNING["UC"]
-    slot = 0
+    ut, slot = 16 * tuning["UC"], 0
     for (b0, d0, b1, d1), nb in ((kside, knorm.itemsize), (vside, vnorm.itemsize)):
         for bits, d in ((b0, d0), (b1, d1)):
             slot += (ut * d * bits // 8 + 16) + (ut * nb + 16) if d else 0
-    return MMA_TUNING["NWARPS"] * ring * (slot + 8)
+    return tuning["NWARPS"] * tuning["RING"] * (slot + 8)
 
 
-def _mma_kernel(dim, groups, ks, vs, knorm, vnorm, qtype, mask, has_kmean, softcap, device):
-    """The split kernel for this call's configuration, looked up by the raw values (no option strings per call)."""
+def _mma_kernel(dim, groups, ks, vs, knorm, vnorm, qtype, mask, has_kmean, softcap, device) -> tuple:
+    """(kernel, threads per block, dynamic shared memory) of the split pass for this call's configuration, looked up
+    by the raw values (no option strings per call)."""
     mdtype = None if mask is None else mask.dtype
+    tuning = _tuning(device)
     key = (dim, groups, ks.consts, ks.mma_sym, vs.consts, vs.mma_sym, knorm, vnorm, qtype, mdtype, has_kmean,
-           softcap is None, device, tuple(MMA_TUNING.items()), id(_MMA_SOURCE))  # fmt: skip
-    kern = _MMA_KERNELS.get(key)
-    if kern is None:
+           softcap is None, device, tuple(tuning.items()), id(_MMA_SOURCE))  # fmt: skip
+    found = _MMA_KERNELS.get(key)
+    if found is None:
         opts = _mma_options(dim, groups, (ks.consts, ks.mma_sym), (vs.consts, vs.mma_sym), knorm, vnorm, qtype,
-                            mdtype, has_kmean, softcap is not None)  # fmt: skip
-        kern = _MMA_KERNELS[key] = cuda.kernel(_MMA_SOURCE, "tq_decode_split", device, opts)
-    return kern
+                            mdtype, has_kmean, softcap is not None, tuning)  # fmt: skip
+        found = _MMA_KERNELS[key] = (cuda.kernel(_MMA_SOURCE, "tq_decode_split", device, opts), 32 * tuning["NWARPS"],
+                                     _ring_bytes(tuning, ks.consts, vs.consts, knorm, vnorm))  # fmt: skip
+    return found
 
 
-def _mma_options(dim, groups, kside, vside, knorm, vnorm, qtype, mdtype, has_kmean, has_softcap) -> tuple[str, ...]:
-    """decode_mma.cu's macros; ``kside``/``vside``: ((bits0, channels0, bits1, channels1), (symmetric0, symmetric1))."""
+def _mma_options(dim, groups, kside, vside, knorm, vnorm, qtype, mdtype, has_kmean, has_softcap,
+                 tuning=None) -> tuple[str, ...]:  # fmt: skip
+    """decode_mma.cu's macros; ``kside``/``vside``: ((bits0, channels0, bits1, channels1), (symmetric0, symmetric1));
+    ``tuning``: MMA_TUNING by default."""
     mtype = 3 if mdtype is None else _DTYPE_CODE[mdtype]  # (3 is also bool: HAS_MASK tells the two apart)
-    opts = dict(MMA_TUNING, D=dim, G=groups, KNORM=_DTYPE_CODE[knorm], VNORM=_DTYPE_CODE[vnorm],
-                QTYPE=_DTYPE_CODE[qtype], MTYPE=mtype, HAS_MASK=int(mdtype is not None), HAS_KMEAN=int(has_kmean),
-                SOFTCAP=int(has_softcap))  # fmt: skip
+    opts = dict(MMA_TUNING if tuning is None else tuning, D=dim, G=groups, KNORM=_DTYPE_CODE[knorm],
+                VNORM=_DTYPE_CODE[vnorm], QTYPE=_DTYPE_CODE[qtype], MTYPE=mtype, HAS_MASK=int(mdtype is not None),
+                HAS_KMEAN=int(has_kmean), SOFTCAP=int(has_softcap))  # fmt: skip
     for side, ((b0, d0, b1, d1), sym) in (("K", kside), ("V", vside)):
         opts.update({f"{side}B0": b0, f"{side}D0": d0, f"{side}B1": b1, f"{side}D1": d1,
                      f"{side}SYM0": int(sym[0]), f"{side}SYM1": int(sym[1])})  # fmt: skip
@@ -873,17 +872,16 @@ def decode_attention(
     )  # fmt: skip
     if use_mma:
         fused_reduce = False  # the CUDA split pass always leaves the merge to _reduce_kernel
-        kern = _mma_kernel(dim, groups, ks, vs, kf["norms0"].dtype, vf["norms0"].dtype, query.dtype, mask,
-                           ks.mean is not None, softcap, dev)  # fmt: skip
+        kern, block, smem = _mma_kernel(dim, groups, ks, vs, kf["norms0"].dtype, vf["norms0"].dtype, query.dtype,
+                                        mask, ks.mean is not None, softcap, dev)  # fmt: skip
         prm = _MmaParams(
             ws.data_ptr(), ws.data_ptr() + 4 * bh * groups * (dim + 1), *(f.data_ptr() for f in fields),
             query.data_ptr(), tk.data_ptr() if t_len else 0, tv.data_ptr() if t_len else 0,
             0 if mask is None else mask.data_ptr(), k_alloc, v_alloc, query.stride(0), query.stride(1),
             tk.stride(0), tk.stride(1), tk.stride(2), stride_mb, stride_mt, n, t_len, split_len, splits, num_kv,
-            float(scaling), float(softcap or 1.0), ks.mma_tab_i8 if MMA_TUNING["KI8"] else ks.mma_tab, vs.mma_tab,
+            float(scaling), float(softcap or 1.0), ks.mma_tab, vs.mma_tab,
         )  # fmt: skip
-        smem = _ring_bytes(ks.consts, vs.consts, kf["norms0"].dtype, vf["norms0"].dtype)
-        kern((splits + 1, bh, 1), 32 * MMA_TUNING["NWARPS"], prm, cuda.stream(dev), smem)
+        kern((splits + 1, bh, 1), block, prm, cuda.stream(dev), smem)
     else:
         cnt = _counters(dev, bh) if fused_reduce else ws
         _decode_kernel[(splits + 1, bh)](

@@ -3,15 +3,16 @@
 // Why CUDA and not Triton: the value product reduces over tokens, so its operand needs (token t, token t + 1) pairs
 // in each register, while a decoder naturally makes (coordinate c, c + 1) pairs. Triton chooses the register layout
 // of an inline-asm result and converts it through shared memory every tile (most of the Triton kernel's time). Here
-// each lane decodes exactly the codes its mma fragments need, and one byte permute per register turns coordinate
-// pairs of two tokens into token pairs. Coordinates may be assigned to fragment slots in any order (a sum over
-// coordinates does not care, and the value accumulator is written back through the same map), so every lane reads
-// contiguous code slices.
+// each lane decodes exactly the codes its mma fragments need, and the value codes of two tokens are interleaved
+// before the lookups so that these yield token pairs (VPAIR). Coordinates may be assigned to fragment slots in any
+// order (a sum over coordinates does not care, and the value accumulator is written back through the same map), so
+// every lane reads contiguous code slices.
 //
 // One program (block of NWARPS warps) per (code split s < S, batch row b, KV head h); program s = S does the
-// full-precision tail window. Each warp streams units of UC 16-token chunks of its split, prefetching the
-// next unit into registers, and keeps its own online softmax; the warps merge through shared memory and write
-// (m, l, acc) into the workspace that the Triton merge kernel reads (layout in decode.py).
+// full-precision tail window. Each warp streams units of UC 16-token chunks of its split (on sm_90 through a
+// shared-memory ring filled by bulk asynchronous copies, RING; before, the next unit is prefetched into registers),
+// and keeps its own online softmax; the warps merge through shared memory and write (m, l, acc) into the workspace
+// that the Triton merge kernel reads (layout in decode.py).
 //
 // Per 16-token chunk and warp (G <= 8 query heads of one KV head, padded to the mma's N = 8), for each channel
 // group i of D_i coordinates (one, or two for fractional widths, each with its own codes, norms and table):
@@ -26,8 +27,9 @@
 // outliers first) KB_i / VB_i (2, 3 or 4 bits), KD_i / VD_i (channels: 32, 64, 128 or 256; KD1 = VD1 = 0 for one
 // group), KSYM_i / VSYM_i (symmetric 4-bit table); KNORM / VNORM / QTYPE / MTYPE (0 float16, 1 bfloat16, 2 float32,
 // 3 bool), HAS_MASK, HAS_KMEAN, SOFTCAP;
-// tuning: UC (16-token chunks per unit), MINB (blocks per SM the register allocation must allow); DBG (timing
-// experiments only, wrong results on purpose: 1 = no decode, 2 = no code loads).
+// tuning: UC (16-token chunks per unit), MINB (blocks per SM the register allocation must allow), RING (unit slots
+// per warp in shared memory, 0 = register prefetch), VPAIR (token-pair value decode); DBG (timing experiments only,
+// wrong results on purpose: 1 = no decode, 2 = no code loads).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -121,18 +123,11 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
 // k < 8 look up c[15 - k] and set the sign bit. Otherwise t[0..7] = low / high bytes of c[0..15]: two 8-entry
 // lookups per byte, selected by the code's top bit. PRMT's sign-replicate mode spreads each code's top bit to a
 // byte mask (0xFF where k >= 8).
-// I8: -> 2 words of 4 int8 centroids (codes 0-3, 4-7) from t[0..1] = c[0..7] and t[2..3] = c[8..15].
-template <bool SYM, bool I8 = false>
+template <bool SYM>
 __device__ __forceinline__ void dec4(u32 w, const u32 (&t)[8], u32* out) {
     const u32 w4 = w << 4;
     const u32 ma = prmt(w4, w, 0xD9C8), mb = prmt(w4, w, 0xFBEA);
     u32 la, ha, lb, hb;
-    if (I8) {
-        const u32 idx = w & 0x77777777u, idh = idx >> 16;
-        out[0] = (__byte_perm(t[2], t[3], idx) & ma) | (__byte_perm(t[0], t[1], idx) & ~ma);
-        out[1] = (__byte_perm(t[2], t[3], idh) & mb) | (__byte_perm(t[0], t[1], idh) & ~mb);
-        return;
-    }
     if (SYM) {
         const u32 nt = ~w & 0x88888888u;  // top bit clear: the negative half
         const u32 idx = (w ^ ((nt >> 3) * 7)) & 0x77777777u, idh = idx >> 16;  // k < 8 -> 15 - k
@@ -153,14 +148,9 @@ __device__ __forceinline__ void dec4(u32 w, const u32 (&t)[8], u32* out) {
 }
 
 // Codes spread to nibbles (y: codes 0-3 in the low half, 4-7 in the high half, each < 8) -> 4 half2 from an
-// 8-entry table (t[0..1] low bytes, t[2..3] high bytes); I8: -> 2 words of 4 int8 (t[0..1] the int8 entries).
-template <bool I8>
+// 8-entry table (t[0..1] low bytes, t[2..3] high bytes).
 __device__ __forceinline__ void lookup8(u32 y, const u32 (&t)[8], u32* out) {
     const u32 yh = y >> 16;
-    if (I8) {
-        out[0] = __byte_perm(t[0], t[1], y), out[1] = __byte_perm(t[0], t[1], yh);
-        return;
-    }
     const u32 la = __byte_perm(t[0], t[1], y), ha = __byte_perm(t[2], t[3], y);
     const u32 lb = __byte_perm(t[0], t[1], yh), hb = __byte_perm(t[2], t[3], yh);
     out[0] = __byte_perm(la, ha, 0x5140);
@@ -169,22 +159,22 @@ __device__ __forceinline__ void lookup8(u32 y, const u32 (&t)[8], u32* out) {
     out[3] = __byte_perm(lb, hb, 0x7362);
 }
 
-// 8 codes of 3 bits (low 24 bits of u) -> 4 half2: spread the codes to nibbles, then 8-entry lookups.
-template <bool I8 = false>
-__device__ __forceinline__ void dec3(u32 u, const u32 (&t)[8], u32* out) {
+// 8 codes of 3 bits (low 24 bits of u) -> the codes in nibbles 0-7.
+__device__ __forceinline__ u32 spread3(u32 u) {
     u32 y = (u & 0xFFFu) | ((u << 4) & 0xFFF0000u);
     y = (y & 0x3F003Fu) | ((y << 2) & 0x3F003F00u);
-    y = (y & 0x07070707u) | ((y << 1) & 0x70707070u);
-    lookup8<I8>(y, t, out);
+    return (y & 0x07070707u) | ((y << 1) & 0x70707070u);
 }
 
+// 8 codes of 3 bits (low 24 bits of u) -> 4 half2: spread the codes to nibbles, then 8-entry lookups.
+__device__ __forceinline__ void dec3(u32 u, const u32 (&t)[8], u32* out) { lookup8(spread3(u), t, out); }
+
 // 8 codes of 2 bits (bytes 2 hb and 2 hb + 1 of w) -> 4 half2: spread to nibbles (the table's entries 4-7 unused).
-template <bool I8 = false>
 __device__ __forceinline__ void dec2(u32 w, int hb, const u32 (&t)[8], u32* out) {
     u32 y = __byte_perm(w, 0u, 0x4140 + 0x202 * hb);  // the two bytes -> bytes 0 and 2
     y = (y & 0x000F000Fu) | ((y << 4) & 0x0F000F00u);
     y = (y & 0x03030303u) | ((y << 2) & 0x30303030u);
-    lookup8<I8>(y, t, out);
+    lookup8(y, t, out);
 }
 
 // Raw words of the NC codes starting at code c0 of a row (bit stream, LSB first); sh = the first code's bit in w[0].
@@ -220,15 +210,14 @@ __device__ __forceinline__ void load_slice(const u32* row, int c0, u32 (&w)[NW])
     }
 }
 
-// Raw words (first code at bit sh) -> NC / 2 half2 coordinate pairs (I8: NC / 4 words of 4 int8; NC >= 8).
-template <int BITS, int NC, int NW, bool SYM, bool I8 = false>
+// Raw words (first code at bit sh) -> NC / 2 half2 coordinate pairs.
+template <int BITS, int NC, int NW, bool SYM>
 __device__ __forceinline__ void decode_slice(const u32 (&raw)[NW], int sh, const u32 (&t)[8], u32* out) {
 #if DBG == 1
 #pragma unroll
-    for (int j = 0; j < NC / (I8 ? 4 : 2); j++) out[j] = (raw[j % NW] & 0x3BFF3BFFu) ^ (j << 4);
+    for (int j = 0; j < NC / 2; j++) out[j] = (raw[j % NW] & 0x3BFF3BFFu) ^ (j << 4);
     return;
 #endif
-    constexpr int O = I8 ? 2 : 4;  // output words per 8 codes
     if (NC == 4) {  // a value slice of a 32-channel group: decode 8 codes from the slice's first bit, keep 4
         u32 tmp[4];
         if (BITS == 4) dec4<SYM>(raw[0] >> sh, t, tmp);
@@ -237,10 +226,10 @@ __device__ __forceinline__ void decode_slice(const u32 (&raw)[NW], int sh, const
         out[0] = tmp[0], out[1] = tmp[1];
     } else if (BITS == 4) {
 #pragma unroll
-        for (int j = 0; j < NC / 8; j++) dec4<SYM, I8>(raw[j], t, out + O * j);
+        for (int j = 0; j < NC / 8; j++) dec4<SYM>(raw[j], t, out + 4 * j);
     } else if (BITS == 2) {  // sh is 0 or 16 (a slice of 8 codes in the high half of its word)
 #pragma unroll
-        for (int j = 0; j < NC / 8; j++) dec2<I8>(raw[j / 2], NC == 8 ? sh >> 4 : j & 1, t, out + O * j);
+        for (int j = 0; j < NC / 8; j++) dec2(raw[j / 2], NC == 8 ? sh >> 4 : j & 1, t, out + 4 * j);
     } else {
         u32 w[NW + 1];
 #pragma unroll
@@ -251,7 +240,7 @@ __device__ __forceinline__ void decode_slice(const u32 (&raw)[NW], int sh, const
         for (int j = 0; j < NC / 8; j++) {
             const int b = 24 * j, i = b >> 5, s = b & 31;
             u32 u = s ? __funnelshift_r(w[i], w[i + 1], s) : w[i];
-            dec3<I8>(u & 0xFFFFFFu, t, out + O * j);
+            dec3(u & 0xFFFFFFu, t, out + 4 * j);
         }
     }
 }
@@ -267,9 +256,6 @@ __device__ __forceinline__ float raw_f(u32 x) {
 }
 
 #define UT (16 * UC)  // tokens per unit (UC 16-token chunks)
-#ifndef KI8
-#define KI8 0  // keys through int8 tensor-core products (see score_group_i8)
-#endif
 #ifndef RING
 #define RING 0  // 0: the next unit prefetched into registers; else unit slots per warp in a shared-memory ring (sm_90)
 #endif
@@ -414,85 +400,54 @@ __device__ __forceinline__ void score_group(float (&s)[4], const u32 (&kw0)[W], 
     for (int i = 0; i < 4; i++) s[i] += s2[i];
 }
 
-#if KI8
-// Keys through int8 tensor-core products (KI8): a byte per centroid, so the decode needs no byte interleave (about
-// half the permutes of the float16 decode). The centroids are rounded to int8 at a scale chosen per table (host side:
-// +0.1-0.2% key distortion at 4 bits, < 0.02% at 2-3 bits); the query is split into two int8 parts, q ~ sq (qh +
-// ql / 256), so the product keeps ~15 bits of the query: S = sk sq (K8 . qh * 256 + K8 . ql) / 256, exact in int32.
-__device__ __forceinline__ void mma_i8(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// Scores of one key group (as score_group): lane (g, t4) decodes tokens g and g + 8 at coordinates [t4 D_i/4, +D_i/4)
-// into D_i/16 words; mma kt takes words 2 kt, 2 kt + 1 (slice codes 8 kt .. 8 kt + 7). scl: sk sq / 256 of the
-// lane's two heads.
-template <int BITS, int DG, int W>
-__device__ __forceinline__ void score_group_i8(float (&s)[4], const u32 (&kw0)[W], const u32 (&kw1)[W], int sh,
-                                               const u32 (&tab)[8], const u32 (&qh)[DG / 32][2],
-                                               const u32 (&ql)[DG / 32][2], const float (&scl)[2]) {
-    u32 a0[DG / 16], a1[DG / 16];
-    decode_slice<BITS, DG / 4, W, false, true>(kw0, sh, tab, a0);
-    decode_slice<BITS, DG / 4, W, false, true>(kw1, sh, tab, a1);
-    int c0[4] = {0, 0, 0, 0}, c1[4] = {0, 0, 0, 0};
-#pragma unroll
-    for (int kt = 0; kt < DG / 32; kt++)
-        mma_i8(kt & 1 ? c1 : c0, a0[2 * kt], a1[2 * kt], a0[2 * kt + 1], a1[2 * kt + 1], qh[kt][0], qh[kt][1]);
-#pragma unroll
-    for (int i = 0; i < 4; i++) c0[i] = (c0[i] + c1[i]) << 8, c1[i] = 0;  // |K8 . q| < 2^21 (D <= 256): no overflow
-#pragma unroll
-    for (int kt = 0; kt < DG / 32; kt++)
-        mma_i8(kt & 1 ? c1 : c0, a0[2 * kt], a1[2 * kt], a0[2 * kt + 1], a1[2 * kt + 1], ql[kt][0], ql[kt][1]);
-#pragma unroll
-    for (int i = 0; i < 4; i++) s[i] += (float)(c0[i] + c1[i]) * scl[i & 1];
-}
-
-__device__ __forceinline__ u32 pack_s8(int a, int b, int c, int d) {
-    return (u32)(a & 0xFF) | ((u32)(b & 0xFF) << 8) | ((u32)(c & 0xFF) << 16) | ((u32)d << 24);
-}
-
-// Int8 query B fragments of one key group: lane (g, t4) holds head g at slice coordinates 8 kt + {0..3} (b0) and
-// 8 kt + {4..7} (b1) of [t4 D_i / 4, +D_i / 4); inv = 127 / max |q| of the head.
-template <int DG>
-__device__ __forceinline__ void query_i8(u32 (&qh)[DG / 32][2], u32 (&ql)[DG / 32][2], const float* qr, bool valid,
-                                         float inv) {
-#pragma unroll
-    for (int kt = 0; kt < DG / 32; kt++)
-#pragma unroll
-        for (int j = 0; j < 2; j++) {
-            const float4 x = valid ? *(const float4*)(qr + 8 * kt + 4 * j) : make_float4(0.f, 0.f, 0.f, 0.f);
-            const float v[4] = {x.x * inv, x.y * inv, x.z * inv, x.w * inv};
-            int h[4], l[4];
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                h[e] = __float2int_rn(v[e]);
-                l[e] = max(-127, min(127, __float2int_rn((v[e] - h[e]) * 256.f)));
-            }
-            qh[kt][j] = pack_s8(h[0], h[1], h[2], h[3]);
-            ql[kt][j] = pack_s8(l[0], l[1], l[2], l[3]);
-        }
-}
-
-// max |q| over the lane's coordinates of its head, reduced over the head's four lanes (t4)
-__device__ __forceinline__ float head_absmax(const float* qr, int n, bool valid) {
-    float mx = 0.f;
-    if (valid)
-        for (int i = 0; i < n; i += 4) {
-            const float4 x = *(const float4*)(qr + i);
-            mx = fmaxf(mx, fmaxf(fmaxf(fabsf(x.x), fabsf(x.y)), fmaxf(fabsf(x.z), fabsf(x.w))));
-        }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    return fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-}
+// Value slices decoded as token pairs (VPAIR; 3- and 4-bit slices of whole 8-code blocks): the codes of two tokens
+// are interleaved nibble by nibble before the lookups, so each lookup yields the (token t, token t + 1) pairs of the
+// A fragment directly: no byte permute per register after the lookups. Pair block j of a slice gives its coordinates
+// 8 j + 0, 2, 4, 6 (the even nibbles), then 8 j + 1, 3, 5, 7; vslot maps a register to its coordinate.
+#ifndef VPAIR
+#define VPAIR 1
 #endif
+template <int BITS, int NC>
+__device__ __forceinline__ constexpr bool vpair() { return VPAIR && BITS != 2 && NC % 8 == 0; }
 
-// Values of one group for a chunk: acc += V_i^T (D_i x 16 tokens) . (p ||v||_i)^T; one byte permute per register
-// turns two tokens' coordinate pairs into the token pairs of the A fragment.
+template <int BITS, int NC>
+__device__ __forceinline__ constexpr int vslot(int i) {
+    return vpair<BITS, NC>() ? 8 * (i / 8) + (i % 8 < 4 ? 2 * (i % 8) : 2 * (i % 8) - 7) : i;
+}
+
+// The j-th 8 codes of a 3- or 4-bit slice (raw words, first code at bit sh) in nibbles 0-7 (as decode_slice reads).
+template <int BITS, int NC, int NW>
+__device__ __forceinline__ u32 nibbles(const u32 (&raw)[NW], int sh, int j) {
+    if (BITS == 4) return raw[j];
+    const int b = 24 * j, i = b >> 5, s = b & 31;
+    u32 w0 = raw[i], w1 = i + 1 < NW ? raw[i + 1] : 0u;
+    if ((3 * NC) % 32) w0 = __funnelshift_r(w0, w1, sh), w1 = __funnelshift_r(w1, i + 2 < NW ? raw[i + 2] : 0u, sh);
+    return spread3((s ? __funnelshift_r(w0, w1, s) : w0) & 0xFFFFFFu);
+}
+
+// Values of one group for a chunk: acc += V_i^T (D_i x 16 tokens) . (p ||v||_i)^T. Without VPAIR, one byte permute per
+// register turns two tokens' coordinate pairs into the token pairs of the A fragment.
 template <int BITS, int DG, int W, bool SYM>
 __device__ __forceinline__ void value_group(float (&acc)[DG / 16][4], const u32 (&vw)[4][W], int sh,
                                             const u32 (&tab)[8], u32 pb0, u32 pb1) {
+    if (vpair<BITS, DG / 8>()) {
+        u32 r[2][DG / 8];  // per token pair (2 t4 + {0, 1}, 2 t4 + {8, 9}): one register per coordinate (vslot order)
+#pragma unroll
+        for (int pr = 0; pr < 2; pr++)
+#pragma unroll
+            for (int j = 0; j < DG / 64; j++) {
+                const u32 ya = nibbles<BITS, DG / 8, W>(vw[2 * pr], sh, j);
+                const u32 yb = nibbles<BITS, DG / 8, W>(vw[2 * pr + 1], sh, j);
+                const u32 ze = (ya & 0x0F0F0F0Fu) | ((yb << 4) & 0xF0F0F0F0u);  // even coordinates, tokens a, b
+                const u32 zo = ((ya >> 4) & 0x0F0F0F0Fu) | (yb & 0xF0F0F0F0u);  // odd coordinates
+                if (BITS == 4) dec4<SYM>(ze, tab, r[pr] + 8 * j), dec4<SYM>(zo, tab, r[pr] + 8 * j + 4);
+                else lookup8(ze, tab, r[pr] + 8 * j), lookup8(zo, tab, r[pr] + 8 * j + 4);
+            }
+#pragma unroll
+        for (int mt = 0; mt < DG / 16; mt++)
+            mma16816(acc[mt], r[0][2 * mt], r[0][2 * mt + 1], r[1][2 * mt], r[1][2 * mt + 1], pb0, pb1);
+        return;
+    }
     u32 v[4][DG / 16];
 #pragma unroll
     for (int j = 0; j < 4; j++) decode_slice<BITS, DG / 8, W, SYM>(vw[j], sh, tab, v[j]);
@@ -626,26 +581,9 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
     for (int i = 0; i < 8; i++) ktab0[i] = p.ktab[0][i], ktab1[i] = p.ktab[1][i], vtab0[i] = p.vtab[0][i],
                                 vtab1[i] = p.vtab[1][i];
     const float* qr = p.ws + ((long long)pid_bh * G + g) * D;
-#if KI8
-    u32 qh0[KD0 / 32][2], ql0[KD0 / 32][2], qh1[KDG1 / 32][2], ql1[KDG1 / 32][2];
-    float kscl0[2], kscl1[2];  // sk sq / 256 of heads 2 t4, 2 t4 + 1, per key group
-    {
-        float mx = head_absmax(qr + t4 * (KD0 / 4), KD0 / 4, g < G);
-        if (KD1 > 0) mx = fmaxf(mx, head_absmax(qr + KD0 + t4 * (KD1 / 4), KD1 / 4, g < G));
-        const float inv = mx > 0.f ? 127.f / mx : 0.f, sq = mx / (127.f * 256.f);
-        query_i8<KD0>(qh0, ql0, qr + t4 * (KD0 / 4), g < G, inv);
-        if (KD1 > 0) query_i8<KDG1>(qh1, ql1, qr + KD0 + t4 * (KD1 / 4), g < G, inv);
-#pragma unroll
-        for (int j = 0; j < 2; j++) {
-            const float sqj = __shfl_sync(0xffffffffu, sq, (2 * t4 + j) * 4);
-            kscl0[j] = sqj * __uint_as_float(p.ktab[0][4]), kscl1[j] = sqj * __uint_as_float(p.ktab[1][4]);
-        }
-    }
-#else
     u32 qb0[KD0 / 16][2], qb1[KDG1 / 16][2];
     query_fragments<KD0>(qb0, qr + t4 * (KD0 / 4), g < G);
     if (KD1 > 0) query_fragments<KDG1>(qb1, qr + KD0 + t4 * (KD1 / 4), g < G);
-#endif
     float qm[2] = {0.f, 0.f};  // <q, mu_k> of heads 2 t4, 2 t4 + 1
 #if HAS_KMEAN
 #pragma unroll
@@ -676,14 +614,8 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
 #pragma unroll
         for (int c = 0; c < UC; c++) {
             float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
-#if KI8
-            score_group_i8<KB0, KD0, KW0>(s0, cur.k0[c][0], cur.k0[c][1], ksh0, ktab0, qh0, ql0, kscl0);
-            if (KD1 > 0)
-                score_group_i8<KB1, KDG1, KW1>(s1, cur.k1[c][0], cur.k1[c][1], ksh1, ktab1, qh1, ql1, kscl1);
-#else
             score_group<KB0, KD0, KW0, KSYM0>(s0, cur.k0[c][0], cur.k0[c][1], ksh0, ktab0, qb0);
             if (KD1 > 0) score_group<KB1, KDG1, KW1, KSYM1>(s1, cur.k1[c][0], cur.k1[c][1], ksh1, ktab1, qb1);
-#endif
 #pragma unroll
             for (int i = 0; i < 4; i++) {  // i: (token g + 8 (i >> 1), head 2 t4 + (i & 1))
                 const int t = t0 + 16 * c + g + 8 * (i >> 1);
@@ -786,13 +718,13 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
             if (g == 0) sm.m[warp][hh] = m[j], sm.l[warp][hh] = l[j];
 #pragma unroll
             for (int mt = 0; mt < VD0 / 16; mt++) {
-                sm.acc[warp][hh][g * (VD0 / 8) + 2 * mt] = acc0[mt][j];
-                sm.acc[warp][hh][g * (VD0 / 8) + 2 * mt + 1] = acc0[mt][j + 2];
+                sm.acc[warp][hh][g * (VD0 / 8) + vslot<VB0, VD0 / 8>(2 * mt)] = acc0[mt][j];
+                sm.acc[warp][hh][g * (VD0 / 8) + vslot<VB0, VD0 / 8>(2 * mt + 1)] = acc0[mt][j + 2];
             }
 #pragma unroll
             for (int mt = 0; mt < (VD1 > 0 ? VD1 / 16 : 0); mt++) {
-                sm.acc[warp][hh][VD0 + g * (VD1 / 8) + 2 * mt] = acc1[mt][j];
-                sm.acc[warp][hh][VD0 + g * (VD1 / 8) + 2 * mt + 1] = acc1[mt][j + 2];
+                sm.acc[warp][hh][VD0 + g * (VD1 / 8) + vslot<VB1, VD1 / 8>(2 * mt)] = acc1[mt][j];
+                sm.acc[warp][hh][VD0 + g * (VD1 / 8) + vslot<VB1, VD1 / 8>(2 * mt + 1)] = acc1[mt][j + 2];
             }
         }
     }
