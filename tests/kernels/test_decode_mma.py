@@ -102,6 +102,15 @@ def _byte_perm(a: int, b: int, sel: int) -> int:
     return sum(src[(sel >> (4 * k)) & 7] << (8 * k) for k in range(4))
 
 
+def _blend(a, b, m):  # (a & m) | (b & ~m), on ints or int64 tensors of 32-bit words
+    return (a & m) | (b & (~m & 0xFFFFFFFF))
+
+
+def _spread3_pairs(u):  # transcribed from decode_mma.cu (32-bit words)
+    y = _blend(u, (u << 4) & 0xFFFFFFFF, 0xFFF)
+    return _blend(y, (y << 2) & 0xFFFFFFFF, 0x3F003F)
+
+
 def _lookup8(y: int, t: list[int]) -> list[int]:  # transcribed from decode_mma.cu
     yh = y >> 16
     la, ha = _byte_perm(t[0], t[1], y), _byte_perm(t[2], t[3], y)
@@ -110,11 +119,9 @@ def _lookup8(y: int, t: list[int]) -> list[int]:  # transcribed from decode_mma.
             _byte_perm(lb, hb, 0x7362)]  # fmt: skip
 
 
-def _dec3(u: int, t: list[int]) -> list[int]:
-    y = (u & 0xFFF) | ((u << 4) & 0xFFF0000)
-    y = (y & 0x3F003F) | ((y << 2) & 0x3F003F00)
-    y = (y & 0x07070707) | ((y << 1) & 0x70707070)
-    return _lookup8(y, t)
+def _dec3(u: int, t: list[int]) -> list[int]:  # u: a 32-bit word, codes in bits 0-23
+    y = _spread3_pairs(u)
+    return _lookup8((y & 0x07070707) | ((y << 1) & 0x70707070), t)
 
 
 def _dec2(w: int, hb: int, t: list[int]) -> list[int]:
@@ -142,7 +149,7 @@ def test_slice_decoders_give_the_centroids_in_coordinate_pairs(bits):
         if bits == 2:
             out = _dec2(word, 0, t) + _dec2(word, 1, t)  # NC = 16: j & 1; NC = 8: the half at sh >> 4
         else:
-            out = _dec3(word & 0xFFFFFF, t) + _dec3(word >> 24, t)
+            out = _dec3(word & 0xFFFFFFFF, t) + _dec3((word >> 24) & 0xFFFFFFFF, t)  # as decode_slice: no mask
         pairs = torch.tensor([[w & 0xFFFF, w >> 16] for w in out], dtype=torch.int32).reshape(-1)
         got = pairs.to(torch.int16).view(torch.float16)
         assert torch.equal(got, half[codes]), (codes, got)
@@ -157,10 +164,15 @@ def test_slice_decoders_give_the_centroids_in_coordinate_pairs(bits):
             assert torch.equal(pairs.to(torch.int16).view(torch.float16), half[want]), (lane, want)
 
 
-def _spread3(u: int) -> int:  # transcribed from decode_mma.cu
-    y = (u & 0xFFF) | ((u << 4) & 0xFFF0000)
-    y = (y & 0x3F003F) | ((y << 2) & 0x3F003F00)
-    return (y & 0x07070707) | ((y << 1) & 0x70707070)
+def test_spread3_over_every_input():
+    """spread3's one-op steps leave bits that later masks drop: for every 24-bit input, and any junk in bits 24-31,
+    code k ends in nibble k with each nibble's top bit (PRMT's sign-replicate flag) clear."""
+    u = torch.arange(1 << 24, dtype=torch.int64)
+    junk = torch.randint(0, 256, (1 << 24,), generator=torch.Generator().manual_seed(0), dtype=torch.int64) << 24
+    y = _spread3_pairs(u | junk)
+    y = (y & 0x07070707) | ((y << 1) & 0x70707070)
+    want = sum(((u >> (3 * k)) & 7) << (4 * k) for k in range(8))
+    assert torch.equal(y, want)
 
 
 def _vslot(i: int) -> int:
@@ -183,10 +195,11 @@ def test_value_pairs_give_token_pairs_per_coordinate():
         regs = []
         for j in range(2):  # nibbles<3, 16, 2>(raw, sh, j)
             ys = []
-            for raw in raws:
+            for raw in raws:  # nibbles<3, 16, 2>
                 w0, w1 = _funnel_r(raw[0], raw[1], sh), _funnel_r(raw[1], 0, sh)
                 s_ = (24 * j) & 31
-                ys.append(_spread3((_funnel_r(w0, w1, s_) if s_ else w0) & 0xFFFFFF))
+                y = _spread3_pairs(_funnel_r(w0, w1, s_) if s_ else w0)
+                ys.append((y & 0x07070707) | ((y << 1) & 0x70707070))
             ya, yb = ys
             ze = (ya & 0x0F0F0F0F) | ((yb << 4) & 0xF0F0F0F0)
             zo = ((ya >> 4) & 0x0F0F0F0F) | (yb & 0xF0F0F0F0)

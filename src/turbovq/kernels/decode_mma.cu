@@ -118,6 +118,14 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
     return r;
 }
 
+// (a & M) | (b & ~M) as one LOP3 (the compiler splits it in two once it knows which bits of b are zero)
+template <u32 M>
+__device__ __forceinline__ u32 blend(u32 a, u32 b) {
+    u32 r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xE4;" : "=r"(r) : "r"(a), "r"(b), "n"(M));
+    return r;
+}
+
 // 8 codes of 4 bits (one word) -> 4 half2 (coordinate pairs 01, 23, 45, 67).
 // SYM (a symmetric table, c[15 - k] = -c[k], as Lloyd-Max gives): t[0..3] = low / high bytes of c[8..15]; codes
 // k < 8 look up c[15 - k] and set the sign bit. Otherwise t[0..7] = low / high bytes of c[0..15]: two 8-entry
@@ -129,11 +137,14 @@ __device__ __forceinline__ void dec4(u32 w, const u32 (&t)[8], u32* out) {
     const u32 ma = prmt(w4, w, 0xD9C8), mb = prmt(w4, w, 0xFBEA);
     u32 la, ha, lb, hb;
     if (SYM) {
-        const u32 nt = ~w & 0x88888888u;  // top bit clear: the negative half
-        const u32 idx = (w ^ ((nt >> 3) * 7)) & 0x77777777u, idh = idx >> 16;  // k < 8 -> 15 - k
-        la = __byte_perm(t[0], t[1], idx), lb = __byte_perm(t[0], t[1], idh);
-        ha = __byte_perm(t[2], t[3], idx) | (~ma & 0x80808080u);
-        hb = __byte_perm(t[2], t[3], idh) | (~mb & 0x80808080u);
+        // k < 8 (top bit clear: the negative half) -> 15 - k: XOR 7 in those nibbles. The multiply-high puts the 7s
+        // on the FMA pipe, and the opaque permutes keep the compiler from re-masking idx per half (the integer/logic
+        // pipe bounds this kernel).
+        const u32 sev = __umulhi(~w & 0x88888888u, 0xE0000000u);  // (top bits >> 3) * 7
+        const u32 idx = (w ^ sev) & 0x77777777u, idh = idx >> 16;
+        la = prmt(t[0], t[1], idx), lb = prmt(t[0], t[1], idh);
+        ha = prmt(t[2], t[3], idx) | (~ma & 0x80808080u);
+        hb = prmt(t[2], t[3], idh) | (~mb & 0x80808080u);
     } else {
         const u32 idx = w & 0x77777777u, idh = idx >> 16;
         la = (__byte_perm(t[2], t[3], idx) & ma) | (__byte_perm(t[0], t[1], idx) & ~ma);
@@ -148,21 +159,24 @@ __device__ __forceinline__ void dec4(u32 w, const u32 (&t)[8], u32* out) {
 }
 
 // Codes spread to nibbles (y: codes 0-3 in the low half, 4-7 in the high half, each < 8) -> 4 half2 from an
-// 8-entry table (t[0..1] low bytes, t[2..3] high bytes).
+// 8-entry table (t[0..1] low bytes, t[2..3] high bytes). prmt, not __byte_perm: the compiler would re-mask y, whose
+// nibbles are < 8 already.
 __device__ __forceinline__ void lookup8(u32 y, const u32 (&t)[8], u32* out) {
     const u32 yh = y >> 16;
-    const u32 la = __byte_perm(t[0], t[1], y), ha = __byte_perm(t[2], t[3], y);
-    const u32 lb = __byte_perm(t[0], t[1], yh), hb = __byte_perm(t[2], t[3], yh);
+    const u32 la = prmt(t[0], t[1], y), ha = prmt(t[2], t[3], y);
+    const u32 lb = prmt(t[0], t[1], yh), hb = prmt(t[2], t[3], yh);
     out[0] = __byte_perm(la, ha, 0x5140);
     out[1] = __byte_perm(la, ha, 0x7362);
     out[2] = __byte_perm(lb, hb, 0x5140);
     out[3] = __byte_perm(lb, hb, 0x7362);
 }
 
-// 8 codes of 3 bits (low 24 bits of u) -> the codes in nibbles 0-7.
+// 8 codes of 3 bits (low 24 bits of u; the others are ignored) -> the codes in nibbles 0-7. The first two steps keep
+// bits that the next step's masks drop (one logic op each instead of two; checked over every input in the CPU
+// tests); the last must clear each nibble's top bit (PRMT's sign-replicate flag).
 __device__ __forceinline__ u32 spread3(u32 u) {
-    u32 y = (u & 0xFFFu) | ((u << 4) & 0xFFF0000u);
-    y = (y & 0x3F003Fu) | ((y << 2) & 0x3F003F00u);
+    u32 y = blend<0xFFFu>(u, u << 4);
+    y = blend<0x3F003Fu>(y, y << 2);
     return (y & 0x07070707u) | ((y << 1) & 0x70707070u);
 }
 
@@ -240,7 +254,7 @@ __device__ __forceinline__ void decode_slice(const u32 (&raw)[NW], int sh, const
         for (int j = 0; j < NC / 8; j++) {
             const int b = 24 * j, i = b >> 5, s = b & 31;
             u32 u = s ? __funnelshift_r(w[i], w[i + 1], s) : w[i];
-            dec3(u & 0xFFFFFFu, t, out + 4 * j);
+            dec3(u, t, out + 4 * j);  // (bits 24-31 of u are ignored)
         }
     }
 }
@@ -288,7 +302,7 @@ __device__ __forceinline__ Rows head_rows(const Params& p, int pid_bh) {
             (const char*)p.vn1 + rv * VNB};
 }
 
-// Codes and norms of the unit starting at token t0; rows past the last code (n - 1) read that row instead.
+// Codes and norms of the unit starting at row t0 of r; rows past `last` read that row instead.
 __device__ __forceinline__ void load_unit(const Rows& r, Unit& u, int t0, int last, int g, int t4) {
 #pragma unroll
     for (int c = 0; c < UC; c++) {
@@ -316,9 +330,10 @@ __device__ __forceinline__ void load_unit(const Rows& r, Unit& u, int t0, int la
 #if RING
 // The shared-memory ring (RING = slots per warp; sm_90): one lane of each warp copies whole units (the rows of
 // every code and norm array of tokens [t0, t0 + UT)) with bulk asynchronous copies (cp.async.bulk, completion on an
-// mbarrier per slot), so RING - 1 units stay in flight without holding registers, and no lane computes addresses.
-// A copy starts at the 16-byte boundary at or below its first row and ends at the one at or above its last; the rows'
-// offset past that boundary (OFF) is the same for every unit of a (b, h), as t0 * row bytes is a multiple of 16.
+// mbarrier per slot), so RING - 1 units stay in flight without holding registers, and the other lanes read their
+// slices from shared memory at fixed offsets. A copy starts at the 16-byte boundary at or below its first row and ends
+// at the one at or above its last; the rows' offset past that boundary is the same for every unit of a (b, h), as
+// t0 * row bytes is a multiple of 16 (slot_rows adds it).
 #define KNB (KNORM == 2 ? 4 : 2)  // norm bytes
 #define VNB (VNORM == 2 ? 4 : 2)
 #define S_KC0 (UT * KROW0 * 4 + 16)  // slot regions: a unit's rows plus the alignment slack
@@ -377,10 +392,9 @@ __device__ __forceinline__ void issue_unit(const Rows& r, u32 dst, u32 bar, int 
 
 // A slot's arrays as Rows (the first row of the unit in each), so load_unit reads them like global rows.
 __device__ __forceinline__ Rows slot_rows(const char* slot, const Rows& r) {
-    const auto off = [](const void* a) { return (int)((size_t)a & 15); };
-    return {(const u32*)(slot + off(r.k0)), (const u32*)(slot + O_KC1 + off(r.k1)), (const u32*)(slot + O_VC0 + off(r.v0)),
-            (const u32*)(slot + O_VC1 + off(r.v1)), slot + O_KN0 + off(r.kn0), slot + O_KN1 + off(r.kn1),
-            slot + O_VN0 + off(r.vn0), slot + O_VN1 + off(r.vn1)};
+    const auto at = [slot](int region, const void* a) { return slot + region + (int)((size_t)a & 15); };
+    return {(const u32*)at(0, r.k0), (const u32*)at(O_KC1, r.k1), (const u32*)at(O_VC0, r.v0),
+            (const u32*)at(O_VC1, r.v1), at(O_KN0, r.kn0), at(O_KN1, r.kn1), at(O_VN0, r.vn0), at(O_VN1, r.vn1)};
 }
 #endif
 
@@ -422,7 +436,7 @@ __device__ __forceinline__ u32 nibbles(const u32 (&raw)[NW], int sh, int j) {
     const int b = 24 * j, i = b >> 5, s = b & 31;
     u32 w0 = raw[i], w1 = i + 1 < NW ? raw[i + 1] : 0u;
     if ((3 * NC) % 32) w0 = __funnelshift_r(w0, w1, sh), w1 = __funnelshift_r(w1, i + 2 < NW ? raw[i + 2] : 0u, sh);
-    return spread3((s ? __funnelshift_r(w0, w1, s) : w0) & 0xFFFFFFu);
+    return spread3(s ? __funnelshift_r(w0, w1, s) : w0);
 }
 
 // Values of one group for a chunk: acc += V_i^T (D_i x 16 tokens) . (p ||v||_i)^T. Without VPAIR, one byte permute per
