@@ -111,7 +111,8 @@ class Kernel:
 
 
     def _opt_in(self, smem: int) -> None:
-        """Above 48 KiB of shared memory, static and dynamic together, a kernel must be opted in (once)."""
+        """Dynamic shared memory past a kernel's default limit (48 KiB less its static shared memory) needs an
+        opt-in; it is set once per kernel and size, for any size (harmless below the limit)."""
         if smem and _SMEM_OPT_IN.get(self.func.value, 0) < smem:
             _check(_driver().cuFuncSetAttribute(self.func, 8, smem), "cuFuncSetAttribute")  # MAX_DYNAMIC_SHARED_SIZE
             _SMEM_OPT_IN[self.func.value] = smem
