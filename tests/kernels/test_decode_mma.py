@@ -226,9 +226,9 @@ def test_ring_bytes():
 def test_tuning_keeps_the_ring_to_sm90(monkeypatch):
     """Bulk copies need sm_90: older cards get the register prefetch, with the register budget it needs."""
     dev = torch.device("cuda", 7)
-    monkeypatch.setitem(kdecode._CAPABILITY, dev, (8, 0))
+    monkeypatch.setitem(kdecode._DEVICES, dev, (108, (8, 0)))
     assert kdecode._tuning(dev)["RING"] == 0 and kdecode._tuning(dev)["MINB"] == 2
-    monkeypatch.setitem(kdecode._CAPABILITY, dev, (9, 0))
+    monkeypatch.setitem(kdecode._DEVICES, dev, (132, (9, 0)))
     assert kdecode._tuning(dev) is kdecode.MMA_TUNING
 
 

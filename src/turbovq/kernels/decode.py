@@ -693,6 +693,20 @@ def _mma_ok(query, ks: _Side, vs: _Side, groups: int, fields, mask) -> bool:
     return aligned and same and norms[0].dtype in floats and norms[2].dtype in floats
 
 
+_DEVICES: dict = {}
+
+
+def _device(device) -> tuple[int, tuple[int, int]]:
+    """(SM count, compute capability) of ``device``, cached (no device query per call); off CUDA, e.g. in the
+    interpreter, an H100's: (132, (9, 0))."""
+    info = _DEVICES.get(device)
+    if info is None:
+        props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+        info = (132, (9, 0)) if props is None else (props.multi_processor_count, (props.major, props.minor))
+        _DEVICES[device] = info
+    return info
+
+
 # decode_mma.cu tuning (H100, benchmarks/kernels.py --phases tune-cuda, kernels_tune_r7b.json): warps per block,
 # 16-token chunks per unit, blocks per SM that the register allocation must allow, unit slots per warp in the
 # shared-memory ring (0: the next unit is prefetched into registers, as before sm_90 where the ring is off)
@@ -703,16 +717,14 @@ MMA_SPLITS = {"min_tokens": 1024, "max_splits": 32}
 
 
 _MMA_KERNELS: dict[tuple, tuple] = {}
-_CAPABILITY: dict = {}
 
 
 def _tuning(device) -> dict:
     """MMA_TUNING as it applies on ``device``: the ring needs sm_90 (bulk copies); before, the register prefetch
     needs more registers than 3 blocks per SM leave."""
-    cap = _CAPABILITY.get(device)
-    if cap is None:
-        cap = _CAPABILITY[device] = torch.cuda.get_device_capability(device)
-    return MMA_TUNING if cap >= (9, 0) or not MMA_TUNING["RING"] else {**MMA_TUNING, "RING": 0, "MINB": 2}
+    if _device(device)[1] >= (9, 0) or not MMA_TUNING["RING"]:
+        return MMA_TUNING
+    return {**MMA_TUNING, "RING": 0, "MINB": 2}
 
 
 def _ring_bytes(tuning: dict, kside: tuple, vside: tuple, knorm: torch.dtype, vnorm: torch.dtype) -> int:
@@ -756,16 +768,9 @@ def _mma_options(dim, groups, kside, vside, knorm, vnorm, qtype, mdtype, has_kme
     return tuple(f"-D{k}={v}" for k, v in opts.items())
 
 
-_SMS: dict = {}
-
-
 def sm_count(device) -> int:
-    """The card's SM count, cached (no device query per call); 132 (an H100's) off CUDA, e.g. in the interpreter."""
-    sms = _SMS.get(device)
-    if sms is None:
-        props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
-        sms = _SMS[device] = props.multi_processor_count if props is not None else 132
-    return sms
+    """The card's SM count (see _device)."""
+    return _device(device)[0]
 
 
 def default_splits(n: int, num_bh: int, min_len: int, device, waves: float = 8.0, max_splits: int = 64) -> int:
