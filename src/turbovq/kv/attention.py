@@ -26,12 +26,11 @@ steps run the fused decode kernels and multi-token steps over codes (a later cha
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 
 import torch
 
-from turbovq.kv.cache import _TAG, ATTN_NAME, PackedRows
+from turbovq.kv.cache import _TAG, ATTN_NAME, PackedRows, kernels_enabled
 
 
 def _additive_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -156,7 +155,7 @@ def _batch_rows(p: PackedRows, b0: int, b1: int) -> PackedRows:
 
 def _dense(rows: PackedRows, dtype: torch.dtype) -> torch.Tensor:
     """Dequantized rows in ``dtype``: the fused kernel on CUDA where it applies, else the reference."""
-    if rows.fields["codes0"].is_cuda and os.environ.get("TURBOVQ_KERNELS", "1") != "0":
+    if kernels_enabled(rows.fields["codes0"]):
         from turbovq.kernels import dequantize as kernels_dequantize
 
         if kernels_dequantize.supported(rows):
@@ -247,7 +246,7 @@ def turboquant_attention_forward(
     keys, values = layer.packed_keys(num_codes), layer.packed_values(num_codes)
     # On CUDA: single-token decode through the fused kernels (same result, reads the codes once), multi-token steps
     # through dequantize + SDPA. TURBOVQ_KERNELS=0 forces the reference everywhere.
-    if os.environ.get("TURBOVQ_KERNELS", "1") != "0" and query.is_cuda:
+    if kernels_enabled(query):
         if query.shape[2] == 1:
             from turbovq.kernels import decode as kernels_decode
 

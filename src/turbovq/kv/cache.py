@@ -191,6 +191,11 @@ class PackedRows:
         return self.codec.permute(m, self.perm)[..., off : off + d] @ a
 
 
+def kernels_enabled(x: torch.Tensor) -> bool:
+    """Whether the fused GPU kernels may run on ``x``: on CUDA, unless ``TURBOVQ_KERNELS=0`` forces the references."""
+    return x.is_cuda and os.environ.get("TURBOVQ_KERNELS", "1") != "0"
+
+
 def _norm_storage(norms: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.float16 and bool((norms > _FP16_MAX).any()):
         return norms.float()  # too large for float16: this layer's norms move to float32 (see _append)
@@ -358,7 +363,7 @@ class TurboQuantLayer(DynamicLayer):
     @classmethod
     def _encode(cls, codec: RowCodec, x: torch.Tensor, perm, mean, scale) -> dict[str, torch.Tensor]:
         """Codes of ``(x - mean) / scale``: the fused Triton kernel on CUDA (``TURBOVQ_KERNELS=0``: the reference)."""
-        if x.is_cuda and os.environ.get("TURBOVQ_KERNELS", "1") != "0":
+        if kernels_enabled(x):
             from turbovq.kernels import encode as kernels_encode
 
             if kernels_encode.supported(x, codec):
