@@ -223,10 +223,13 @@ def tune_cuda(dev, variants: list[dict], config: str = "K4/V3", cells=((8, 32768
             def call(q=q, pk=pk, pv=pv, tk=tk, s=splits):
                 return decode_attention(q, pk, pv, tk, tk, None, D**-0.5, num_splits=s)
 
-            ms, gms = bench(call), _graph_ms(call, dev)
-            lim = kdecode.MMA_SPLITS  # what decode_attention picks when splits is None
-            splits = splits or kdecode.default_splits(t - TAIL, b * HKV, lim["min_tokens"], dev,
-                                                      max_splits=lim["max_splits"])  # fmt: skip
+            chosen, auto = [], kdecode.mma_splits  # record the count decode_attention picks when splits is None
+            kdecode.mma_splits = lambda *a, c=chosen, f=auto, **k: c.append(f(*a, **k)) or c[-1]
+            try:
+                ms, gms = bench(call), _graph_ms(call, dev)
+            finally:
+                kdecode.mma_splits = auto
+            splits = splits or chosen[-1]
             out.append({"B": b, "T": t, "config": config, **kdecode.MMA_TUNING, "splits": splits, "source": source,
                         "ms": ms, "graph_ms": gms, "sdpa_ms": sdpa, "sdpa_graph_ms": sdpa_g})  # fmt: skip
             print(f"tune-cuda {config} B={b} T={t} {kdecode.MMA_TUNING} splits={splits} source={source}: "

@@ -19,7 +19,8 @@ Algorithm (the torch twin is :func:`turbovq.kernels.reference.split_decode_refer
    (``s^T = K q^T``, ``acc^T += V^T p^T``): the decoded tile is the tall operand (measured 3-23% faster on an
    H200). Program ``s = S`` does the full-precision tail window in the original space. Centered caches add
    ``<q, mu_k>`` to every code score. ``S`` targets ~8 waves of programs (at most 64 splits; the CUDA split pass
-   below takes splits of at least 1024 tokens, at most 32: ``MMA_SPLITS``).
+   below takes splits of at least 1024 tokens, at most 32: ``MMA_SPLITS``, and up to a quarter more where that fills
+   more of the last wave: :func:`mma_splits`).
    Where it applies (2-, 3- and 4-bit groups of 32, 64, 128 or 256 channels, head_dim 64/128/256, G <= 8) this step
    runs the CUDA kernel in ``decode_mma.cu`` instead (same grid and workspace; the whole call is 1.7x faster at
    B = 8, T = 32k on an H100; that file says why), compiled once per process by NVRTC (:mod:`turbovq.kernels.cuda`).
@@ -693,23 +694,12 @@ def _mma_ok(query, ks: _Side, vs: _Side, groups: int, fields, mask) -> bool:
     return aligned and same and norms[0].dtype in floats and norms[2].dtype in floats
 
 
-_DEVICES: dict = {}
+_SM_COUNTS: dict = {}
 
 
-def _device(device) -> tuple[int, tuple[int, int]]:
-    """(SM count, compute capability) of ``device``, cached (no device query per call); off CUDA, e.g. in the
-    interpreter, an H100's: (132, (9, 0))."""
-    info = _DEVICES.get(device)
-    if info is None:
-        props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
-        info = (132, (9, 0)) if props is None else (props.multi_processor_count, (props.major, props.minor))
-        _DEVICES[device] = info
-    return info
-
-
-# decode_mma.cu tuning (H100, benchmarks/kernels.py --phases tune-cuda, kernels_tune_r7b.json): warps per block,
-# 16-token chunks per unit, blocks per SM that the register allocation must allow, unit slots per warp in the
-# shared-memory ring (0: the next unit is prefetched into registers, as before sm_90 where the ring is off)
+# decode_mma.cu tuning (H100, benchmarks/kernels.py --phases tune-cuda, kernels_tune_r7b.json, kernels_tune_r8a.json):
+# warps per block, 16-token chunks per unit, blocks per SM that the register allocation must allow, unit slots per
+# warp in the shared-memory ring (0: the next unit is prefetched into registers instead)
 MMA_TUNING = {"NWARPS": 4, "UC": 2, "MINB": 3, "RING": 2}
 # Its splits per (b, h): at least min_tokens each, at most max_splits (H100, kernels_tune_splits.json: fewer, longer
 # splits cut the per-block setup and the merge where there is little work, e.g. B = 1, T = 8k: 50 -> 37 us)
@@ -719,30 +709,20 @@ MMA_SPLITS = {"min_tokens": 1024, "max_splits": 32}
 _MMA_KERNELS: dict[tuple, tuple] = {}
 
 
-def _tuning(device) -> dict:
-    """MMA_TUNING as it applies on ``device``: the ring needs sm_90 (bulk copies); before, the register prefetch
-    needs more registers than 3 blocks per SM leave."""
-    if _device(device)[1] >= (9, 0) or not MMA_TUNING["RING"]:
-        return MMA_TUNING
-    return {**MMA_TUNING, "RING": 0, "MINB": 2}
-
-
 def _ring_bytes(tuning: dict, kside: tuple, vside: tuple, knorm: torch.dtype, vnorm: torch.dtype) -> int:
     """Dynamic shared memory of decode_mma.cu's ring (its RING_BYTES): per warp RING slots of one unit of every
-    array (+16 bytes each for the alignment slack) and an 8-byte barrier per slot; ``kside``/``vside`` as in
-    ``_Side.consts``."""
+    array (+16 bytes each for the alignment slack); ``kside``/``vside`` as in ``_Side.consts``."""
     ut, slot = 16 * tuning["UC"], 0
     for (b0, d0, b1, d1), nb in ((kside, knorm.itemsize), (vside, vnorm.itemsize)):
         for bits, d in ((b0, d0), (b1, d1)):
             slot += (ut * d * bits // 8 + 16) + (ut * nb + 16) if d else 0
-    return tuning["NWARPS"] * tuning["RING"] * (slot + 8)
+    return tuning["NWARPS"] * tuning["RING"] * slot
 
 
 def _mma_kernel(dim, groups, ks, vs, knorm, vnorm, qtype, mask, has_kmean, softcap, device) -> tuple:
     """(kernel, threads per block, dynamic shared memory) of the split pass for this call's configuration, looked up
     by the raw values (no option strings per call)."""
-    mdtype = None if mask is None else mask.dtype
-    tuning = _tuning(device)
+    mdtype, tuning = None if mask is None else mask.dtype, MMA_TUNING
     key = (dim, groups, ks.consts, ks.mma_sym, vs.consts, vs.mma_sym, knorm, vnorm, qtype, mdtype, has_kmean,
            softcap is None, device, tuple(tuning.items()), id(_MMA_SOURCE))  # fmt: skip
     found = _MMA_KERNELS.get(key)
@@ -769,14 +749,28 @@ def _mma_options(dim, groups, kside, vside, knorm, vnorm, qtype, mdtype, has_kme
 
 
 def sm_count(device) -> int:
-    """The card's SM count (see _device)."""
-    return _device(device)[0]
+    """The card's SM count, cached (no device query per call); off CUDA, e.g. in the interpreter, an H100's (132)."""
+    n = _SM_COUNTS.get(device)
+    if n is None:
+        cuda_dev = device.type == "cuda"
+        n = _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count if cuda_dev else 132
+    return n
 
 
 def default_splits(n: int, num_bh: int, min_len: int, device, waves: float = 8.0, max_splits: int = 64) -> int:
     """About ``waves`` x the card's SMs programs (3 fit on an SM at once), at most ``max_splits`` per (b, h) (the
     merge reads them all) and never less than ``min_len`` tokens (a Triton block) per split."""
     return max(1, min(math.ceil(waves * sm_count(device) / num_bh), max_splits, math.ceil(n / min_len)))
+
+
+def mma_splits(n: int, num_bh: int, slots: int, device, waves: float = 8.0) -> int:
+    """The CUDA split pass's splits per (b, h): default_splits' count under MMA_SPLITS, or up to a quarter more where
+    that fills more of the grid's last wave of ``slots`` blocks (the card's SMs x blocks per SM; ties: fewer). H100,
+    kernels_tune_r8b.json: 18 splits instead of 17 at B = 8, T = 128k, 4% faster (1152 of 1188 slots busy in the
+    last of three waves instead of 1088); the same at T = 32k."""
+    lo = default_splits(n, num_bh, MMA_SPLITS["min_tokens"], device, waves, MMA_SPLITS["max_splits"])
+    hi = max(lo, min(lo + lo // 4, MMA_SPLITS["max_splits"], math.ceil(n / MMA_SPLITS["min_tokens"])))
+    return max(range(lo, hi + 1), key=lambda s: (s * num_bh / (-(-s * num_bh // slots) * slots), -s))
 
 
 _COUNTERS: dict = {}
@@ -858,9 +852,14 @@ def decode_attention(
     if backend == "cuda" and not use_mma:
         raise ValueError("the CUDA split pass does not handle this call (see decode_attention's backend)")
     bh = bsz * num_kv
-    min_len, max_splits = (MMA_SPLITS["min_tokens"], MMA_SPLITS["max_splits"]) if use_mma else (block_t, 64)
-    splits = num_splits or default_splits(n, bh, min_len, dev, waves, max_splits)
-    split_len = math.ceil(math.ceil(n / splits) / block_t) * block_t
+    if use_mma:
+        kern, block, smem = _mma_kernel(dim, groups, ks, vs, kf["norms0"].dtype, vf["norms0"].dtype, query.dtype,
+                                        mask, ks.mean is not None, softcap, dev)  # fmt: skip
+        splits = num_splits or mma_splits(n, bh, kern.blocks_per_sm(block, smem) * sm_count(dev), dev, waves)
+    else:
+        splits = num_splits or default_splits(n, bh, block_t, dev, waves)
+    gran = 16 * MMA_TUNING["UC"] if use_mma else block_t  # split_len: whole units (CUDA) or blocks (Triton)
+    split_len = math.ceil(math.ceil(n / splits) / gran) * gran
     splits = math.ceil(n / split_len)
     block_g = max(16, triton.next_power_of_2(groups))
     bn = min(dim, 8192 // dim)  # inverse-rotation columns per program: a (BN, D) float32 tile of R_v
@@ -877,8 +876,6 @@ def decode_attention(
     )  # fmt: skip
     if use_mma:
         fused_reduce = False  # the CUDA split pass always leaves the merge to _reduce_kernel
-        kern, block, smem = _mma_kernel(dim, groups, ks, vs, kf["norms0"].dtype, vf["norms0"].dtype, query.dtype,
-                                        mask, ks.mean is not None, softcap, dev)  # fmt: skip
         prm = _MmaParams(
             ws.data_ptr(), ws.data_ptr() + 4 * bh * groups * (dim + 1), *(f.data_ptr() for f in fields),
             query.data_ptr(), tk.data_ptr() if t_len else 0, tv.data_ptr() if t_len else 0,

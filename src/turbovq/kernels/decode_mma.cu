@@ -9,8 +9,8 @@
 // every lane reads contiguous code slices.
 //
 // One program (block of NWARPS warps) per (code split s < S, batch row b, KV head h); program s = S does the
-// full-precision tail window. Each warp streams units of UC 16-token chunks of its split (on sm_90 through a
-// shared-memory ring filled by bulk asynchronous copies, RING; before, the next unit is prefetched into registers),
+// full-precision tail window. Each warp streams units of UC 16-token chunks of its split (through a shared-memory
+// ring that its lanes fill with asynchronous copies, RING; with RING 0 the next unit is prefetched into registers),
 // and keeps its own online softmax; the warps merge through shared memory and write (m, l, acc) into the workspace
 // that the Triton merge kernel reads (layout in decode.py).
 //
@@ -271,11 +271,7 @@ __device__ __forceinline__ float raw_f(u32 x) {
 
 #define UT (16 * UC)  // tokens per unit (UC 16-token chunks)
 #ifndef RING
-#define RING 0  // 0: the next unit prefetched into registers; else unit slots per warp in a shared-memory ring (sm_90)
-#endif
-#if RING && defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#undef RING
-#define RING 0  // bulk copies need sm_90
+#define RING 0  // 0: the next unit prefetched into registers; else unit slots per warp in a shared-memory ring
 #endif
 #ifndef DBG
 #define DBG 0  // timing experiments only: 1 = no decode (raw words used as operands), 2 = no code loads
@@ -328,12 +324,14 @@ __device__ __forceinline__ void load_unit(const Rows& r, Unit& u, int t0, int la
 }
 
 #if RING
-// The shared-memory ring (RING = slots per warp; sm_90): one lane of each warp copies whole units (the rows of
-// every code and norm array of tokens [t0, t0 + UT)) with bulk asynchronous copies (cp.async.bulk, completion on an
-// mbarrier per slot), so RING - 1 units stay in flight without holding registers, and the other lanes read their
-// slices from shared memory at fixed offsets. A copy starts at the 16-byte boundary at or below its first row and ends
-// at the one at or above its last; the rows' offset past that boundary is the same for every unit of a (b, h), as
-// t0 * row bytes is a multiple of 16 (slot_rows adds it).
+// The shared-memory ring (RING = unit slots per warp): every lane of a warp copies its share of the next units (the
+// rows of every code and norm array of tokens [t0, t0 + UT)) with 16-byte asynchronous copies (cp.async, one commit
+// group per unit), so RING - 1 units stay in flight without holding registers, and each lane then reads its slices
+// from shared memory at fixed offsets. A copy starts at the 16-byte boundary at or below its first row and ends at the
+// one at or above its last; the rows' offset past that boundary is the same for every unit of a (b, h), as t0 * row
+// bytes is a multiple of 16 (slot_rows adds it). (H100, kernels_tune_r8a.json: 2-5% faster than one lane copying
+// whole arrays with cp.async.bulk, whose operands the compiler moves to uniform registers through an elect loop per
+// copy: ~140 instructions per unit on one lane, against ~75 here on all lanes.)
 #define KNB (KNORM == 2 ? 4 : 2)  // norm bytes
 #define VNB (VNORM == 2 ? 4 : 2)
 #define S_KC0 (UT * KROW0 * 4 + 16)  // slot regions: a unit's rows plus the alignment slack
@@ -350,45 +348,59 @@ __device__ __forceinline__ void load_unit(const Rows& r, Unit& u, int t0, int la
 #define O_VN0 (O_KN1 + S_KN1)
 #define O_VN1 (O_VN0 + UT * VNB + 16)
 #define SLOT (O_VN1 + S_VN1)
-#define RING_BYTES (NWARPS * RING * (SLOT + 8))  // slots, then one 8-byte mbarrier per slot
+#define RING_BYTES (NWARPS * RING * SLOT)
 
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-    asm volatile(
-        "{\n .reg .pred p;\n WAIT_%=:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT_%=;\n}"
-        ::"r"(bar), "r"(parity) : "memory");  // fmt: skip
+// Where one array's rows of a (b, h) are copied from: the 16-byte boundary at or below its row 0, and row 0's offset
+// past it (the same for every unit, as t0 * row bytes is a multiple of 16).
+struct Src {
+    const char* p;
+    int off;
+};
+
+__device__ __forceinline__ Src src_of(const void* row0) {
+    return {(const char*)((size_t)row0 & ~(size_t)15), (int)((size_t)row0 & 15)};
 }
 
-// One array's rows [t0, t0 + rows) of row bytes RB -> the slot region at dst; returns the bytes copied.
-template <int RB>
-__device__ __forceinline__ u32 bulk_rows(u32 dst, const char* base, int t0, int rows, u32 bar, bool issue) {
-    const char* src = base + (long long)t0 * RB;
-    const char* from = (const char*)((size_t)src & ~(size_t)15);
-    const u32 bytes = ((u32)(src - from) + rows * RB + 15) & ~15u;
-    if (issue)
-        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                     ::"r"(dst), "l"(from), "r"(bytes), "r"(bar) : "memory");  // fmt: skip
-    return bytes;
-}
-
-// (Lane 0) every array of the unit at t0 into the slot at dst: the barrier expects their bytes, then the copies.
-__device__ __forceinline__ void issue_unit(const Rows& r, u32 dst, u32 bar, int t0, int n) {
-    const int rows = min(UT, n - t0);  // never past the last code: rows beyond it keep older (finite) slot data
-#pragma unroll
-    for (int pass = 0; pass < 2; pass++) {
-        u32 tx = bulk_rows<KROW0 * 4>(dst, (const char*)r.k0, t0, rows, bar, pass);
-        if (KD1 > 0) tx += bulk_rows<KROW1 * 4>(dst + O_KC1, (const char*)r.k1, t0, rows, bar, pass);
-        tx += bulk_rows<VROW0 * 4>(dst + O_VC0, (const char*)r.v0, t0, rows, bar, pass);
-        if (VD1 > 0) tx += bulk_rows<VROW1 * 4>(dst + O_VC1, (const char*)r.v1, t0, rows, bar, pass);
-        tx += bulk_rows<KNB>(dst + O_KN0, r.kn0, t0, rows, bar, pass);
-        if (KD1 > 0) tx += bulk_rows<KNB>(dst + O_KN1, r.kn1, t0, rows, bar, pass);
-        tx += bulk_rows<VNB>(dst + O_VN0, r.vn0, t0, rows, bar, pass);
-        if (VD1 > 0) tx += bulk_rows<VNB>(dst + O_VN1, r.vn1, t0, rows, bar, pass);
-        if (pass == 0) asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(tx)
-                                    : "memory");  // fmt: skip
+// Chunks J, J + 1, ... < NJ of one array's copy: lane's chunk lane + 32 J (16 bytes at byte offset 512 J from this
+// lane's first) where it is below chunks.
+template <int J, int NJ>
+__device__ __forceinline__ void copy_chunks(u32 dst, const char* src, int lane, int chunks) {
+    if constexpr (J < NJ) {
+        if (lane + 32 * J < chunks)
+            asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%2], 16;" ::"r"(dst), "l"(src), "n"(512 * J)
+                         : "memory");  // fmt: skip
+        copy_chunks<J + 1, NJ>(dst, src, lane, chunks);
     }
 }
+
+// Rows [t0, t0 + rows) of one array (row bytes RB) -> the slot region at dst, 16 bytes per lane and copy; chunks past
+// the rows are not copied (that part of the slot keeps older, finite data).
+template <int RB>
+__device__ __forceinline__ void copy_rows(u32 dst, Src s, int t0, int rows, int lane) {
+    constexpr int NJ = ((UT * RB + 15) / 16 + 32) / 32;  // the most chunks: a unit's bytes + 1 for the offset
+    copy_chunks<0, NJ>(dst + 16 * lane, s.p + t0 * RB + 16 * lane, lane, (s.off + rows * RB + 15) >> 4);
+}
+
+// Every array of the unit at t0 into the slot at dst (this lane's share of the copies).
+struct Srcs {
+    Src k0, k1, v0, v1, kn0, kn1, vn0, vn1;
+};
+
+__device__ __forceinline__ void copy_unit(const Srcs& r, u32 dst, int t0, int n, int lane) {
+    const int rows = min(UT, n - t0);  // never past the last code
+    copy_rows<KROW0 * 4>(dst, r.k0, t0, rows, lane);
+    if (KD1 > 0) copy_rows<KROW1 * 4>(dst + O_KC1, r.k1, t0, rows, lane);
+    copy_rows<VROW0 * 4>(dst + O_VC0, r.v0, t0, rows, lane);
+    if (VD1 > 0) copy_rows<VROW1 * 4>(dst + O_VC1, r.v1, t0, rows, lane);
+    copy_rows<KNB>(dst + O_KN0, r.kn0, t0, rows, lane);
+    if (KD1 > 0) copy_rows<KNB>(dst + O_KN1, r.kn1, t0, rows, lane);
+    copy_rows<VNB>(dst + O_VN0, r.vn0, t0, rows, lane);
+    if (VD1 > 0) copy_rows<VNB>(dst + O_VN1, r.vn1, t0, rows, lane);
+}
+
+__device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 
 // A slot's arrays as Rows (the first row of the unit in each), so load_unit reads them like global rows.
 __device__ __forceinline__ Rows slot_rows(const char* slot, const Rows& r) {
@@ -678,36 +690,36 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
         }
     };
 #if RING
-    // ring of RING unit slots per warp (see issue_unit); the slot of unit i is i % RING, its k-th use has parity k & 1
+    // ring of RING unit slots per warp (see copy_unit); unit i goes to slot i % RING, one commit group per unit (empty
+    // past the warp's last unit, so "all but the newest RING - 1 groups" is always unit i)
     extern __shared__ __align__(16) char dsm[];
     char* ring = dsm + warp * RING * SLOT;
-    const u32 bar0 = smem_addr(dsm + NWARPS * RING * SLOT + warp * RING * 8);
     const int mine = warp < units ? (units - warp + NWARPS - 1) / NWARPS : 0;  // units of this warp
+    const Srcs srcs = {src_of(rows.k0), src_of(rows.k1), src_of(rows.v0), src_of(rows.v1),
+                       src_of(rows.kn0), src_of(rows.kn1), src_of(rows.vn0), src_of(rows.vn1)};
     if (lane == 0) {
         u32 dyn;
         asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
         if (dyn < RING_BYTES) __trap();  // the host sized the ring for another configuration
-#pragma unroll
-        for (int i = 0; i < RING; i++) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar0 + 8 * i));
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     for (int i = lane * 16; i < RING * SLOT; i += 32 * 16) *(uint4*)(ring + i) = make_uint4(0, 0, 0, 0);
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the zeros before the copies' writes
-    __syncwarp();  // barriers ready; zeroed slots (rows past the last code read zeros or older units' rows)
-    if (lane == 0) {
-        for (int i = 0; i < min(RING, mine); i++)
-            issue_unit(rows, smem_addr(ring + i * SLOT), bar0 + 8 * i, lo + UT * (warp + NWARPS * i), p.n);
+    __syncwarp();  // zeroed slots (rows past the last code read zeros or older units' rows)
+#pragma unroll
+    for (int i = 0; i < RING; i++) {
+        if (i < mine) copy_unit(srcs, smem_addr(ring + i * SLOT), lo + UT * (warp + NWARPS * i), p.n, lane);
+        commit();
     }
     for (int i = 0; i < mine; i++) {
         const int slot = i % RING;
-        if (i > 0) {  // the previous unit's slot is free (its values were used up) for the unit RING - 1 ahead
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // every lane's reads before the writes
+        if (i > 0) {  // the previous unit's slot is free (every lane read it) for the unit RING - 1 ahead
             __syncwarp();
-            const int k = i - 1 + RING, prev = (i - 1) % RING;
-            if (lane == 0 && k < mine)
-                issue_unit(rows, smem_addr(ring + prev * SLOT), bar0 + 8 * prev, lo + UT * (warp + NWARPS * k), p.n);
+            const int k = i - 1 + RING;
+            if (k < mine)
+                copy_unit(srcs, smem_addr(ring + (k % RING) * SLOT), lo + UT * (warp + NWARPS * k), p.n, lane);
+            commit();
         }
-        mbar_wait(bar0 + 8 * slot, (i / RING) & 1);
+        asm volatile("cp.async.wait_group %0;" ::"n"(RING - 1) : "memory");
+        __syncwarp();  // every lane's copies of unit i visible to the warp
         Unit cur;
         load_unit(slot_rows(ring + slot * SLOT, rows), cur, 0, UT - 1, g, t4);
         step(cur, lo + UT * (warp + NWARPS * i));
