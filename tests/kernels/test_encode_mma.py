@@ -15,7 +15,7 @@ from conftest import assert_codes_match
 
 from turbovq.kernels import cuda
 from turbovq.kernels import encode as kencode
-from turbovq.kernels.reference import channel_groups, encode_reference, fused_rotation
+from turbovq.kernels.reference import encode_reference, fused_rotation
 from turbovq.kv.cache import RowCodec
 
 needs_nvrtc = pytest.mark.skipif(not cuda.nvrtc_available(), reason="libnvrtc not installed")
@@ -48,10 +48,10 @@ def test_compiles(cfg, arch):
 
 
 def test_params_struct_matches_the_c_layout():
-    """9 pointers, 4 int64, 3 int32, two 8-word boundary tables: 180 bytes, padded to 184 (8-byte alignment)."""
-    assert ctypes.sizeof(kencode._MmaParams) == 184
-    assert kencode._MmaParams.T.offset == 9 * 8 + 4 * 8
-    assert kencode._MmaParams.tp0.offset == 9 * 8 + 4 * 8 + 3 * 4
+    """8 pointers, 4 int64, 3 int32, two 8-word boundary tables: 172 bytes, padded to 176 (8-byte alignment)."""
+    assert ctypes.sizeof(kencode._MmaParams) == 176
+    assert kencode._MmaParams.T.offset == 8 * 8 + 4 * 8
+    assert kencode._MmaParams.tp0.offset == 8 * 8 + 4 * 8 + 3 * 4
     assert kencode._MmaParams.tp1.offset == kencode._MmaParams.tp0.offset + 32
 
 
@@ -106,6 +106,11 @@ def _pack8(p: list[np.ndarray], bits: int) -> np.ndarray:
     return x
 
 
+# Group norms of fractional widths come from the float16-operand rotation's outputs: ~1e-4 relative (3e-4 at 32
+# channels), under the float16 rounding of the cache's stored norms
+GROUP_NORM_RTOL = 5e-4
+
+
 def emulate(x, codec, perm, mean, scale) -> dict[str, torch.Tensor]:
     """What encode_mma.cu computes, with the same index maps and bit operations (float16 operands, float32 sums)."""
     bsz, heads, rows, dim = x.shape
@@ -114,30 +119,27 @@ def emulate(x, codec, perm, mean, scale) -> dict[str, torch.Tensor]:
         v = v - mean
     if scale is not None:
         v = v * (1.0 / scale)
-    gid = channel_groups(codec, perm, heads, "cpu")[None, :, None, :]  # (1, H, 1, D)
-    out, norms = {}, []
-    for i in range(len(codec.groups)):
-        norms.append(v.where(gid == i, 0).pow(2).sum(-1).sqrt())
-        out[f"norms{i}"] = norms[-1]
     total = v.pow(2).sum(-1).sqrt()
     xs = (v / total.clamp_min(1e-30)[..., None]).half().float()  # divided by the row norm
-    # two groups: each group's outputs times ||x|| / ||x_group|| (float16), so they are divided by the group norm
-    factors = [None] if len(norms) == 1 else [torch.where(n > 0, total / n, 0).clamp_max(65504) for n in norms]
     nk = dim // 16
     lanes = xs[..., kencode.lane_coordinates(dim)].view(bsz, heads, rows, 4, nk, 4)  # [b, h, t, p = t4, s, e]
     frag = kencode.fragment_rotation(codec, perm, "cpu").float()  # (Hr, U/4, NK, 2, 32, 2, 4), lane = 4 n + t4
     frag = frag.permute(0, 1, 3, 5, 2, 4, 6).reshape(frag.shape[0], dim // 8, nk, 8, 4, 4)  # [h, u, s, n, p, e]
     acc = torch.einsum("bhtpse,husnpe->bhtun", lanes.double(), frag.double()).float()  # (B, H, T, U, 8 columns)
-    u0 = 0
+    out, u0 = {}, 0
     for i, (bits, d, _) in enumerate(codec.groups):
+        # two groups: the norm of the group's outputs (times the row norm); they are divided by it (float16 factor)
+        gn = acc[..., u0 : u0 + d // 8, :].pow(2).sum((-2, -1)).sqrt()
+        factor = torch.where(gn > 0, 1 / gn, 0).clamp_max(65504) if len(codec.groups) > 1 else None
+        out[f"norms{i}"] = gn * total if factor is not None else total
         bounds = codec.tensors(i, "cpu")[2].float()
         h16 = bounds[(1 << (bits - 1)) :].half().view(torch.int16).int() & 0xFFFF
         tp = (h16 * 0x10001).tolist()
         words = np.zeros((bsz, heads, rows, 4, (d * bits // 32 + 3) // 4 + 1), dtype=np.uint32)  # per lane run
         for t4 in range(4):
             for w in range(d // 32):
-                pairs = [_quantize2(acc[..., u0 + 4 * w + j, 2 * t4], acc[..., u0 + 4 * w + j, 2 * t4 + 1],
-                                    factors[min(i, len(factors) - 1)], tp, bits) for j in range(4)]  # fmt: skip
+                pairs = [_quantize2(acc[..., u0 + 4 * w + j, 2 * t4], acc[..., u0 + 4 * w + j, 2 * t4 + 1], factor, tp,
+                                    bits) for j in range(4)]  # fmt: skip
                 val, pos = _pack8(pairs, bits).astype(np.uint64), 8 * bits * w
                 words[..., t4, pos // 32] += (val << np.uint64(pos % 32)).astype(np.uint32)
                 if pos % 32 + 8 * bits > 32:
@@ -157,7 +159,8 @@ def emulate(x, codec, perm, mean, scale) -> dict[str, torch.Tensor]:
 )  # fmt: skip
 def test_emulated_kernel_writes_the_reference_codes(d, bits, dtype, center, scaled):
     """Codes as RowCodec.encode writes them except where float16 operands move a coordinate across a boundary (one
-    level, under 1% of codes); norms to float32 rounding; the rotation products to float16 accuracy."""
+    level, under 1% of codes); row norms to float32 rounding, group norms (from the rotated outputs) to 5e-4; the
+    rotation products to float16 accuracy."""
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(2, 3, 97, d, generator=g) * 3 + 0.5).to(dtype)
     x[1, 2, 5] = 0  # a zero row: every code is the one for y = 0
@@ -167,7 +170,7 @@ def test_emulated_kernel_writes_the_reference_codes(d, bits, dtype, center, scal
     perm = codec.calibrate(x.float() - (0 if mean is None else mean)) if codec.num_outliers else None
     ref = encode_reference(x, codec, perm, mean, scale)
     out = emulate(x, codec, perm, mean, scale)
-    assert_codes_match(out, ref, codec, mismatch=1e-2)
+    assert_codes_match(out, ref, codec, mismatch=1e-2, norm_rtol=GROUP_NORM_RTOL if codec.num_outliers else 1e-5)
     if mean is None:  # the zero row: every code is the one for y = 0
         assert all(torch.equal(out[k][1, 2, 5], ref[k][1, 2, 5]) for k in ref if k.startswith("codes"))
 
@@ -180,15 +183,3 @@ def test_fragment_rotation_is_r_in_fragment_order():
     frag = kencode.fragment_rotation(codec, perm, "cpu")
     assert frag.shape == (2, 4, 8, 2, 32, 2, 4) and frag.dtype == torch.float16
     assert torch.equal(frag.float().flatten(1).sort(1).values, rot.half().float().flatten(1).sort(1).values)
-
-
-def test_group_masks_mark_group_one_channels():
-    codec = RowCodec(128, 3.5, seed=1)
-    perm = codec.calibrate(torch.randn(1, 2, 64, 128))
-    masks = kencode._group_masks(codec, perm, 2, "cpu")  # (H, 4, 1)
-    gid = channel_groups(codec, perm, 2, "cpu")
-    lc = kencode.lane_coordinates(128)
-    for h in range(2):
-        for t4 in range(4):
-            word = int(masks[h, t4, 0]) & 0xFFFFFFFF
-            assert [(word >> q) & 1 for q in range(32)] == gid[h, lc[t4]].tolist()

@@ -3,7 +3,8 @@ CUDA and triton).
 
 Tolerances: decode output vs ``attend_codes`` (float32) by ||out - ref|| / ||ref||: < 4e-3 for float16 queries,
 < 1e-2 for bfloat16 (the output rounding alone is ~2e-3 in bf16; float16 tensor-core operands for centroids and
-``p * ||v||`` add ~5e-4). Encode: norms to 1e-5 relative; codes as ``RowCodec.encode`` writes them except
+``p * ||v||`` add ~5e-4). Encode: norms to 1e-5 relative (the CUDA kernel's group norms of fractional widths to
+5e-4); codes as ``RowCodec.encode`` writes them except
 coordinates within rounding of a boundary, each off by one level: < 1e-4 of codes with a float32-accurate rotation
 (3xTF32), < 1e-2 with tf32 or float16 operands (the CUDA kernel).
 """
@@ -144,10 +145,16 @@ def test_encode_matches_row_codec(cuda, d, bits, dtype, center):
     # (float32-accurate rotation: codes differ only at float32 ties; one-pass tf32: where |y| is within ~1e-3 of a
     # boundary, i.e. a small fraction of coordinates, each by one level)
     exact = {"precision": "tf32x3", "backend": "triton"}
-    default_tol = 1e-4 if dtype == torch.float32 else 1e-2  # (16-bit input: the CUDA kernel, float16 operands)
-    for kw, tol in ((exact, 1e-4), ({**exact, "symmetric": False}, 1e-4), ({"precision": "tf32", "backend": "triton"},
-                    1e-2), ({}, default_tol)):  # fmt: skip
-        assert_codes_match(encode_rows(x, codec, perm, mean, scale, **kw), ref, codec, mismatch=tol)
+    cuda_kernel = dtype != torch.float32  # the default for 16-bit input: float16 operands, group norms to 5e-4
+    default_tol, default_norm = (1e-2, 5e-4 if codec.num_outliers else 1e-5) if cuda_kernel else (1e-4, 1e-5)
+    for kw, tol, norm_tol in (
+        (exact, 1e-4, 1e-5),
+        ({**exact, "symmetric": False}, 1e-4, 1e-5),
+        ({"precision": "tf32", "backend": "triton"}, 1e-2, 1e-5),
+        ({}, default_tol, default_norm),
+    ):
+        out = encode_rows(x, codec, perm, mean, scale, **kw)
+        assert_codes_match(out, ref, codec, mismatch=tol, norm_rtol=norm_tol)
 
 
 ENCODE_CUDA_CASES = [  # (head_dim, bits, dtype, centered, channel scales)
@@ -160,9 +167,9 @@ ENCODE_CUDA_CASES = [  # (head_dim, bits, dtype, centered, channel scales)
 
 @pytest.mark.parametrize("d,bits,dtype,center,scaled", ENCODE_CUDA_CASES)
 def test_encode_cuda_matches_row_codec(cuda, d, bits, dtype, center, scaled):
-    """encode_mma.cu: norms to float32 rounding; codes as RowCodec.encode's except where the float16 operands move a
-    coordinate across a boundary (one level, under 1%); rows of a strided window (the cache's flush) and a tail of
-    rows that fills no whole tile."""
+    """encode_mma.cu: norms to float32 rounding (group norms of fractional widths, from the rotated outputs, to 5e-4);
+    codes as RowCodec.encode's except where the float16 operands move a coordinate across a boundary (one level,
+    under 1%); rows of a strided window (the cache's flush) and a tail of rows that fills no whole tile."""
     from turbovq.kernels.encode import mma_supported
 
     g = torch.Generator().manual_seed(d + int(10 * bits))
@@ -176,7 +183,7 @@ def test_encode_cuda_matches_row_codec(cuda, d, bits, dtype, center, scaled):
     assert mma_supported(x, codec)
     ref = encode_reference(x, codec, perm, mean, scale)
     out = encode_rows(x, codec, perm, mean, scale, backend="cuda")
-    assert_codes_match(out, ref, codec, mismatch=1e-2)
+    assert_codes_match(out, ref, codec, mismatch=1e-2, norm_rtol=5e-4 if codec.num_outliers else 1e-5)
     if mean is None:  # the zero row
         assert all(torch.equal(out[k][0, 1, 7], ref[k][0, 1, 7]) for k in ref if k.startswith("codes"))
 

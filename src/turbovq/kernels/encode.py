@@ -125,9 +125,10 @@ def supported(x: torch.Tensor, codec: RowCodec) -> bool:
 
 _MMA_SOURCE = Path(__file__).with_name("encode_mma.cu").read_text()
 # encode_mma.cu tuning per head_dim (benchmarks/kernels.py --phases encode --tune-encode, H100): warps per block,
-# 16-row tiles per warp, blocks per SM the register allocation must allow, prefetch of the next tile's rows
+# 16-row tiles per warp, blocks per SM the register allocation must allow, prefetch of the next tile's rows (not at
+# head_dim 256, where it spills: 1.25 -> 1.03 ms without, kernels_encode_h100.json)
 MMA_TUNING = {64: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 1}, 128: {"NWARPS": 4, "MT": 1, "MINB": 3, "PF": 1},
-              256: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 1}}  # fmt: skip
+              256: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 0}}  # fmt: skip
 
 
 def mma_tuning(dim: int) -> dict[str, int]:
@@ -138,7 +139,7 @@ class _MmaParams(ctypes.Structure):
     """Mirror of ``struct Params`` in encode_mma.cu (one by-value kernel argument)."""
 
     _fields_ = (
-        [(k, ctypes.c_void_p) for k in ("x", "mean", "iscale", "rfrag", "gmask", "c0", "n0", "c1", "n1")]
+        [(k, ctypes.c_void_p) for k in ("x", "mean", "iscale", "rfrag", "c0", "n0", "c1", "n1")]
         + [(k, ctypes.c_longlong) for k in ("sxb", "sxh", "sxt", "rstride")]
         + [(k, ctypes.c_int) for k in ("T", "H", "chunk")]
         + [("tp0", ctypes.c_uint32 * 8), ("tp1", ctypes.c_uint32 * 8)]
@@ -204,7 +205,7 @@ _FRAGMENTS: dict[tuple, tuple] = {}
 def _encode_cuda(x, codec, perm, mean, scale, fields) -> None:
     bsz, heads, rows, dim = x.shape
     dev = x.device
-    frag, gmask, tp = _layer_constants(codec, perm, heads, dev)
+    frag, tp = _layer_constants(codec, perm, dev)
     (b0, d0, _), rest = codec.groups[0], codec.groups[1:]
     b1, d1 = (rest[0][0], rest[0][1]) if rest else (b0, 0)
     tune = mma_tuning(dim)
@@ -224,7 +225,7 @@ def _encode_cuda(x, codec, perm, mean, scale, fields) -> None:
     chunk = -(-chunk // per_warp) * per_warp
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     prm = _MmaParams(
-        ptr(x), ptr(mean_arg), ptr(iscale), frag.data_ptr(), gmask.data_ptr(),
+        ptr(x), ptr(mean_arg), ptr(iscale), frag.data_ptr(),
         fields["codes0"].data_ptr(), fields["norms0"].data_ptr(),
         fields.get("codes1", fields["codes0"]).data_ptr(), fields.get("norms1", fields["norms0"]).data_ptr(),
         x.stride(0), x.stride(1), x.stride(2), 0 if frag.shape[0] == 1 else frag[0].numel() // 2,
@@ -252,33 +253,20 @@ _NORMALIZERS: dict[tuple, tuple] = {}  # the cache's means and 1 / scales as (B 
 _SYMMETRY: dict[tuple, tuple] = {}
 
 
-def _layer_constants(codec: RowCodec, perm, heads: int, device) -> tuple:
-    """Per layer, built once (no host work or device sync per call): R in fragment order, the group-1 bit masks
-    (two groups) and the positive boundaries of each group as float16 pairs."""
+def _layer_constants(codec: RowCodec, perm, device) -> tuple:
+    """Per layer, built once (no host work or device sync per call): R in fragment order and the positive boundaries
+    of each group as float16 pairs."""
 
     def build():
-        frag = fragment_rotation(codec, perm, device)
-        gmask = _group_masks(codec, perm, heads, device) if len(codec.groups) > 1 else frag
         tp = []
         for i in range(2):
             j = min(i, len(codec.groups) - 1)
             bits = codec.groups[j][0]
             h16 = codec.tensors(j, "cpu")[2].float()[(1 << (bits - 1)) :].half().view(torch.int16).int() & 0xFFFF
             tp.append((ctypes.c_uint32 * 8)(*(h16 * 0x10001).tolist()))
-        return frag, gmask, tp
+        return fragment_rotation(codec, perm, device), tp
 
-    return weak_cached(_CONSTANTS, (codec, perm), (device, heads), build)
-
-
-def _group_masks(codec: RowCodec, perm, heads: int, device) -> torch.Tensor:
-    """``(H, 4, max(1, D/128))`` int32: bit q of lane t4's words = its coordinate q is in channel group 1."""
-    gid = channel_groups(codec, perm, heads, device).cpu()  # (H, D)
-    bits = gid[:, lane_coordinates(codec.dim)].long()  # (H, 4, D/4)
-    nq = bits.shape[-1]
-    words = max(1, nq // 32)
-    bits = torch.nn.functional.pad(bits, (0, 32 * words - nq)).view(heads, 4, words, 32)
-    w = (bits << torch.arange(32)).sum(-1)
-    return w.to(torch.int64).where(w < 2**31, w - 2**32).to(torch.int32).to(device)
+    return weak_cached(_CONSTANTS, (codec, perm), device, build)
 
 
 def encode_rows(
@@ -298,12 +286,14 @@ def encode_rows(
 
     Returns the same fields (``codes{i}`` uint8 (B, H, T, bytes_i), ``norms{i}`` float32 (B, H, T)). The CUDA kernel
     (bfloat16/float16 rows) rounds the normalized rows and R to float16 (2^-11 relative, finer than bfloat16 input):
-    codes move by one level where a coordinate lies within ~1e-3 of a boundary (under 1% of them); norms are
-    float32 sums. ``precision`` (Triton): the rotation's ``tl.dot`` precision. ``"tf32x3"`` is float32-accurate;
-    ``"tf32"`` (one pass, about 2x faster) rounds the rotation to ~5e-4 relative, so codes may move by one level
-    where a coordinate lies that close to a boundary (under 1% of them). The default is tf32 for bfloat16/float16
-    input, whose own rounding (4e-3 / 5e-4) is as coarse, and tf32x3 for float32. ``symmetric``: half the
-    comparisons, using the codebook's symmetry (default: when the boundaries are symmetric, as Lloyd-Max's are).
+    codes move by one level where a coordinate lies within ~1e-3 of a boundary (under 1% of them); row norms are
+    float32 sums, and the two group norms of fractional widths are those of the rotated outputs (~1e-4 relative,
+    below the float16 rounding of the cache's stored norms). ``precision`` (Triton): the rotation's ``tl.dot``
+    precision. ``"tf32x3"`` is float32-accurate; ``"tf32"`` (one pass, about 2x faster) rounds the rotation to
+    ~5e-4 relative, so codes may move by one level where a coordinate lies that close to a boundary (under 1% of
+    them). The default is tf32 for bfloat16/float16 input, whose own rounding (4e-3 / 5e-4) is as coarse, and tf32x3
+    for float32. ``symmetric``: half the comparisons, using the codebook's symmetry (default: when the boundaries
+    are symmetric, as Lloyd-Max's are).
     ``backend``: ``"cuda"`` (``encode_mma.cu``, 16-bit input, see :func:`mma_supported`), ``"triton"``, or
     ``"auto"`` (CUDA where it applies; ``TURBOVQ_CUDA=0`` turns it off). ``block_t``, ``num_warps``, ``precision``
     and ``symmetric`` tune the Triton kernel only.

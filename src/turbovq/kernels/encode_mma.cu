@@ -14,11 +14,12 @@
 //   precision x is centered, scaled and divided by its norm in float32 before the float16 conversion (so
 //             |xn| <= 1: no overflow, 2^-11 relative rounding, as fine as one-pass tf32 and 8x finer than the
 //             bfloat16 input's own rounding); R has the same rounding. Codes then differ from the float32 reference
-//             only where a coordinate lies within ~1e-3 of a boundary, by one level. Two channel groups: the group
-//             norms are exact float32 sums over each group's channels (a bit mask per lane and head selects the
-//             sum); the product uses the row norm and each group's outputs are rescaled by ||x|| / ||x_group||
-//             in float16 (one more rounding; a group holding under ~1e-6 of the row's energy would reach float16's
-//             subnormal range).
+//             only where a coordinate lies within ~1e-3 of a boundary, by one level. Two channel groups: the
+//             product uses the row norm; a group's norm is that of its rotated outputs (R is orthogonal per group),
+//             summed in float32 from the accumulators, times the row norm, and the group's outputs are divided by
+//             it in float16 (one more rounding). Its relative error, ~1e-4 from the float16 operands, is below the
+//             float16 rounding of the cache's stored norms; summing over the input channels instead took a bit
+//             mask and two predicated FMAs per coordinate (56% of copy bandwidth at 3.5 bits vs 64% at 4).
 //   quantize  the Lloyd-Max codebooks are symmetric: code = M + 1 + c for y > 0, M - c otherwise, where c counts
 //             the 2^(b-1) - 1 positive boundaries below |y|; two coordinates per float16-pair comparison (see
 //             quantize2). The boundaries, rounded to float16, are kernel parameters (constant-bank operands).
@@ -38,7 +39,6 @@ struct Params {
     const float* mean;   // (B H, D) float32, or null
     const float* iscale; // (B H, D) float32 1 / scale, or null
     const u32* rfrag;    // (H or 1, D/32, D/16 k-steps, 2, 32 lanes, 2 tiles, 2) float16 pairs: R in fragment order
-    const u32* gmask;    // (H, 4, D/128 or 1): per head and t4, bit q = lane coordinate q is in group 1
     unsigned char* c0;   // codes of group 0 / 1: (B H, T, D_i B_i / 8) bytes
     float* n0;           // norms of group 0 / 1: (B H, T)
     unsigned char* c1;
@@ -51,7 +51,6 @@ struct Params {
 #define NK (D / 16)        // k-steps of the rotation
 #define NQ (D / 4)         // input coordinates per lane and row
 #define NCH (D / 32)       // 16-byte chunks (8 coordinates) per lane and row
-#define GW (NQ > 32 ? NQ / 32 : 1)
 #define DG1 (D1 > 0 ? D1 : 16)  // sizes the (unused) group-1 arrays of a one-group codec
 #define LB0 (D0 * B0 / 32)      // output bytes per lane and row
 #define LB1 (DG1 * B1 / 32)
@@ -98,12 +97,9 @@ __device__ __forceinline__ float coord(const uint4 (&raw)[NCH], int q, const flo
     return v;
 }
 
-// s1 += v^2 where (word & bit) != 0, else s0 += v^2: one logic op to a predicate and two predicated FMAs.
-__device__ __forceinline__ void sq_by_group(float v, u32 word, u32 bit, float& s0, float& s1) {
-    asm("{\n .reg .pred p;\n .reg .b32 t;\n and.b32 t, %2, %3;\n setp.ne.u32 p, t, 0;\n"
-        " @p fma.rn.f32 %1, %4, %4, %1;\n @!p fma.rn.f32 %0, %4, %4, %0;\n}"
-        : "+f"(s0), "+f"(s1) : "r"(word), "r"(bit), "f"(v));
-}
+// 1 / sqrt(ss) for a sum of squares, 0 for 0 (a zero row or group); ss * rsqrt_nz(ss) is its norm to ~2e-7
+// relative (the multi-function unit's reciprocal square root: no IEEE square root and division slow paths).
+__device__ __forceinline__ float rsqrt_nz(float ss) { return ss > 0.f ? rsqrtf(fmaxf(ss, 1e-36f)) : 0.f; }
 
 // Per 16-bit half: 0xFFFF where a > b (float16 pairs), else 0.
 __device__ __forceinline__ u32 hgt2(u32 a, u32 b) {
@@ -179,43 +175,73 @@ __device__ __forceinline__ void store_run(unsigned char* dst, const u32 (&w)[NW]
 // Rotate, quantize and pack channel group i (column tiles U0 .. U0 + DI/8) of the warp's MT row tiles and store
 // the codes: lane (g, t4) writes bytes [t4 LB, +LB) of rows g and g + 8 of each row tile. Four column tiles at a
 // time: their accumulator chains are independent (the mma latency overlaps), their B fragments come in two 16-byte
-// shared-memory loads per k-step, and their code pairs make one 8-code word (pack8).
-template <int BITS, int DI, int U0, int LB, int GRP>
-__device__ __forceinline__ void encode_group(const u32 (&a)[MT][NK][4], const u32 (&f)[MT][2][2], const uint4* sr,
-                                             const u32* tp, unsigned char* codes, int r0, int hi, int lane) {
+// shared-memory loads per k-step, and their code pairs make one 8-code word (pack8). With two groups the whole
+// group is rotated first: its norm (written to norms) is that of its outputs, which are then divided by it.
+template <int BITS, int DI, int U0, int LB>
+__device__ __forceinline__ void encode_group(const u32 (&a)[MT][NK][4], const float (&nrm)[MT][2], const uint4* sr,
+                                             const u32* tp, unsigned char* codes, float* norms, int r0, int hi,
+                                             int lane) {
     const int g = lane >> 2, t4 = lane & 3;
-    constexpr int NW = (LB + 3) / 4;
+    constexpr int NW = (LB + 3) / 4, NU = D1 > 0 ? DI / 32 : 1;  // NU: 4-tile blocks held at once
     u32 w[MT][2][NW] = {};  // the lane's byte runs of rows g, g + 8 of each row tile
 #pragma unroll
-    for (int u4 = 0; u4 < DI / 32; u4++) {
-        float c[MT][4][4];
+    for (int u0 = 0; u0 < DI / 32; u0 += NU) {
+        float c[NU][MT][4][4];
 #pragma unroll
-        for (int m = 0; m < MT; m++)
+        for (int u = 0; u < NU; u++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) c[m][i][0] = c[m][i][1] = c[m][i][2] = c[m][i][3] = 0.f;
+            for (int m = 0; m < MT; m++)
 #pragma unroll
-        for (int s = 0; s < NK; s++) {
-            const uint4 b01 = sr[(((U0 / 4 + u4) * NK + s) * 2) * 32 + lane];      // tiles 4 u4, 4 u4 + 1
-            const uint4 b23 = sr[(((U0 / 4 + u4) * NK + s) * 2 + 1) * 32 + lane];  // tiles 4 u4 + 2, 4 u4 + 3
+                for (int i = 0; i < 4; i++) c[u][m][i][0] = c[u][m][i][1] = c[u][m][i][2] = c[u][m][i][3] = 0.f;
 #pragma unroll
-            for (int m = 0; m < MT; m++) {
-                mma16816(c[m][0], a[m][s], b01.x, b01.y);
-                mma16816(c[m][1], a[m][s], b01.z, b01.w);
-                mma16816(c[m][2], a[m][s], b23.x, b23.y);
-                mma16816(c[m][3], a[m][s], b23.z, b23.w);
+        for (int u = 0; u < NU; u++)
+#pragma unroll
+            for (int s = 0; s < NK; s++) {
+                const int u4 = U0 / 4 + u0 + u;
+                const uint4 b01 = sr[((u4 * NK + s) * 2) * 32 + lane];      // tiles 4 u4, 4 u4 + 1
+                const uint4 b23 = sr[((u4 * NK + s) * 2 + 1) * 32 + lane];  // tiles 4 u4 + 2, 4 u4 + 3
+#pragma unroll
+                for (int m = 0; m < MT; m++) {
+                    mma16816(c[u][m][0], a[m][s], b01.x, b01.y);
+                    mma16816(c[u][m][1], a[m][s], b01.z, b01.w);
+                    mma16816(c[u][m][2], a[m][s], b23.x, b23.y);
+                    mma16816(c[u][m][3], a[m][s], b23.z, b23.w);
+                }
             }
-        }
+        u32 f[MT][2];  // two groups: 1 / the group's output norm, a float16 pair, per row tile and row
 #pragma unroll
         for (int m = 0; m < MT; m++)
 #pragma unroll
             for (int r = 0; r < 2; r++) {
-                u32 pr[4];  // code pairs of the 4 column tiles (columns 2 t4, 2 t4 + 1 of row g + 8 r)
+                if (D1 == 0) continue;
+                float ss = 0.f;  // the group's outputs of row g + 8 r: this lane's columns, then the row's 4 lanes
 #pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    pr[i] = quantize2<BITS, (D1 > 0)>(c[m][i][2 * r], c[m][i][2 * r + 1], f[m][r][GRP], tp);
-                }
-                put<8 * BITS>(w[m][r], 8 * BITS * u4, pack8<BITS>(pr[0], pr[1], pr[2], pr[3]));
+                for (int u = 0; u < NU; u++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        const float y0 = c[u][m][i][2 * r], y1 = c[u][m][i][2 * r + 1];
+                        ss = fmaf(y0, y0, fmaf(y1, y1, ss));
+                    }
+                ss += __shfl_xor_sync(0xFFFFFFFFu, ss, 1);
+                ss += __shfl_xor_sync(0xFFFFFFFFu, ss, 2);
+                const float inv = rsqrt_nz(ss);
+                // (capped at float16's largest: a group under ~2e-10 of the row's energy is float16-subnormal)
+                f[m][r] = pack_h2(fminf(inv, 65504.f), fminf(inv, 65504.f));
+                const int row = r0 + 16 * m + 8 * r + g;
+                if (t4 == 0 && row < hi) norms[row] = ss * inv * nrm[m][r];
             }
+#pragma unroll
+        for (int u = 0; u < NU; u++)
+#pragma unroll
+            for (int m = 0; m < MT; m++)
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    u32 pr[4];  // code pairs of the 4 column tiles (columns 2 t4, 2 t4 + 1 of row g + 8 r)
+#pragma unroll
+                    for (int i = 0; i < 4; i++)
+                        pr[i] = quantize2<BITS, (D1 > 0)>(c[u][m][i][2 * r], c[u][m][i][2 * r + 1], f[m][r], tp);
+                    put<8 * BITS>(w[m][r], 8 * BITS * (u0 + u), pack8<BITS>(pr[0], pr[1], pr[2], pr[3]));
+                }
     }
 #pragma unroll
     for (int m = 0; m < MT; m++)
@@ -244,9 +270,6 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const 
     }
     __syncthreads();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
-    u32 gm[GW];
-#pragma unroll
-    for (int i = 0; i < GW; i++) gm[i] = D1 > 0 ? p.gmask[(h * 4 + t4) * GW + i] : 0u;
     const u16* xb = (const u16*)p.x + b * p.sxb + h * p.sxh;
     const long long out_row0 = (long long)bh * p.T;
     unsigned char* c0 = p.c0 + out_row0 * (4 * LB0);
@@ -287,40 +310,26 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const 
         const auto& cur = raw;
 #endif
         u32 a[MT][NK][4];
-        u32 f[MT][2][2];  // two groups: row norm / group norm (float16 pairs), per row tile, row and group
+        float nrm[MT][2];  // row norms, per row tile and row
 #pragma unroll
         for (int m = 0; m < MT; m++)
 #pragma unroll
             for (int r = 0; r < 2; r++) {
                 const int row = r0 + 16 * m + 8 * r + g;
-                // group norms: the lane's coordinates, then the 4 lanes of the row
-                float v[NQ], s0 = 0.f, s1 = 0.f;
+                // the row norm: the lane's coordinates, then the 4 lanes of the row
+                float v[NQ], ss = 0.f;
 #pragma unroll
                 for (int q = 0; q < NQ; q++) {
                     v[q] = coord(cur[m][r], q, sm, si, t4);
-                    if (D1 > 0) sq_by_group(v[q], gm[q / 32], 1u << (q % 32), s0, s1);
-                    else s0 = fmaf(v[q], v[q], s0);
+                    ss = fmaf(v[q], v[q], ss);
                 }
-                s0 += __shfl_xor_sync(0xFFFFFFFFu, s0, 1);
-                s0 += __shfl_xor_sync(0xFFFFFFFFu, s0, 2);
-                const float nrm0 = sqrtf(s0);
-                float nrm = nrm0;
-                if (D1 > 0) {
-                    s1 += __shfl_xor_sync(0xFFFFFFFFu, s1, 1);
-                    s1 += __shfl_xor_sync(0xFFFFFFFFu, s1, 2);
-                    const float nrm1 = sqrtf(s1);
-                    nrm = sqrtf(s0 + s1);
-                    // (capped at float16's largest: a group under ~2e-10 of the row's energy is float16-subnormal)
-                    const float f0 = nrm0 > 0.f ? fminf(__fdividef(nrm, nrm0), 65504.f) : 0.f;
-                    const float f1 = nrm1 > 0.f ? fminf(__fdividef(nrm, nrm1), 65504.f) : 0.f;
-                    f[m][r][0] = pack_h2(f0, f0);
-                    f[m][r][1] = pack_h2(f1, f1);
-                    if (t4 == 0 && row < hi) n1[row] = nrm1;
-                }
-                if (t4 == 0 && row < hi) n0[row] = nrm0;
+                ss += __shfl_xor_sync(0xFFFFFFFFu, ss, 1);
+                ss += __shfl_xor_sync(0xFFFFFFFFu, ss, 2);
+                const float inv = rsqrt_nz(ss);
+                nrm[m][r] = ss * inv;
+                if (D1 == 0 && t4 == 0 && row < hi) n0[row] = nrm[m][r];
                 // A fragments of k-step s for this row (r = 0: row g, registers 0 and 2; r = 1: row g + 8, 1 and 3):
                 // lane coordinates 4s, 4s + 1 (k = 2 t4, +1) and 4s + 2, 4s + 3 (k = 2 t4 + 8, +9), over the row norm
-                const float inv = __fdividef(1.f, fmaxf(nrm, 1e-30f));  // (scales float16 operands: 2 ulp is plenty)
 #pragma unroll
                 for (int s = 0; s < NK; s++)
 #pragma unroll
@@ -329,7 +338,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const 
                         a[m][s][2 * j + r] = pack_h2(v[q] * inv, v[q + 1] * inv);
                     }
             }
-        encode_group<B0, D0, 0, LB0, 0>(a, f, smem_v, p.tp0, c0, r0, hi, lane);
-        if (D1 > 0) encode_group<B1, DG1, D0 / 8, LB1, 1>(a, f, smem_v, p.tp1, c1, r0, hi, lane);
+        encode_group<B0, D0, 0, LB0>(a, nrm, smem_v, p.tp0, c0, n0, r0, hi, lane);
+        if (D1 > 0) encode_group<B1, DG1, D0 / 8, LB1>(a, nrm, smem_v, p.tp1, c1, n1, r0, hi, lane);
     }
 }
