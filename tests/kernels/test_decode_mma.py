@@ -242,6 +242,15 @@ def test_params_struct_matches_the_c_layout():
     assert fields["scaling"] is ctypes.c_float and list(itertools.islice(fields, 2)) == ["ws", "part"]
 
 
+def test_launch_config_mirrors_the_driver_structs():
+    """cuda.py's ctypes mirrors of CUlaunchAttribute (id, padding, 64-byte value union) and CUlaunchConfig (grid,
+    block, shared memory, stream, attributes) for the programmatic dependent launch."""
+    assert ctypes.sizeof(cuda._LaunchAttribute) == 72 and cuda._LaunchAttribute.value.offset == 8
+    assert ctypes.sizeof(cuda._LaunchConfig) == 56
+    assert (cuda._LaunchConfig.stream.offset, cuda._LaunchConfig.attrs.offset) == (32, 40)
+    assert cuda._LaunchConfig.num_attrs.offset == 48
+
+
 @pytest.mark.parametrize("n,bh,want", [(8064, 8, 8), (32640, 8, 32), (130944, 8, 32), (8064, 64, 8), (32640, 64, 17),
                                        (32640, 256, 5), (100, 8, 1)])  # fmt: skip
 def test_cuda_split_counts(n, bh, want):

@@ -95,6 +95,15 @@ def compile_cubin(source: str, arch: str, options: tuple[str, ...] = ()) -> byte
         nv.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_uint), ("value", ctypes.c_uint * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [(k, ctypes.c_uint) for k in ("gx", "gy", "gz", "bx", "by", "bz", "smem")] + [
+        ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+
 class Kernel:
     """One compiled ``extern "C"`` kernel taking a single struct argument (a ``ctypes.Structure``)."""
 
@@ -102,12 +111,20 @@ class Kernel:
         self.func = func
 
     def __call__(self, grid: tuple[int, int, int], block: int, params: ctypes.Structure, stream: int,
-                 smem: int = 0) -> None:  # fmt: skip
-        """Launch; ``smem``: bytes of dynamic shared memory."""
+                 smem: int = 0, pdl: bool = False) -> None:  # fmt: skip
+        """Launch; ``smem``: bytes of dynamic shared memory; ``pdl`` (sm_90): programmatic dependent launch, the
+        blocks may start before the previous kernel on the stream has finished (``griddepcontrol.wait`` in the
+        kernel waits for it and its writes)."""
         self._opt_in(smem)
         args = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.pointer(params), ctypes.c_void_p))
-        _check(_driver().cuLaunchKernel(self.func, *grid, block, 1, 1, smem, ctypes.c_void_p(stream), args, None),
-               "cuLaunchKernel")  # fmt: skip
+        if not pdl:
+            _check(_driver().cuLaunchKernel(self.func, *grid, block, 1, 1, smem, ctypes.c_void_p(stream), args, None),
+                   "cuLaunchKernel")  # fmt: skip
+            return
+        attr = _LaunchAttribute(6)  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value[0] = 1
+        cfg = _LaunchConfig(*grid, block, 1, 1, smem, ctypes.c_void_p(stream), ctypes.pointer(attr), 1)
+        _check(_driver().cuLaunchKernelEx(ctypes.byref(cfg), self.func, args, None), "cuLaunchKernelEx")
 
 
     def _opt_in(self, smem: int) -> None:

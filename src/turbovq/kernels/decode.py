@@ -31,9 +31,11 @@ Algorithm (the torch twin is :func:`turbovq.kernels.reference.split_decode_refer
    third launch; measured slower on an H200 (the merge then runs on the critical tail), so it is off by default.
 
 Per call the host only builds a few Python values, allocates the workspace and the output and launches three
-kernels (no other torch op, no host synchronisation). Float32 ``tl.dot(..., input_precision="ieee")`` is avoided:
-Triton lowers it to a slow FMA loop (~20-30 us per 16 x 128 x 64 product on an H200), which was most of the
-former fixed per-call cost.
+kernels (no other torch op, no host synchronisation). On sm_90 they are chained by programmatic dependent launch
+(``PDL``): the CUDA split pass starts while the query kernel runs (its first copies under way, it waits before
+reading the rotated query) and the merge launches as the split pass ends. Float32
+``tl.dot(..., input_precision="ieee")`` is avoided: Triton lowers it to a slow FMA loop (~20-30 us per 16 x 128 x 64
+product on an H200), which was most of the former fixed per-call cost.
 
 Scores and values use float16 tensor-core operands with float32 accumulation (centroids are in [-1, 1] and the
 query is rotated in float32 first); the tail uses the model dtype, as flash attention does.
@@ -56,6 +58,7 @@ from turbovq.kv.cache import PackedRows, RowCodec
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     HAS_TRITON = True
 except ImportError:  # CPU-only installs: the torch reference is used
@@ -273,9 +276,11 @@ if HAS_TRITON:
     def _prep_kernel(
         ws, q_ptr, stride_qb, stride_qh, kscale_ptr, kmean_ptr, rk_ptr, rk_sh, H,
         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-        HAS_KSCALE: tl.constexpr, HAS_KMEAN: tl.constexpr,
+        HAS_KSCALE: tl.constexpr, HAS_KMEAN: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """Per (b, h): ``q_rot = (q * s_k) @ R_k[h]`` (3xTF32 dot) and ``<q, mu_k>`` into the workspace."""
+        if PDL:  # the split pass may start now: its prologue overlaps this kernel, it waits before reading q_rot
+            gdc_launch_dependents()
         pid_bh = tl.program_id(0)
         BH = tl.num_programs(0)
         b = pid_bh // H
@@ -302,9 +307,10 @@ if HAS_TRITON:
         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
         HAS_VMEAN: tl.constexpr, HAS_VSCALE: tl.constexpr,
     ):  # fmt: skip
-        """Output columns ``n0 : n0 + BN`` of (b, h): merge the S code splits and the tail split (4 splits' loads
-        in flight at a time), one inverse rotation ``R_v[h]^T`` (3xTF32 tensor-core dot: float32-accurate), then
-        ``* s_v``, ``+ l_codes * mu_v`` and the tail, all divided by the total."""
+        """Output columns ``n0 : n0 + BN`` of (b, h): merge the S code splits and the tail split in one pass with a
+        running maximum (four splits' loads per step; H100, B = 8, T = 32k: 9.0 -> 7.1 us against a first pass for
+        the maximum, kernels_decode_ab_r8.json), one inverse rotation ``R_v[h]^T`` (3xTF32 tensor-core dot:
+        float32-accurate), then ``* s_v``, ``+ l_codes * mu_v`` and the tail, all divided by the total."""
         PG = BH * (S + 1) * G
         m_ptr = ws + BH * G * (D + 1)
         l_ptr = m_ptr + PG
@@ -314,21 +320,27 @@ if HAS_TRITON:
         dd = tl.arange(0, D)
         base = pid_bh * (S + 1)
         big = tl.full([BLOCK_G], -1e30, tl.float32)
-        for s0 in range(0, S + 1, 4):
-            for j in tl.static_range(4):
-                ok = gmask & (s0 + j <= S)
-                big = tl.maximum(big, tl.load(m_ptr + (base + s0 + j) * G + g, mask=ok, other=-1e30))
         acc = tl.zeros([BLOCK_G, D], tl.float32)
         l_codes = tl.zeros([BLOCK_G], tl.float32)
         for s0 in range(0, S, 4):
             for j in tl.static_range(4):
                 ok = gmask & (s0 + j < S)
                 row = (base + s0 + j) * G + g
-                w = tl.exp2(tl.load(m_ptr + row, mask=ok, other=-1e30) - big)
-                l_codes += w * tl.load(l_ptr + row, mask=ok, other=0.0)
-                acc += w[:, None] * tl.load(acc_ptr + row[:, None] * D + dd[None, :], mask=ok[:, None], other=0.0)
+                m = tl.load(m_ptr + row, mask=ok, other=-1e30)
+                nb = tl.maximum(big, m)
+                alpha = tl.exp2(big - nb)
+                w = tl.exp2(m - nb)
+                l_codes = l_codes * alpha + w * tl.load(l_ptr + row, mask=ok, other=0.0)
+                part = tl.load(acc_ptr + row[:, None] * D + dd[None, :], mask=ok[:, None], other=0.0)
+                acc = acc * alpha[:, None] + w[:, None] * part
+                big = nb
         trow = (base + S) * G + g
-        w_tail = tl.exp2(tl.load(m_ptr + trow, mask=gmask, other=-1e30) - big)
+        m_tail = tl.load(m_ptr + trow, mask=gmask, other=-1e30)
+        nb = tl.maximum(big, m_tail)
+        alpha = tl.exp2(big - nb)
+        acc = acc * alpha[:, None]
+        l_codes = l_codes * alpha
+        w_tail = tl.exp2(m_tail - nb)
         inv = 1.0 / tl.where(gmask, l_codes + w_tail * tl.load(l_ptr + trow, mask=gmask, other=0.0), 1.0)
         cols = n0 + tl.arange(0, BN)
         r = tl.load(rv_ptr + h * rv_sh + cols[:, None] * D + dd[None, :])  # R[cols, :] (coalesced rows)
@@ -556,9 +568,11 @@ if HAS_TRITON:
     def _reduce_kernel(
         ws, S, H, rv_ptr, rv_sh, vmean_ptr, vscale_ptr, out_ptr,
         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-        HAS_VMEAN: tl.constexpr, HAS_VSCALE: tl.constexpr,
+        HAS_VMEAN: tl.constexpr, HAS_VSCALE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """The merge as a second launch, grid ``(B * H, D / BN)``: one program per (b, h) and output column chunk."""
+        if PDL:  # launched before the split pass has finished: wait for it and its partials
+            gdc_wait()
         pid_bh = tl.program_id(0)
         _combine(ws, pid_bh, pid_bh % H, tl.program_id(1) * BN, S, tl.num_programs(0), rv_ptr, rv_sh, vmean_ptr,
                  vscale_ptr, out_ptr, G, BLOCK_G, D, BN, HAS_VMEAN, HAS_VSCALE)  # fmt: skip
@@ -694,7 +708,23 @@ def _mma_ok(query, ks: _Side, vs: _Side, groups: int, fields, mask) -> bool:
     return aligned and same and norms[0].dtype in floats and norms[2].dtype in floats
 
 
-_SM_COUNTS: dict = {}
+_DEVICES: dict = {}
+
+
+def _device(device) -> tuple[int, tuple[int, int]]:
+    """(SM count, compute capability) of ``device``, cached (no device query per call); off CUDA, e.g. in the
+    interpreter, an H100's SM count and no capability (no sm_90 features)."""
+    info = _DEVICES.get(device)
+    if info is None:
+        props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+        info = (132, (0, 0)) if props is None else (props.multi_processor_count, (props.major, props.minor))
+        _DEVICES[device] = info
+    return info
+
+
+# Programmatic dependent launch between the three kernels of a call (sm_90): the split pass starts while the query
+# kernel runs (its ring fills meanwhile) and the merge launches as the split pass ends
+PDL = True
 
 
 # decode_mma.cu tuning (H100, benchmarks/kernels.py --phases tune-cuda, kernels_tune_r7b.json, kernels_tune_r8a.json):
@@ -749,12 +779,8 @@ def _mma_options(dim, groups, kside, vside, knorm, vnorm, qtype, mdtype, has_kme
 
 
 def sm_count(device) -> int:
-    """The card's SM count, cached (no device query per call); off CUDA, e.g. in the interpreter, an H100's (132)."""
-    n = _SM_COUNTS.get(device)
-    if n is None:
-        cuda_dev = device.type == "cuda"
-        n = _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count if cuda_dev else 132
-    return n
+    """The card's SM count (see _device)."""
+    return _device(device)[0]
 
 
 def default_splits(n: int, num_bh: int, min_len: int, device, waves: float = 8.0, max_splits: int = 64) -> int:
@@ -852,15 +878,22 @@ def decode_attention(
     if backend == "cuda" and not use_mma:
         raise ValueError("the CUDA split pass does not handle this call (see decode_attention's backend)")
     bh = bsz * num_kv
+    pdl = PDL and dev.type == "cuda" and _device(dev)[1] >= (9, 0)
     if use_mma:
         kern, block, smem = _mma_kernel(dim, groups, ks, vs, kf["norms0"].dtype, vf["norms0"].dtype, query.dtype,
                                         mask, ks.mean is not None, softcap, dev)  # fmt: skip
-        splits = num_splits or mma_splits(n, bh, kern.blocks_per_sm(block, smem) * sm_count(dev), dev, waves)
+        slots = kern.blocks_per_sm(block, smem) * sm_count(dev)
+        splits = num_splits or mma_splits(n, bh, slots, dev, waves)
     else:
         splits = num_splits or default_splits(n, bh, block_t, dev, waves)
     gran = 16 * MMA_TUNING["UC"] if use_mma else block_t  # split_len: whole units (CUDA) or blocks (Triton)
     split_len = math.ceil(math.ceil(n / splits) / gran) * gran
     splits = math.ceil(n / split_len)
+    # The split pass starts while the query kernel runs (the query kernel triggers it at once), except for a grid of
+    # long splits under one wave: there it was paced by blocks that started early (H100, B = 1, T = 128k: 82 ->
+    # 103 us, likely uneven placement on the SMs the query kernel held; 4k-token splits, 264 blocks of 396 slots),
+    # while every other cell measured gained 1-13 us (kernels_decode_pdl_r8.json).
+    early = pdl and use_mma and ((splits + 1) * bh >= slots or split_len <= 2048)
     block_g = max(16, triton.next_power_of_2(groups))
     bn = min(dim, 8192 // dim)  # inverse-rotation columns per program: a (BN, D) float32 tile of R_v
     ws = torch.empty(bh * groups * (dim + 1) + bh * (splits + 1) * groups * (dim + 2), device=dev, dtype=torch.float32)
@@ -872,7 +905,7 @@ def decode_attention(
         ws, query, query.stride(0), query.stride(1), ks.scale if ks.scale is not None else ws,
         ks.mean if ks.mean is not None else ws, ks.rot, ks.rot_sh, num_kv,
         G=groups, BLOCK_G=block_g, D=dim, BN=bn, HAS_KSCALE=ks.scale is not None,
-        HAS_KMEAN=ks.mean is not None, num_warps=4,
+        HAS_KMEAN=ks.mean is not None, PDL=early, num_warps=4,
     )  # fmt: skip
     if use_mma:
         fused_reduce = False  # the CUDA split pass always leaves the merge to _reduce_kernel
@@ -883,7 +916,7 @@ def decode_attention(
             tk.stride(0), tk.stride(1), tk.stride(2), stride_mb, stride_mt, n, t_len, split_len, splits, num_kv,
             float(scaling), float(softcap or 1.0), ks.mma_tab, vs.mma_tab,
         )  # fmt: skip
-        kern((splits + 1, bh, 1), block, prm, cuda.stream(dev), smem)
+        kern((splits + 1, bh, 1), block, prm, cuda.stream(dev), smem, pdl=pdl)
     else:
         cnt = _counters(dev, bh) if fused_reduce else ws
         _decode_kernel[(splits + 1, bh)](
@@ -905,6 +938,6 @@ def decode_attention(
             ws, splits, num_kv, vs.rot, vs.rot_sh, ws if vs.mean is None else vs.mean,
             ws if vs.scale is None else vs.scale, out,
             G=groups, BLOCK_G=block_g, D=dim, BN=bn, HAS_VMEAN=vs.mean is not None,
-            HAS_VSCALE=vs.scale is not None, num_warps=4,
+            HAS_VSCALE=vs.scale is not None, PDL=pdl, num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
     return out

@@ -606,16 +606,8 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
 #pragma unroll
     for (int i = 0; i < 8; i++) ktab0[i] = p.ktab[0][i], ktab1[i] = p.ktab[1][i], vtab0[i] = p.vtab[0][i],
                                 vtab1[i] = p.vtab[1][i];
-    const float* qr = p.ws + ((long long)pid_bh * G + g) * D;
-    u32 qb0[KD0 / 16][2], qb1[KDG1 / 16][2];
-    query_fragments<KD0>(qb0, qr + t4 * (KD0 / 4), g < G);
-    if (KD1 > 0) query_fragments<KDG1>(qb1, qr + KD0 + t4 * (KD1 / 4), g < G);
-    float qm[2] = {0.f, 0.f};  // <q, mu_k> of heads 2 t4, 2 t4 + 1
-#if HAS_KMEAN
-#pragma unroll
-    for (int j = 0; j < 2; j++)
-        if (2 * t4 + j < G) qm[j] = p.ws[(long long)gridDim.y * G * D + (long long)pid_bh * G + 2 * t4 + j];
-#endif
+    u32 qb0[KD0 / 16][2], qb1[KDG1 / 16][2];  // query fragments and <q, mu_k> of heads 2 t4, 2 t4 + 1: from the
+    float qm[2] = {0.f, 0.f};                  // query kernel, read once the first units' copies are under way
 
     const Rows rows = head_rows(p, pid_bh);
     const int lo = pid_s * p.split_len, hi = min(p.n, lo + p.split_len);
@@ -709,6 +701,22 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
         if (i < mine) copy_unit(srcs, smem_addr(ring + i * SLOT), lo + UT * (warp + NWARPS * i), p.n, lane);
         commit();
     }
+#else
+    Unit cur;
+    if (warp < units) load_unit(rows, cur, lo + UT * warp, p.n - 1, g, t4);
+#endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");  // (launched early, PDL) the query kernel's results are in
+#endif
+    const float* qr = p.ws + ((long long)pid_bh * G + g) * D;
+    query_fragments<KD0>(qb0, qr + t4 * (KD0 / 4), g < G);
+    if (KD1 > 0) query_fragments<KDG1>(qb1, qr + KD0 + t4 * (KD1 / 4), g < G);
+#if HAS_KMEAN
+#pragma unroll
+    for (int j = 0; j < 2; j++)
+        if (2 * t4 + j < G) qm[j] = p.ws[(long long)gridDim.y * G * D + (long long)pid_bh * G + 2 * t4 + j];
+#endif
+#if RING
     for (int i = 0; i < mine; i++) {
         const int slot = i % RING;
         if (i > 0) {  // the previous unit's slot is free (every lane read it) for the unit RING - 1 ahead
@@ -725,8 +733,6 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
         step(cur, lo + UT * (warp + NWARPS * i));
     }
 #else
-    Unit cur;
-    if (warp < units) load_unit(rows, cur, lo + UT * warp, p.n - 1, g, t4);
     for (int u = warp; u < units; u += NWARPS) {
         Unit nxt;
         if (u + NWARPS < units) load_unit(rows, nxt, lo + UT * (u + NWARPS), p.n - 1, g, t4);
