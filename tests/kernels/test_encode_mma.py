@@ -106,8 +106,9 @@ def _pack8(p: list[np.ndarray], bits: int) -> np.ndarray:
     return x
 
 
-# Group norms of fractional widths come from the float16-operand rotation's outputs: ~1e-4 relative (3e-4 at 32
-# channels), under the float16 rounding of the cache's stored norms
+# Group norms of fractional widths come from the float16-operand rotation's outputs: typically ~1e-4 relative, at
+# most ~3e-4 (4.5e-4 with 32-channel groups) over 2M rows (kernels_encode_ab_r8.json), about the float16 rounding of
+# the cache's stored norms
 GROUP_NORM_RTOL = 5e-4
 
 

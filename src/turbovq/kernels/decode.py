@@ -308,7 +308,7 @@ if HAS_TRITON:
         HAS_VMEAN: tl.constexpr, HAS_VSCALE: tl.constexpr,
     ):  # fmt: skip
         """Output columns ``n0 : n0 + BN`` of (b, h): merge the S code splits and the tail split in one pass with a
-        running maximum (four splits' loads per step; H100, B = 8, T = 32k: 9.0 -> 7.1 us against a first pass for
+        running maximum (four splits' loads per step; H100, B = 8, T = 32k: 9.1 -> 7.0 us against a first pass for
         the maximum, kernels_decode_ab_r8.json), one inverse rotation ``R_v[h]^T`` (3xTF32 tensor-core dot:
         float32-accurate), then ``* s_v``, ``+ l_codes * mu_v`` and the tail, all divided by the total."""
         PG = BH * (S + 1) * G

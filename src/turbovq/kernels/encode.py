@@ -126,7 +126,7 @@ def supported(x: torch.Tensor, codec: RowCodec) -> bool:
 _MMA_SOURCE = Path(__file__).with_name("encode_mma.cu").read_text()
 # encode_mma.cu tuning per head_dim (benchmarks/kernels.py --phases encode --tune-encode, H100): warps per block,
 # 16-row tiles per warp, blocks per SM the register allocation must allow, prefetch of the next tile's rows (not at
-# head_dim 256, where it spills: 1.25 -> 1.03 ms without, kernels_encode_h100.json)
+# head_dim 256, where it spills: 1.25 -> 1.03 ms without, kernels_encode_sweep_r8.json)
 MMA_TUNING = {64: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 1}, 128: {"NWARPS": 4, "MT": 1, "MINB": 3, "PF": 1},
               256: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 0}}  # fmt: skip
 
@@ -287,13 +287,13 @@ def encode_rows(
     Returns the same fields (``codes{i}`` uint8 (B, H, T, bytes_i), ``norms{i}`` float32 (B, H, T)). The CUDA kernel
     (bfloat16/float16 rows) rounds the normalized rows and R to float16 (2^-11 relative, finer than bfloat16 input):
     codes move by one level where a coordinate lies within ~1e-3 of a boundary (under 1% of them); row norms are
-    float32 sums, and the two group norms of fractional widths are those of the rotated outputs (~1e-4 relative,
-    below the float16 rounding of the cache's stored norms). ``precision`` (Triton): the rotation's ``tl.dot``
-    precision. ``"tf32x3"`` is float32-accurate; ``"tf32"`` (one pass, about 2x faster) rounds the rotation to
-    ~5e-4 relative, so codes may move by one level where a coordinate lies that close to a boundary (under 1% of
-    them). The default is tf32 for bfloat16/float16 input, whose own rounding (4e-3 / 5e-4) is as coarse, and tf32x3
-    for float32. ``symmetric``: half the comparisons, using the codebook's symmetry (default: when the boundaries
-    are symmetric, as Lloyd-Max's are).
+    float32 sums, and the two group norms of fractional widths are those of the rotated outputs (at most ~3e-4
+    relative, 5e-4 for 32-channel groups: about the float16 rounding of the cache's stored norms). ``precision``
+    (Triton): the rotation's ``tl.dot`` precision. ``"tf32x3"`` is float32-accurate; ``"tf32"`` (one pass, about 2x
+    faster) rounds the rotation to ~5e-4 relative, so codes may move by one level where a coordinate lies that close
+    to a boundary (under 1% of them). The default is tf32 for bfloat16/float16 input, whose own rounding (4e-3 /
+    5e-4) is as coarse, and tf32x3 for float32. ``symmetric``: half the comparisons, using the codebook's symmetry
+    (default: when the boundaries are symmetric, as Lloyd-Max's are).
     ``backend``: ``"cuda"`` (``encode_mma.cu``, 16-bit input, see :func:`mma_supported`), ``"triton"``, or
     ``"auto"`` (CUDA where it applies; ``TURBOVQ_CUDA=0`` turns it off). ``block_t``, ``num_warps``, ``precision``
     and ``symmetric`` tune the Triton kernel only.

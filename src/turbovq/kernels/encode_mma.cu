@@ -17,9 +17,10 @@
 //             only where a coordinate lies within ~1e-3 of a boundary, by one level. Two channel groups: the
 //             product uses the row norm; a group's norm is that of its rotated outputs (R is orthogonal per group),
 //             summed in float32 from the accumulators, times the row norm, and the group's outputs are divided by
-//             it in float16 (one more rounding). Its relative error, ~1e-4 from the float16 operands, is below the
-//             float16 rounding of the cache's stored norms; summing over the input channels instead took a bit
-//             mask and two predicated FMAs per coordinate (56% of copy bandwidth at 3.5 bits vs 64% at 4).
+//             it in float16 (one more rounding). Its relative error from the float16 operands, at most ~3e-4 (5e-4
+//             for 32-channel groups), is about the float16 rounding of the cache's stored norms; summing over the
+//             input channels instead took a bit mask and two predicated FMAs per coordinate (57% of copy bandwidth
+//             at 3.5 bits vs 64% now, kernels_encode_ab_r8.json).
 //   quantize  the Lloyd-Max codebooks are symmetric: code = M + 1 + c for y > 0, M - c otherwise, where c counts
 //             the 2^(b-1) - 1 positive boundaries below |y|; two coordinates per float16-pair comparison (see
 //             quantize2). The boundaries, rounded to float16, are kernel parameters (constant-bank operands).
