@@ -126,7 +126,6 @@ class Kernel:
         cfg = _LaunchConfig(*grid, block, 1, 1, smem, ctypes.c_void_p(stream), ctypes.pointer(attr), 1)
         _check(_driver().cuLaunchKernelEx(ctypes.byref(cfg), self.func, args, None), "cuLaunchKernelEx")
 
-
     def _opt_in(self, smem: int) -> None:
         """Dynamic shared memory past a kernel's default limit (48 KiB less its static shared memory) needs an
         opt-in; it is set once per kernel and size, for any size (harmless below the limit)."""

@@ -58,11 +58,14 @@ from turbovq.kv.cache import PackedRows, RowCodec
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     HAS_TRITON = True
 except ImportError:  # CPU-only installs: the torch reference is used
     HAS_TRITON = False
+try:  # Triton >= 3.3: programmatic dependent launch (see PDL)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 _LOG2E = 1.4426950408889634
 _PRMT = os.environ.get("TRITON_INTERPRET", "0") != "1"  # inline PTX decoders; the interpreter cannot run PTX
@@ -722,9 +725,9 @@ def _device(device) -> tuple[int, tuple[int, int]]:
     return info
 
 
-# Programmatic dependent launch between the three kernels of a call (sm_90): the split pass starts while the query
-# kernel runs (its ring fills meanwhile) and the merge launches as the split pass ends
-PDL = True
+# Programmatic dependent launch between the three kernels of a call (sm_90, Triton >= 3.3): the split pass starts
+# while the query kernel runs (its ring fills meanwhile) and the merge launches as the split pass ends
+PDL = gdc_wait is not None
 
 
 # decode_mma.cu tuning (H100, benchmarks/kernels.py --phases tune-cuda, kernels_tune_r7b.json, kernels_tune_r8a.json):
@@ -792,8 +795,8 @@ def default_splits(n: int, num_bh: int, min_len: int, device, waves: float = 8.0
 def mma_splits(n: int, num_bh: int, slots: int, device, waves: float = 8.0) -> int:
     """The CUDA split pass's splits per (b, h): default_splits' count under MMA_SPLITS, or up to a quarter more where
     that fills more of the grid's last wave of ``slots`` blocks (the card's SMs x blocks per SM; ties: fewer). H100,
-    kernels_tune_r8b.json: 18 splits instead of 17 at B = 8, T = 128k, 4% faster (1152 of 1188 slots busy in the
-    last of three waves instead of 1088); the same at T = 32k."""
+    kernels_tune_r8b.json, kernels_tune_r8d.json: 18 splits instead of 17 at B = 8, T = 128k, 4% faster (1152 of
+    1188 slots busy in the last of three waves instead of 1088); the same at T = 32k."""
     lo = default_splits(n, num_bh, MMA_SPLITS["min_tokens"], device, waves, MMA_SPLITS["max_splits"])
     hi = max(lo, min(lo + lo // 4, MMA_SPLITS["max_splits"], math.ceil(n / MMA_SPLITS["min_tokens"])))
     return max(range(lo, hi + 1), key=lambda s: (s * num_bh / (-(-s * num_bh // slots) * slots), -s))
