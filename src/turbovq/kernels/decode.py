@@ -792,6 +792,12 @@ def default_splits(n: int, num_bh: int, min_len: int, device, waves: float = 8.0
     return max(1, min(math.ceil(waves * sm_count(device) / num_bh), max_splits, math.ceil(n / min_len)))
 
 
+def wave_fill(blocks: int, slots: int) -> float:
+    """The share of the card's ``slots`` (blocks resident at once) that a grid of ``blocks`` keeps busy over its
+    waves: a last, partial wave leaves the rest idle."""
+    return blocks / (-(-blocks // slots) * slots)
+
+
 def mma_splits(n: int, num_bh: int, slots: int, device, waves: float = 8.0) -> int:
     """The CUDA split pass's splits per (b, h): default_splits' count under MMA_SPLITS, or up to a quarter more where
     that fills more of the grid's last wave of ``slots`` blocks (the card's SMs x blocks per SM; ties: fewer). H100,
@@ -799,7 +805,7 @@ def mma_splits(n: int, num_bh: int, slots: int, device, waves: float = 8.0) -> i
     1188 slots busy in the last of three waves instead of 1088); the same at T = 32k."""
     lo = default_splits(n, num_bh, MMA_SPLITS["min_tokens"], device, waves, MMA_SPLITS["max_splits"])
     hi = max(lo, min(lo + lo // 4, MMA_SPLITS["max_splits"], math.ceil(n / MMA_SPLITS["min_tokens"])))
-    return max(range(lo, hi + 1), key=lambda s: (s * num_bh / (-(-s * num_bh // slots) * slots), -s))
+    return max(range(lo, hi + 1), key=lambda s: (wave_fill(s * num_bh, slots), -s))
 
 
 _COUNTERS: dict = {}

@@ -284,6 +284,9 @@ struct Unit {  // raw data of one unit for one lane: per chunk, keys of tokens g
     u32 kn[UC][2][2], vn[UC][2][2];  // [chunk][token g, g + 8][group]
 };
 
+#define KNB (KNORM == 2 ? 4 : 2)  // norm bytes
+#define VNB (VNORM == 2 ? 4 : 2)
+
 // The arrays of one (b, h): its first row of codes and norms (rows below are 32-bit offsets from here).
 struct Rows {
     const u32 *k0, *k1, *v0, *v1;
@@ -292,7 +295,6 @@ struct Rows {
 
 __device__ __forceinline__ Rows head_rows(const Params& p, int pid_bh) {
     const long long rk = (long long)pid_bh * p.k_alloc, rv = (long long)pid_bh * p.v_alloc;
-    constexpr int KNB = KNORM == 2 ? 4 : 2, VNB = VNORM == 2 ? 4 : 2;  // norm bytes
     return {p.kc0 + rk * KROW0, p.kc1 + rk * KROW1, p.vc0 + rv * VROW0, p.vc1 + rv * VROW1,
             (const char*)p.kn0 + rk * KNB, (const char*)p.kn1 + rk * KNB, (const char*)p.vn0 + rv * VNB,
             (const char*)p.vn1 + rv * VNB};
@@ -332,8 +334,6 @@ __device__ __forceinline__ void load_unit(const Rows& r, Unit& u, int t0, int la
 // bytes is a multiple of 16 (slot_rows adds it). (H100, kernels_tune_r8a.json: 2-5% faster than one lane copying
 // whole arrays with cp.async.bulk, whose operands the compiler moves to uniform registers through an elect loop per
 // copy: ~140 instructions per unit on one lane, against ~75 here on all lanes.)
-#define KNB (KNORM == 2 ? 4 : 2)  // norm bytes
-#define VNB (VNORM == 2 ? 4 : 2)
 #define S_KC0 (UT * KROW0 * 4 + 16)  // slot regions: a unit's rows plus the alignment slack
 #define S_KC1 (KD1 > 0 ? UT * KROW1 * 4 + 16 : 0)
 #define S_VC0 (UT * VROW0 * 4 + 16)

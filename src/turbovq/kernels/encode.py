@@ -31,7 +31,7 @@ import torch
 
 from turbovq import packing
 from turbovq.kernels import cuda
-from turbovq.kernels.decode import HAS_TRITON, codec_supported, sm_count
+from turbovq.kernels.decode import HAS_TRITON, codec_supported, sm_count, wave_fill
 from turbovq.kernels.reference import channel_groups, fused_rotation, weak_cached
 from turbovq.kv.cache import RowCodec
 
@@ -240,7 +240,7 @@ def _row_splits(bh: int, max_splits: int, slots: int) -> int:
     block loads R once), else the best."""
     best, best_eff = 1, 0.0
     for k in range(1, max(1, min(max_splits, 64)) + 1):
-        eff = k * bh / (-(-k * bh // slots) * slots)
+        eff = wave_fill(k * bh, slots)
         if eff >= 0.9:
             return k
         if eff > best_eff:

@@ -209,12 +209,11 @@ __device__ __forceinline__ void encode_group(const u32 (&a)[MT][NK][4], const fl
                     mma16816(c[u][m][3], a[m][s], b23.z, b23.w);
                 }
             }
-        u32 f[MT][2];  // two groups: 1 / the group's output norm, a float16 pair, per row tile and row
+        u32 f[MT][2] = {};  // two groups: 1 / the group's output norm, a float16 pair, per row tile and row
 #pragma unroll
-        for (int m = 0; m < MT; m++)
+        for (int m = 0; m < (D1 > 0 ? MT : 0); m++)
 #pragma unroll
             for (int r = 0; r < 2; r++) {
-                if (D1 == 0) continue;
                 float ss = 0.f;  // the group's outputs of row g + 8 r: this lane's columns, then the row's 4 lanes
 #pragma unroll
                 for (int u = 0; u < NU; u++)
