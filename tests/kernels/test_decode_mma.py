@@ -75,6 +75,13 @@ def test_tuning_variants_compile(uc, minb, nwarps, ring, vpair):
 
 
 @needs_nvrtc
+@pytest.mark.parametrize("dbg", [1, 2, 3, 4, 5, 6])
+def test_timing_experiments_compile(dbg):
+    """The DBG builds behind the report's subtractive timings (wrong results on purpose) still compile."""
+    assert NAMES[0] in cuda.compile_cubin(kdecode._MMA_SOURCE, "sm_90", _options(*CONFIGS[0], DBG=dbg))
+
+
+@needs_nvrtc
 def test_compile_error_carries_the_log():
     with pytest.raises(cuda.CudaCompileError, match="NVRTC failed"):
         cuda.compile_cubin("__global__ void k() { undefined_thing(); }", "sm_90")

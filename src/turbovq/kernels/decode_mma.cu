@@ -29,7 +29,9 @@
 // 3 bool), HAS_MASK, HAS_KMEAN, SOFTCAP;
 // tuning: UC (16-token chunks per unit), MINB (blocks per SM the register allocation must allow), RING (unit slots
 // per warp in shared memory, 0 = register prefetch), VPAIR (token-pair value decode); DBG (timing experiments only,
-// wrong results on purpose: 1 = no decode, 2 = no code loads).
+// wrong results on purpose: 1 = no decode, 2 = no code loads, 3 = no code copies into the ring, 4 = 3-bit codes
+// spread to nibbles by one mask, as a nibble-aligned layout would allow, 5 = 4-bit key codes in sign-magnitude form
+// (no index flip), 6 = 4 and 5).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -140,8 +142,12 @@ __device__ __forceinline__ void dec4(u32 w, const u32 (&t)[8], u32* out) {
         // k < 8 (top bit clear: the negative half) -> 15 - k: XOR 7 in those nibbles. The multiply-high puts the 7s
         // on the FMA pipe, and the opaque permutes keep the compiler from re-masking idx per half (the integer/logic
         // pipe bounds this kernel).
+#if DBG == 5 || DBG == 6
+        const u32 idx = w & 0x77777777u, idh = idx >> 16;
+#else
         const u32 sev = __umulhi(~w & 0x88888888u, 0xE0000000u);  // (top bits >> 3) * 7
         const u32 idx = (w ^ sev) & 0x77777777u, idh = idx >> 16;
+#endif
         la = prmt(t[0], t[1], idx), lb = prmt(t[0], t[1], idh);
         ha = prmt(t[2], t[3], idx) | (~ma & 0x80808080u);
         hb = prmt(t[2], t[3], idh) | (~mb & 0x80808080u);
@@ -175,6 +181,9 @@ __device__ __forceinline__ void lookup8(u32 y, const u32 (&t)[8], u32* out) {
 // bits that the next step's masks drop (one logic op each instead of two; checked over every input in the CPU
 // tests); the last must clear each nibble's top bit (PRMT's sign-replicate flag).
 __device__ __forceinline__ u32 spread3(u32 u) {
+#if DBG == 4 || DBG == 6
+    return u & 0x77777777u;
+#endif
     u32 y = blend<0xFFFu>(u, u << 4);
     y = blend<0x3F003Fu>(y, y << 2);
     return (y & 0x07070707u) | ((y << 1) & 0x70707070u);
@@ -389,6 +398,9 @@ struct Srcs {
 };
 
 __device__ __forceinline__ void copy_unit(const Srcs& r, u32 dst, int t0, int n, int lane) {
+#if DBG == 3
+    return;
+#endif
     const int rows = min(UT, n - t0);  // never past the last code
     copy_rows<KROW0 * 4>(dst, r.k0, t0, rows, lane);
     if (KD1 > 0) copy_rows<KROW1 * 4>(dst + O_KC1, r.k1, t0, rows, lane);
@@ -458,6 +470,16 @@ __device__ __forceinline__ void value_group(float (&acc)[DG / 16][4], const u32 
                                             const u32 (&tab)[8], u32 pb0, u32 pb1) {
     if (vpair<BITS, DG / 8>()) {
         u32 r[2][DG / 8];  // per token pair (2 t4 + {0, 1}, 2 t4 + {8, 9}): one register per coordinate (vslot order)
+#if DBG == 1
+#pragma unroll
+        for (int pr = 0; pr < 2; pr++)
+#pragma unroll
+            for (int j = 0; j < DG / 8; j++) r[pr][j] = (vw[2 * pr][j % W] ^ vw[2 * pr + 1][(j + 1) % W]) & 0x3BFF3BFFu;
+#pragma unroll
+        for (int mt = 0; mt < DG / 16; mt++)
+            mma16816(acc[mt], r[0][2 * mt], r[0][2 * mt + 1], r[1][2 * mt], r[1][2 * mt + 1], pb0, pb1);
+        return;
+#endif
 #pragma unroll
         for (int pr = 0; pr < 2; pr++)
 #pragma unroll
