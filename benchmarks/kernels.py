@@ -427,8 +427,9 @@ def overhead(dev, modules: list[str], cells: list[tuple[int, int]], log_dir: Pat
 def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int]) -> list[dict]:
     """``encode_rows`` on B = 8, H = 8, T = 32k rows of bf16 (centered, channel scales as the cache's default):
     the CUDA kernel (encode_mma.cu), the Triton kernel and the torch ``RowCodec.encode``, side by side; achieved
-    bandwidth on the bytes read and written vs the copy roofline. head_dim 128: 4, 3, 3.5 and 2.5 bits; other
-    ``dims``: 4 and 3.5 bits. With ``tune_grid``, a sweep of the CUDA tuning (MMA_TUNING) for 4, 3 and 3.5 bits."""
+    bandwidth on the bytes read and written vs the copy roofline. head_dim 128: 4, 3, 3.5 and 2.5 bits, and 4-bit
+    TurboQuant_prod keys (3-bit codes + QJL signs: the Triton kernel only); other ``dims``: 4 and 3.5 bits. With
+    ``tune_grid``, a sweep of the CUDA tuning (MMA_TUNING) for 4, 3 and 3.5 bits."""
     from turbovq.kernels import encode as kencode
 
     b, t = 8, 32768
@@ -437,32 +438,41 @@ def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int]) -> list[
         x = torch.randn(b, HKV, t, dim, device=dev, dtype=torch.bfloat16)
         mean = x.float().mean(2, keepdim=True)
         scale = torch.rand(b, HKV, 1, dim, device=dev) + 0.5
-        for bits in (4, 3, 3.5, 2.5) if dim == D else (4, 3.5):
-            codec = RowCodec(dim, bits, seed=1)
+        for bits, qjl in ((4, False), (3, False), (3.5, False), (2.5, False), (4, True)) if dim == D else \
+                ((4, False), (3.5, False)):  # fmt: skip
+            codec = RowCodec(dim, bits, seed=1, qjl=qjl)
             perm = codec.calibrate(x[:, :, :1024].float() - mean) if codec.num_outliers else None
             written = sum(v.numel() * v.element_size() for v in encode_rows(x[:, :, :64], codec, perm, mean).values())
             nbytes = x.numel() * 2 + written // 64 * t  # read bf16 rows once, write codes + float32 norms
 
-            def run(backend, codec=codec, perm=perm, x=x, mean=mean, scale=scale):
-                return encode_rows(x, codec, perm, mean, scale, backend=backend)
+            def run(backend, codec=codec, perm=perm, x=x, mean=mean, scale=scale, **kw):
+                return encode_rows(x, codec, perm, mean, scale, backend=backend, **kw)
 
-            ms = {k: bench(lambda k=k: run(k), rep=50) for k in ("cuda", "triton")}
+            ms = {k: bench(lambda k=k: run(k), rep=50) for k in (("triton",) if qjl else ("cuda", "triton"))}
             if dim == D:
                 xs = (x.float() - mean) / scale
                 ms["torch"] = bench(lambda c=codec, p=perm, xs=xs: c.encode(xs, p), rep=20)
                 del xs
-            row = {"head_dim": dim, "bits": bits, "rows": b * HKV * t, "bytes": nbytes}
+            row = {"head_dim": dim, "bits": bits, "qjl": qjl, "rows": b * HKV * t, "bytes": nbytes}
             for k, v in ms.items():
                 row[f"{k}_ms"] = v
                 row[f"{k}_roofline_frac"] = nbytes / v / 1e9 / copy_tbs
-            row["cuda_vs_triton"] = ms["triton"] / ms["cuda"]
+            best = "triton" if qjl else "cuda"
+            if not qjl:
+                row["cuda_vs_triton"] = ms["triton"] / ms["cuda"]
             if "torch" in ms:
-                row["cuda_vs_torch"] = ms["torch"] / ms["cuda"]
+                row[f"{best}_vs_torch"] = ms["torch"] / ms[best]
             out.append(row)
-            print(f"encode d={dim} bits={bits}: cuda {ms['cuda']:.3f} ms ({row['cuda_roofline_frac']:.0%} of copy bw), "
-                  f"triton {ms['triton']:.3f} ms ({row['triton_roofline_frac']:.0%})"
-                  + (f", torch {ms['torch']:.2f} ms" if "torch" in ms else ""), flush=True)  # fmt: skip
-            if bits in (4, 3, 3.5) and tune_grid:
+            print(f"encode d={dim} bits={bits}{' prod' if qjl else ''}: "
+                  + ", ".join(f"{k} {v:.3f} ms ({row[f'{k}_roofline_frac']:.0%} of copy bw)" for k, v in ms.items()),
+                  flush=True)  # fmt: skip
+            if qjl:  # the Triton kernel's settings for prod keys (encode_rows' defaults come from this sweep)
+                sweep = [{"block_t": bt, "num_warps": nw, "ms": bench(
+                    lambda bt=bt, nw=nw: run("triton", block_t=bt, num_warps=nw), rep=30)}
+                    for bt in (32, 64, 128) for nw in (4, 8)]  # fmt: skip
+                row["triton_sweep"] = sorted(sweep, key=lambda r: r["ms"])
+                print(f"  fastest Triton settings: {row['triton_sweep'][0]}", flush=True)
+            if bits in (4, 3, 3.5) and tune_grid and not qjl:
                 sweep, default = [], dict(kencode.MMA_TUNING[dim])
                 try:
                     for kw in tune_grid:

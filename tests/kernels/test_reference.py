@@ -128,6 +128,21 @@ _INTERPRETER_CHECK = textwrap.dedent(
                 assert (e_ref[k] != e_out[k]).float().mean() < 1e-3, k
             else:
                 torch.testing.assert_close(e_out[k], e_ref[k], rtol=1e-5, atol=0)
+    from turbovq.kv.cache import RowCodec
+    for kb, d, rot in [(4, 64, "hadamard"), (3.5, 64, "haar"), (2, 32, "hadamard")]:  # prod keys: mse + QJL signs
+        codec = RowCodec(d, kb, seed=3, rotation=rot, qjl=True)
+        x = torch.randn(2, 2, 37, d) * 3 + 1
+        mean = x.mean(2, keepdim=True)
+        perm = codec.calibrate(x - mean)
+        e_ref = encode_reference(x, codec, perm, mean)
+        e_out = encode_rows(x, codec, perm, mean, block_t=16)
+        assert set(e_out) == set(e_ref), (set(e_out), set(e_ref))
+        signs = lambda f: codec.qjl_signs(f)  # noqa: E731
+        assert (signs(e_ref) != signs(e_out)).float().mean() < 2e-3, kb
+        torch.testing.assert_close(e_out["rnorms"], e_ref["rnorms"], rtol=1e-4, atol=1e-6)
+        for k in e_ref:
+            if k.startswith("codes"):
+                assert (e_ref[k] != e_out[k]).float().mean() < 1e-3, k
     from turbovq.kernels.dequantize import dequantize_rows
     for kb, d, scaled in [(4, 64, False), (3.5, 64, True), (2.5, 128, True), (3, 128, False), (4, 256, True)]:
         q, pk, pv, tk, tv = tr.make_case(d=d, hq=4, hkv=2, n=70, t=5, key_bits=kb, value_bits=kb, scaled=scaled)

@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 
 from conftest import assert_codes_match  # noqa: E402
 
+from turbovq.kernels import encode as kencode  # noqa: E402
 from turbovq.kernels.decode import decode_attention, mma_groups_ok, supported  # noqa: E402
 from turbovq.kernels.encode import encode_rows  # noqa: E402
 from turbovq.kernels.reference import decode_reference, encode_reference  # noqa: E402
@@ -188,6 +189,40 @@ def test_encode_cuda_matches_row_codec(cuda, d, bits, dtype, center, scaled):
         assert all(torch.equal(out[k][0, 1, 7], ref[k][0, 1, 7]) for k in ref if k.startswith("codes"))
 
 
+@pytest.mark.parametrize("d,bits,dtype", [(64, 4, torch.bfloat16), (128, 4, torch.float32), (128, 3.5, torch.float16),
+                                          (256, 3, torch.bfloat16), (128, 2, torch.float32)])  # fmt: skip
+def test_encode_qjl_matches_row_codec(cuda, d, bits, dtype):
+    """TurboQuant_prod keys: mse codes as for any codec; the QJL signs and residual norms as QJL.sketch gives them for
+    the residual of the kernel's own codes (where a code moved by one level at a boundary, so does the residual):
+    float32-accurate for float32 rows (tf32x3), a few signs of projections within ~1e-3 of zero for 16-bit rows
+    (one-pass tf32); and the inner products they give are unbiased: over 64 query directions (QJL is unbiased over
+    its random sketch; for one fixed sketch, single directions scatter by ~1%), <q, k_hat> regresses on <q, k> with
+    slope 1, while the mse codes alone give 0.64-0.97 here (tens of standard errors off)."""
+    g = torch.Generator().manual_seed(d + int(10 * bits))
+    x = (torch.randn(2, 4, 700, d, generator=g) * 2 + 1).to(cuda, dtype)
+    codec = RowCodec(d, bits, seed=3, qjl=True)
+    mean = x.float().mean(2, keepdim=True)
+    scale = (torch.rand(2, 4, 1, d, generator=g) + 0.5).to(cuda)
+    xn = (x.float() - mean) / scale
+    perm = codec.calibrate(xn)
+    assert kencode.supported(x, codec) and not kencode.mma_supported(x, codec)
+    out = encode_rows(x, codec, perm, mean, scale)
+    exact = dtype == torch.float32
+    assert_codes_match(out, encode_reference(x, codec, perm, mean, scale), codec, mismatch=1e-4 if exact else 1e-2)
+    sketch = codec.quantizer.qjl
+    r = xn - codec.decode(out, perm, with_qjl=False)
+    signs, rnorms = sketch.sketch(r.reshape(-1, d))
+    mismatch = (sketch.signs(signs) != sketch.signs(out["qjl"].reshape(-1, out["qjl"].shape[-1]))).float().mean()
+    assert mismatch < (1e-4 if exact else 1e-2), mismatch
+    torch.testing.assert_close(out["rnorms"].reshape(-1), rnorms, rtol=1e-5 if exact else 1e-2, atol=1e-6)
+    q = torch.randn(d, 64, generator=g).to(cuda)
+    a = xn.reshape(-1, d) @ q
+    for with_qjl in (True, False):
+        b = codec.decode(out, perm, with_qjl=with_qjl).reshape(-1, d) @ q
+        slope, se = (a * b).sum() / (a * a).sum(), (b - a).std() / (a * a).sum().sqrt()
+        assert ((slope - 1).abs() < 6 * se) == with_qjl, (with_qjl, slope, se)
+
+
 def test_encode_cuda_refuses_what_it_cannot_run(cuda):
     codec = RowCodec(128, 4, seed=0)
     with pytest.raises(ValueError, match="backend='cuda'"):
@@ -206,12 +241,12 @@ def _tiny_llama(cuda):
     return transformers.LlamaForCausalLM(config).to(cuda, torch.bfloat16).eval()
 
 
-def _cache_logits(model, ids, monkeypatch, env, step):
+def _cache_logits(model, ids, monkeypatch, env, step, **cache_kw):
     """``step(cache)`` after a 290-token prefill into a K4/V3 TurboQuantCache, with TURBOVQ_KERNELS=env."""
     from turbovq.kv import TurboQuantCache, codes_attention
 
     monkeypatch.setenv("TURBOVQ_KERNELS", env)
-    cache = TurboQuantCache(model.config, key_bits=4, value_bits=3, residual_length=32, flush_block=16)
+    cache = TurboQuantCache(model.config, key_bits=4, value_bits=3, residual_length=32, flush_block=16, **cache_kw)
     with codes_attention(model), torch.no_grad():
         model(ids[:, :290], past_key_values=cache, use_cache=True)
         return step(cache)
@@ -221,7 +256,6 @@ def test_cache_uses_kernel_and_matches_reference(cuda, monkeypatch):
     """TurboQuantCache + codes_attention on CUDA: flushes and decode steps go through the kernels, logits match
     TURBOVQ_KERNELS=0."""
     from turbovq.kernels import decode as kdecode
-    from turbovq.kernels import encode as kencode
 
     model = _tiny_llama(cuda)
     ids = torch.randint(0, 96, (2, 300), device=cuda)
@@ -238,6 +272,28 @@ def test_cache_uses_kernel_and_matches_reference(cuda, monkeypatch):
     out = _cache_logits(model, ids, monkeypatch, "1", step)
     assert len(calls) == 10 * 2  # every decode step, every layer
     assert len(encodes) >= 2 * 2  # the flushes encode keys and values of every layer through the kernel
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
+
+
+def test_qjl_key_cache_encodes_through_the_kernel(cuda, monkeypatch):
+    """TurboQuant_prod keys (qjl_keys=True): flushes encode through the fused kernel (mse codes and QJL signs in one
+    pass), attention keeps the reference (attend_codes), logits match TURBOVQ_KERNELS=0."""
+    model = _tiny_llama(cuda)
+    ids = torch.randint(0, 96, (2, 300), device=cuda)
+    qjl_encodes, real_encode = [], kencode.encode_rows
+    def encode(x, codec, *a, **k):
+        qjl_encodes.append(codec.qjl)
+        return real_encode(x, codec, *a, **k)
+
+    monkeypatch.setattr(kencode, "encode_rows", encode)
+
+    def step(cache):
+        return torch.cat([model(ids[:, i : i + 1], past_key_values=cache).logits for i in range(290, 300)], 1)
+
+    ref = _cache_logits(model, ids, monkeypatch, "0", step, qjl_keys=True)
+    assert not qjl_encodes
+    out = _cache_logits(model, ids, monkeypatch, "1", step, qjl_keys=True)
+    assert sum(qjl_encodes) >= 2  # the keys' flushes of both layers
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
 
 

@@ -152,9 +152,12 @@ def _pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
 
-def codec_supported(codec: RowCodec) -> bool:
-    """Whether the kernels handle this codec: mse codes, power-of-two groups of >= 16 channels in whole words."""
-    if codec.qjl or not _pow2(codec.dim) or codec.dim < 16:
+def codec_supported(codec: RowCodec, qjl: bool = False) -> bool:
+    """Whether the kernels handle this codec: mse codes, power-of-two groups of >= 16 channels in whole words; with
+    ``qjl`` (the encode) also TurboQuant_prod keys whose sketch has a power-of-two number of rows >= 32."""
+    if not _pow2(codec.dim) or codec.dim < 16:
+        return False
+    if codec.qjl and not (qjl and _pow2(codec.quantizer.qjl.rows) and codec.quantizer.qjl.rows >= 32):
         return False
     for bits, d, _ in codec.groups:
         if bits not in _DOT_BITS or not _pow2(d) or d < 16 or (d * bits) % 32 or (bits == 3 and d % 32):

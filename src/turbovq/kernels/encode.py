@@ -19,7 +19,12 @@ and norms, so they can run at memory speed. Two implementations of the same arit
     coordinate is within ~1e-6 of a boundary);
   * ``code = #(boundaries < y / ||x_group||)`` (the same strict comparison as ``codebook.quantize_coordinates``),
     counted over the positive half of the symmetric codebook only;
-  * pack into int32 words with the little-endian layout of ``packing.py`` and store codes and float32 norms.
+  * pack into int32 words with the little-endian layout of ``packing.py`` and store codes and float32 norms;
+  * TurboQuant_prod keys (``RowCodec(qjl=True)``), in the same pass: the residual ``r = x - decode(codes)`` is
+    ``e @ R^T`` with ``e = y - norm * centroid[code]`` (the rotated residual, R orthogonal), so its QJL signs
+    ``sign(r @ S^T)`` are ``sign(e @ Q)`` with ``Q = R^T S^T`` (built once per layer) and its norm is ``||e||``.
+    The rotated residual never leaves registers: one more tensor-core product per column chunk, then the signs are
+    packed like 1-bit codes. (The CUDA kernel does not do this part, so prod keys always take this one.)
 """
 
 from __future__ import annotations
@@ -42,8 +47,9 @@ if HAS_TRITON:
     @triton.jit
     def _encode_group(x, nrm, rot, bnd, out_ptr, word_row, COL0: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                       DG: tl.constexpr, CW: tl.constexpr, BLOCK_T: tl.constexpr, t_mask, PREC: tl.constexpr,
-                      SYM: tl.constexpr):  # fmt: skip
-        """Rotate, quantize and pack the DG columns of one channel group, CW columns at a time.
+                      SYM: tl.constexpr, cent, qmat, proj, ss, QJL: tl.constexpr, RQ: tl.constexpr):  # fmt: skip
+        """Rotate, quantize and pack the DG columns of one channel group, CW columns at a time. With QJL, also add
+        the group's rotated residual ``e`` to ``proj += e @ Q[cols]`` and ``ss += ||e||^2`` (returned).
 
         SYM: the Lloyd-Max codebook is symmetric (boundary M = 2^(b-1) - 1 is 0, the others come in +- pairs), so
         ``#(boundaries < y)`` is ``M + 1 + c`` for y > 0 and ``M - c`` otherwise, c = #(positive boundaries < |y|):
@@ -83,14 +89,20 @@ if HAS_TRITON:
                 words = tl.sum(c << (tl.arange(0, CPW) * BITS)[None, None, :], axis=2)  # disjoint fields: sum == or
                 tl.store(out_ptr + word_row[:, None] + (c0 * BITS // 32) + tl.arange(0, NW)[None, :], words,
                          mask=t_mask[:, None])  # fmt: skip
+            if QJL:
+                e = (y - tl.load(cent + codes)) * nrm[:, None]
+                ss += tl.sum(e * e, axis=1)
+                qm = tl.load(qmat + (COL0 + c0 + tl.arange(0, CW))[:, None] * RQ + tl.arange(0, RQ)[None, :])
+                proj += tl.dot(e, qm, input_precision=PREC)
+        return proj, ss
 
     @triton.jit
     def _encode_kernel(
         x_ptr, sx_b, sx_h, sx_t, mean_ptr, scale_ptr, rot_ptr, rot_stride_h, gid_ptr,
-        c0_ptr, n0_ptr, bnd0, c1_ptr, n1_ptr, bnd1, T, H,
+        c0_ptr, n0_ptr, bnd0, cent0, c1_ptr, n1_ptr, bnd1, cent1, qmat_ptr, qmat_stride_h, qjl_ptr, rn_ptr, T, H,
         D: tl.constexpr, B0: tl.constexpr, D0: tl.constexpr, B1: tl.constexpr, D1: tl.constexpr,
         BLOCK_T: tl.constexpr, CW0: tl.constexpr, CW1: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_SCALE: tl.constexpr,
-        PREC: tl.constexpr, SYM: tl.constexpr,
+        PREC: tl.constexpr, SYM: tl.constexpr, QJL: tl.constexpr, RQ: tl.constexpr,
     ):  # fmt: skip
         pid_t = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -109,18 +121,27 @@ if HAS_TRITON:
         sq = x * x
         row = pid_bh * T + t
         rot = rot_ptr + h * rot_stride_h
+        qmat = qmat_ptr + h * qmat_stride_h
+        proj = tl.zeros([BLOCK_T, RQ], tl.float32)  # with QJL: the residual's projections e @ Q, and ||e||^2
+        ss = tl.zeros([BLOCK_T], tl.float32)
         nrm0 = tl.sqrt(tl.sum(tl.where((gid == 0)[None, :], sq, 0.0), axis=1))
         tl.store(n0_ptr + row, nrm0, mask=t_mask)
-        _encode_group(x, nrm0, rot, bnd0, c0_ptr, row * (D0 * B0 // 32), 0, D, B0, D0, CW0, BLOCK_T, t_mask, PREC, SYM)
+        proj, ss = _encode_group(x, nrm0, rot, bnd0, c0_ptr, row * (D0 * B0 // 32), 0, D, B0, D0, CW0, BLOCK_T, t_mask,
+                                 PREC, SYM, cent0, qmat, proj, ss, QJL, RQ)  # fmt: skip
         if D1 > 0:
             nrm1 = tl.sqrt(tl.sum(tl.where((gid == 1)[None, :], sq, 0.0), axis=1))
             tl.store(n1_ptr + row, nrm1, mask=t_mask)
-            _encode_group(x, nrm1, rot, bnd1, c1_ptr, row * (D1 * B1 // 32), D0, D, B1, D1, CW1, BLOCK_T, t_mask, PREC,
-                          SYM)
+            proj, ss = _encode_group(x, nrm1, rot, bnd1, c1_ptr, row * (D1 * B1 // 32), D0, D, B1, D1, CW1, BLOCK_T,
+                                     t_mask, PREC, SYM, cent1, qmat, proj, ss, QJL, RQ)  # fmt: skip
+        if QJL:  # signs (>= 0 -> 1, as QJL.sketch) packed LSB first, 32 per word, and the residual norms
+            bits = tl.reshape((proj >= 0).to(tl.int32), (BLOCK_T, RQ // 32, 32))
+            words = tl.sum(bits << tl.arange(0, 32)[None, None, :], axis=2)
+            tl.store(qjl_ptr + row[:, None] * (RQ // 32) + tl.arange(0, RQ // 32)[None, :], words, mask=t_mask[:, None])
+            tl.store(rn_ptr + row, tl.sqrt(ss), mask=t_mask)
 
 
 def supported(x: torch.Tensor, codec: RowCodec) -> bool:
-    return HAS_TRITON and x.is_cuda and codec_supported(codec)
+    return HAS_TRITON and x.is_cuda and codec_supported(codec, qjl=True)
 
 
 _MMA_SOURCE = Path(__file__).with_name("encode_mma.cu").read_text()
@@ -277,14 +298,15 @@ def encode_rows(
     scale: torch.Tensor | None = None,
     *,
     block_t: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     precision: str | None = None,
     symmetric: bool | None = None,
     backend: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """Fused ``RowCodec.encode((x - mean) / scale, perm)`` for x of shape (B, H, T, D), any float dtype.
 
-    Returns the same fields (``codes{i}`` uint8 (B, H, T, bytes_i), ``norms{i}`` float32 (B, H, T)). The CUDA kernel
+    Returns the same fields (``codes{i}`` uint8 (B, H, T, bytes_i), ``norms{i}`` float32 (B, H, T); with a QJL codec
+    also ``qjl`` uint8 (B, H, T, rows / 8) and ``rnorms`` float32 (B, H, T), from the Triton kernel). The CUDA kernel
     (bfloat16/float16 rows) rounds the normalized rows and R to float16 (2^-11 relative, finer than bfloat16 input):
     codes move by one level where a coordinate lies within ~1e-3 of a boundary (under 1% of them); row norms are
     float32 sums, and the two group norms of fractional widths are those of the rotated outputs (at most ~3e-4
@@ -308,6 +330,10 @@ def encode_rows(
     for i, (bits, d, _) in enumerate(codec.groups):
         fields[f"codes{i}"] = torch.empty(bsz, heads, rows, packing.packed_size(d, bits), dtype=torch.uint8, device=dev)
         fields[f"norms{i}"] = torch.empty(bsz, heads, rows, dtype=torch.float32, device=dev)
+    if codec.qjl:
+        sketch = codec.quantizer.qjl
+        fields["qjl"] = torch.empty(bsz, heads, rows, sketch.rows // 8, dtype=torch.uint8, device=dev)
+        fields["rnorms"] = torch.empty(bsz, heads, rows, dtype=torch.float32, device=dev)
     if rows == 0:
         return fields
     use_cuda = backend != "triton" and mma_supported(x, codec)
@@ -325,7 +351,13 @@ def encode_rows(
     args = []
     for i in range(2):
         j = min(i, len(codec.groups) - 1)
-        args += [fields[f"codes{j}"].view(torch.int32), fields[f"norms{j}"], codec.tensors(j, dev)[2]]
+        _, cent, bounds = codec.tensors(j, dev)
+        args += [fields[f"codes{j}"].view(torch.int32), fields[f"norms{j}"], bounds, cent]
+    if codec.qjl:
+        qmat = _qjl_projection(codec, perm, dev)
+        args += [qmat, 0 if qmat.shape[0] == 1 else qmat[0].numel(), fields["qjl"].view(torch.int32), fields["rnorms"]]
+    else:
+        args += [x, 0, x, x]
     mean_arg = x if mean is None else mean.reshape(bsz * heads, dim).float().contiguous()
     scale_arg = x if scale is None else scale.reshape(bsz * heads, dim).float().contiguous()
     (b0, d0, _), rest = codec.groups[0], codec.groups[1:]
@@ -335,9 +367,25 @@ def encode_rows(
         x, x.stride(0), x.stride(1), x.stride(2), mean_arg, scale_arg, rot, 0 if rot.shape[0] == 1 else dim * dim, gid,
         *args, rows, heads,
         D=dim, B0=b0, D0=d0, B1=b1, D1=d1, BLOCK_T=block, CW0=min(d0, 64), CW1=min(max(d1, 16), 64),
-        HAS_MEAN=mean is not None, HAS_SCALE=scale is not None, PREC=precision, SYM=symmetric, num_warps=num_warps,
+        HAS_MEAN=mean is not None, HAS_SCALE=scale is not None, PREC=precision, SYM=symmetric,
+        QJL=codec.qjl, RQ=codec.quantizer.qjl.rows if codec.qjl else 32,
+        num_warps=num_warps or (8 if codec.qjl else 4),  # QJL holds a (block, rows) tile more (kernels_encode_prod_r9)
     )  # fmt: skip
     return fields
+
+
+_QJL: dict[tuple, tuple] = {}
+
+
+def _qjl_projection(codec: RowCodec, perm, device) -> torch.Tensor:
+    """``Q = R^T S^T`` per head, (H or 1, D, rows) float32: the rotated residual ``e`` has QJL projections ``e @ Q``
+    (``r = e @ R^T``, R the fused rotation, S the sketch matrix); built once per layer."""
+
+    def build():
+        rot = fused_rotation(codec, perm, device)
+        return (rot.transpose(-1, -2) @ codec.quantizer.qjl.matrix(device).T.to(rot.dtype)).contiguous()
+
+    return weak_cached(_QJL, (codec, perm), device, build)
 
 
 def _codec_symmetric(codec: RowCodec) -> bool:
