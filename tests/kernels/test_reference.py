@@ -163,3 +163,14 @@ def test_triton_kernels_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(src), str(here)])}
     res = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], env=env, capture_output=True, text=True)
     assert res.returncode == 0 and "interpreter ok" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_encode_rows_refuses_a_qjl_sketch_it_cannot_pack():
+    from turbovq.kernels.encode import encode_rows
+    from turbovq.qjl import QJL
+
+    codec = RowCodec(64, 4, seed=0, qjl=True)
+    codec.quantizer.qjl = QJL(64, seed=0, rows=48)  # signs are packed 32 to a word by a power-of-two tile
+    with pytest.raises(ValueError, match="QJL sketch of >= 32 rows, got 48"):
+        encode_rows(torch.randn(1, 1, 4, 64), codec, None)

@@ -332,6 +332,8 @@ def encode_rows(
         fields[f"norms{i}"] = torch.empty(bsz, heads, rows, dtype=torch.float32, device=dev)
     if codec.qjl:
         sketch = codec.quantizer.qjl
+        if not codec_supported(codec, qjl=True):
+            raise ValueError(f"the fused encode needs a power-of-two QJL sketch of >= 32 rows, got {sketch.rows}")
         fields["qjl"] = torch.empty(bsz, heads, rows, sketch.rows // 8, dtype=torch.uint8, device=dev)
         fields["rnorms"] = torch.empty(bsz, heads, rows, dtype=torch.float32, device=dev)
     if rows == 0:
