@@ -41,6 +41,7 @@ import triton
 
 from turbovq.kernels.decode import decode_attention
 from turbovq.kernels.encode import encode_rows
+from turbovq.kv.attention import attend_codes
 from turbovq.kv.cache import PackedRows, RowCodec
 
 # name -> (key bits, value bits, split-pass backend); "auto" runs decode_mma.cu where it applies (all but 2.5 bits)
@@ -51,7 +52,11 @@ CONFIGS = {
     "2.5": (2.5, 2.5, "auto"),
     "K4/V3 triton": (4, 3, "triton"),
     "3.5 triton": (3.5, 3.5, "triton"),
+    # TurboQuant_prod keys (3 mse bits + QJL): the Triton split pass, and the torch attend_codes they used before
+    "K4 prod/V3": (4, 3, "auto", True),
+    "K4 prod/V3 reference": (4, 3, "reference", True),
 }
+DEFAULT_CONFIGS = ("K4/V3", "K4/V4", "3.5", "2.5", "K4/V3 triton", "3.5 triton")
 HQ, HKV, D, TAIL = 32, 8, 128, 128
 
 
@@ -70,10 +75,12 @@ def synthetic_rows(codec: RowCodec, b: int, t: int, dev, seed: int) -> PackedRow
     """Random valid codes + float16 norms, a per-head permutation and mean: what a 32k-token cache holds."""
     g = torch.Generator(device=dev).manual_seed(seed)
     fields = {}
-    for i, (bits, d, _) in enumerate(codec.groups):
-        nbytes = (d * bits + 7) // 8
-        fields[f"codes{i}"] = torch.randint(0, 256, (b, HKV, t, nbytes), device=dev, dtype=torch.uint8, generator=g)
-        fields[f"norms{i}"] = (torch.rand(b, HKV, t, device=dev, generator=g) * 4 + 8).half()
+    sizes = [(f"codes{i}", f"norms{i}", (d * bits + 7) // 8) for i, (bits, d, _) in enumerate(codec.groups)]
+    if codec.qjl:
+        sizes.append(("qjl", "rnorms", codec.quantizer.qjl.rows // 8))
+    for codes, norms, nbytes in sizes:
+        fields[codes] = torch.randint(0, 256, (b, HKV, t, nbytes), device=dev, dtype=torch.uint8, generator=g)
+        fields[norms] = (torch.rand(b, HKV, t, device=dev, generator=g) * 4 + 8).half()
     perm = torch.stack([torch.randperm(D, device=dev, generator=g) for _ in range(HKV)]) if codec.groups[1:] else None
     mean = torch.randn(b, HKV, 1, D, device=dev, generator=g)
     return PackedRows(codec, fields, perm, t, mean)
@@ -106,14 +113,16 @@ def decode_grid(dev, copy_tbs, batches, lengths, configs, block_t, num_warps, gr
             tk = torch.randn(b, HKV, TAIL, D, device=dev, dtype=torch.bfloat16)
             tv = torch.randn_like(tk)
             for name in configs:
-                kb, vb, backend = CONFIGS[name]
-                kc, vc = RowCodec(D, kb, seed=1), RowCodec(D, vb, seed=2)
+                kb, vb, backend, *qjl = CONFIGS[name]
+                kc, vc = RowCodec(D, kb, seed=1, qjl=bool(qjl)), RowCodec(D, vb, seed=2)
                 n = t - TAIL
                 pk, pv = synthetic_rows(kc, b, n, dev, 1), synthetic_rows(vc, b, n, dev, 2)
                 nbytes = sum(x.numel() * x.element_size() for p in (pk, pv) for x in p.fields.values())
                 nbytes += 2 * tk.numel() * tk.element_size()
 
                 def fn(q=q, pk=pk, pv=pv, tk=tk, tv=tv, backend=backend):
+                    if backend == "reference":
+                        return attend_codes(q, pk, pv, tk, tv, None, D**-0.5)
                     return decode_attention(q, pk, pv, tk, tv, None, D**-0.5, block_t=block_t, num_warps=num_warps,
                                             backend=backend)  # fmt: skip
 
@@ -126,7 +135,7 @@ def decode_grid(dev, copy_tbs, batches, lengths, configs, block_t, num_warps, gr
                     "roofline_frac": tbs / copy_tbs,
                     "speedup_vs_sdpa": None if row["sdpa_ms"] is None else row["sdpa_ms"] / ms,
                 }
-                if graph:
+                if graph and backend != "reference":  # (the torch reference syncs the host: no graph capture)
                     gms = _graph_ms(fn, dev)
                     row[name]["graph_ms"] = gms
                     if row.get("sdpa_graph_ms"):
@@ -135,8 +144,8 @@ def decode_grid(dev, copy_tbs, batches, lengths, configs, block_t, num_warps, gr
             rows.append(row)
             cells = " ".join(
                 f"{c}={row[c]['ms'] * 1e3:.0f}us({row[c]['speedup_vs_sdpa'] or 0:.2f}x,{row[c]['roofline_frac']:.0%}"
-                + (f";graph {row[c]['graph_ms'] * 1e3:.0f}us {row[c].get('graph_speedup_vs_sdpa') or 0:.2f}x)" if graph
-                   else ")")
+                + (f";graph {row[c]['graph_ms'] * 1e3:.0f}us {row[c].get('graph_speedup_vs_sdpa') or 0:.2f}x)"
+                   if "graph_ms" in row[c] else ")")
                 for c in configs
             )  # fmt: skip
             sd = f"{row['sdpa_ms'] * 1e3:.0f}us" if row["sdpa_ms"] else "n/a"
@@ -208,7 +217,7 @@ def tune_cuda(dev, variants: list[dict], config: str = "K4/V3", cells=((8, 32768
     from turbovq.kernels import decode as kdecode
 
     out = []
-    kb, vb, _ = CONFIGS[config]
+    kb, vb, *_ = CONFIGS[config]
     kc, vc = RowCodec(D, kb, seed=1), RowCodec(D, vb, seed=2)
     default, default_source = dict(kdecode.MMA_TUNING), kdecode._MMA_SOURCE
     for b, t in cells:
@@ -247,7 +256,7 @@ def prefill(dev, q_lens=(128, 512, 2048), context: int = 32768, batch: int = 1) 
     """Multi-token steps over a compressed cache (a later chat turn, chunked prefill): ``dequantize_attention``
     (what ``codes_attention`` runs for q_len > 1 on CUDA) and the ``attend_codes`` reference vs bf16 SDPA over the
     same number of tokens."""
-    from turbovq.kv.attention import attend_codes, dequantize_attention
+    from turbovq.kv.attention import dequantize_attention
 
     out = []
     n = context - TAIL
@@ -703,7 +712,7 @@ def main() -> None:
     ap.add_argument("--phases", default="tune,decode,encode")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--lengths", default="8192,32768,131072")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS))
     ap.add_argument("--heads", default=f"{HQ},{HKV}", help="query heads,KV heads (default Llama-3.1-8B's)")
     ap.add_argument("--head-dim", type=int, default=D)
     ap.add_argument("--block-t", type=int, default=128)

@@ -28,9 +28,10 @@ from turbovq.kernels.reference import (  # noqa: E402
 from turbovq.kv.cache import PackedRows, RowCodec  # noqa: E402
 
 
-def make_case(d=64, hq=8, hkv=2, b=2, n=50, t=7, key_bits=4.0, value_bits=3.0, center=True, scaled=False, seed=0):
+def make_case(d=64, hq=8, hkv=2, b=2, n=50, t=7, key_bits=4.0, value_bits=3.0, center=True, scaled=False, seed=0,
+              qjl=False):  # fmt: skip
     """Query (b, hq, 1, d), compressed keys/values of n tokens, a tail of t, with outlier channels, a mean and
-    (``scaled``) per-channel scales, as the cache's normalized layers hold them."""
+    (``scaled``) per-channel scales, as the cache's normalized layers hold them; ``qjl``: TurboQuant_prod keys."""
     g = torch.Generator().manual_seed(seed)
     query = torch.randn(b, hq, 1, d, generator=g)
     keys = torch.randn(b, hkv, n + t, d, generator=g) * 2 + 2.0 * torch.randn(1, hkv, 1, d, generator=g)
@@ -45,7 +46,7 @@ def make_case(d=64, hq=8, hkv=2, b=2, n=50, t=7, key_bits=4.0, value_bits=3.0, c
         perm = codec.calibrate(xc)
         return PackedRows(codec, codec.encode(xc, perm), perm, n, mean, scale)
 
-    kc, vc = RowCodec(d, key_bits, seed=1), RowCodec(d, value_bits, seed=2)
+    kc, vc = RowCodec(d, key_bits, seed=1, qjl=qjl), RowCodec(d, value_bits, seed=2)
     return query, packed(kc, keys[:, :, :n]), packed(vc, values[:, :, :n]), keys[:, :, n:], values[:, :, n:]
 
 
@@ -111,15 +112,17 @@ _INTERPRETER_CHECK = textwrap.dedent(
     from turbovq.kernels.decode import decode_attention
     from turbovq.kernels.encode import encode_rows
     from turbovq.kernels.reference import decode_reference, encode_reference
-    for kb, vb, d, scaled in [(4, 3, 64, False), (3.5, 2.5, 64, True), (2, 4, 32, False)]:
-        q, pk, pv, tk, tv = tr.make_case(d=d, hq=4, hkv=2, n=70, t=5, key_bits=kb, value_bits=vb, scaled=scaled)
+    cases = [(4, 3, 64, False, False), (3.5, 2.5, 64, True, False), (2, 4, 32, False, False), (4, 3, 64, True, True)]
+    for kb, vb, d, scaled, qjl in cases:  # (the last: TurboQuant_prod keys)
+        q, pk, pv, tk, tv = tr.make_case(d=d, hq=4, hkv=2, n=70, t=5, key_bits=kb, value_bits=vb, scaled=scaled,
+                                         qjl=qjl)  # fmt: skip
         mask = tr.padding_mask(2, 75, pad=9)
         q, tk, tv = q.half(), tk.half(), tv.half()
         ref = decode_reference(q, pk, pv, tk, tv, mask, d**-0.5).float()
         for trans in (True, False):  # both orientations of the split pass
             out = decode_attention(q, pk, pv, tk, tv, mask, d**-0.5, block_t=16, num_splits=3, trans=trans).float()
             err = ((out - ref).norm() / ref.norm()).item()
-            assert err < 3e-3, (kb, vb, trans, err)
+            assert err < 3e-3, (kb, vb, qjl, trans, err)
         x = torch.randn(1, 2, 21, d)
         e_ref = encode_reference(x, pk.codec, pk.perm, pk.mean[:1], pk.scale[:1] if scaled else None)
         e_out = encode_rows(x, pk.codec, pk.perm, pk.mean[:1], pk.scale[:1] if scaled else None, block_t=16)

@@ -28,8 +28,9 @@ from turbovq.kv.cache import PackedRows, RowCodec  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 
-def make_case(dev, d, hq, hkv, b, n, t, key_bits, value_bits, dtype, center, seed=0):
-    """Normalized (mean + per-channel scale) when ``center == "scaled"``, as the cache's default layers are."""
+def make_case(dev, d, hq, hkv, b, n, t, key_bits, value_bits, dtype, center, seed=0, qjl=False):
+    """Normalized (mean + per-channel scale) when ``center == "scaled"``, as the cache's default layers are;
+    ``qjl``: TurboQuant_prod keys."""
     g = torch.Generator().manual_seed(seed)
     query = torch.randn(b, hq, 1, d, generator=g)
     keys = torch.randn(b, hkv, n + t, d, generator=g) * 2 + 3.0 * torch.randn(1, hkv, 1, d, generator=g)
@@ -47,12 +48,13 @@ def make_case(dev, d, hq, hkv, b, n, t, key_bits, value_bits, dtype, center, see
         fields = {k: (v.half() if "norms" in k else v) for k, v in fields.items()}  # the cache stores float16
         return PackedRows(codec, fields, perm, n, mean, scale)
 
-    kc, vc = RowCodec(d, key_bits, seed=1), RowCodec(d, value_bits, seed=2)
+    kc, vc = RowCodec(d, key_bits, seed=1, qjl=qjl), RowCodec(d, value_bits, seed=2)
     tk, tv = keys[:, :, n:].to(dtype), values[:, :, n:].to(dtype)
     return query.to(dtype), packed(kc, keys[:, :, :n]), packed(vc, values[:, :, :n]), tk, tv
 
 
-# (head_dim, q heads, kv heads, batch, compressed n, tail t, key bits, value bits, dtype, center, mask, softcap)
+# (head_dim, q heads, kv heads, batch, compressed n, tail t, key bits, value bits, dtype, center, mask, softcap
+#  [, TurboQuant_prod keys])
 DECODE_CASES = [
     (128, 32, 8, 2, 1000, 130, 4, 3, torch.bfloat16, "scaled", True, None),  # Llama-3.1-8B heads
     (128, 32, 8, 1, 777, 0, 4, 4, torch.float16, False, False, None),
@@ -73,14 +75,18 @@ DECODE_CASES = [
     (128, 32, 8, 2, 1000, 50, 2, 2, torch.bfloat16, "scaled", True, None),  # CUDA split: 2-bit slices
     (64, 16, 2, 2, 333, 9, 2.5, 2, torch.float16, False, False, None),  # 2-bit value slices of half a word
     (64, 16, 2, 2, 700, 12, 3.5, 3.5, torch.float16, True, False, None),  # CUDA split: 32-channel groups, G = 8
+    (128, 32, 8, 2, 1000, 130, 4, 3, torch.bfloat16, "scaled", True, None, True),  # QJL keys (Triton only)
+    (64, 12, 4, 2, 450, 5, 3.5, 3, torch.float16, True, False, 30.0, True),  # QJL keys, two mse groups, soft-capping
+    (256, 8, 2, 1, 300, 20, 2, 4, torch.float16, False, True, None, True),  # QJL keys with 1-bit mse codes
 ]
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"d{c[0]}-h{c[1]}/{c[2]}-b{c[3]}-n{c[4]}-k{c[6]}v{c[7]}")
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"d{c[0]}-h{c[1]}/{c[2]}-b{c[3]}-n{c[4]}-k{c[6]}v{c[7]}"
+                         + ("-qjl" if c[12:] else ""))  # fmt: skip
 def test_decode_matches_reference(cuda, case, backend):
-    d, hq, hkv, b, n, t, kb, vb, dtype, center, with_mask, softcap = case
-    q, pk, pv, tk, tv = make_case(cuda, d, hq, hkv, b, n, t, kb, vb, dtype, center)
+    d, hq, hkv, b, n, t, kb, vb, dtype, center, with_mask, softcap, *qjl = case
+    q, pk, pv, tk, tv = make_case(cuda, d, hq, hkv, b, n, t, kb, vb, dtype, center, qjl=bool(qjl))
     if backend == "cuda" and not _cuda_split_applies(q, pk, pv, hq // hkv):
         pytest.skip("outside decode_mma.cu's scope")
     mask = None
@@ -108,8 +114,8 @@ def test_decode_matches_reference(cuda, case, backend):
 
 
 def _cuda_split_applies(q, pk, pv, groups) -> bool:
-    """decode_mma.cu's scope: its channel groups (mma_groups_ok), head_dim 64/128/256, G <= 8."""
-    ok = mma_groups_ok(pk.codec) and mma_groups_ok(pv.codec)
+    """decode_mma.cu's scope: its channel groups (mma_groups_ok), no QJL keys, head_dim 64/128/256, G <= 8."""
+    ok = mma_groups_ok(pk.codec) and mma_groups_ok(pv.codec) and not pk.codec.qjl
     return ok and q.shape[-1] in (64, 128, 256) and groups <= 8
 
 
@@ -275,25 +281,32 @@ def test_cache_uses_kernel_and_matches_reference(cuda, monkeypatch):
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
 
 
-def test_qjl_key_cache_encodes_through_the_kernel(cuda, monkeypatch):
+def test_qjl_key_cache_runs_on_the_kernels(cuda, monkeypatch):
     """TurboQuant_prod keys (qjl_keys=True): flushes encode through the fused kernel (mse codes and QJL signs in one
-    pass), attention keeps the reference (attend_codes), logits match TURBOVQ_KERNELS=0."""
+    pass), decode steps run the Triton split pass with the QJL score term, logits match TURBOVQ_KERNELS=0."""
+    from turbovq.kernels import decode as kdecode
+
     model = _tiny_llama(cuda)
     ids = torch.randint(0, 96, (2, 300), device=cuda)
-    qjl_encodes, real_encode = [], kencode.encode_rows
+    qjl_encodes, calls = [], []
+    real_encode, real = kencode.encode_rows, kdecode.decode_attention
+
     def encode(x, codec, *a, **k):
         qjl_encodes.append(codec.qjl)
         return real_encode(x, codec, *a, **k)
 
     monkeypatch.setattr(kencode, "encode_rows", encode)
+    monkeypatch.setattr(kdecode, "decode_attention", lambda q, keys, *a, **k: calls.append(keys.codec.qjl) or real(
+        q, keys, *a, **k))  # fmt: skip
 
     def step(cache):
         return torch.cat([model(ids[:, i : i + 1], past_key_values=cache).logits for i in range(290, 300)], 1)
 
     ref = _cache_logits(model, ids, monkeypatch, "0", step, qjl_keys=True)
-    assert not qjl_encodes
+    assert not qjl_encodes and not calls
     out = _cache_logits(model, ids, monkeypatch, "1", step, qjl_keys=True)
     assert sum(qjl_encodes) >= 2  # the keys' flushes of both layers
+    assert len(calls) == 10 * 2 and all(calls)  # every decode step, every layer, with QJL keys
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
 
 

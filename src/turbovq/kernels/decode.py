@@ -24,6 +24,8 @@ Algorithm (the torch twin is :func:`turbovq.kernels.reference.split_decode_refer
    Where it applies (2-, 3- and 4-bit groups of 32, 64, 128 or 256 channels, head_dim 64/128/256, G <= 8) this step
    runs the CUDA kernel in ``decode_mma.cu`` instead (same grid and workspace; the whole call is 1.7x faster at
    B = 8, T = 32k on an H100; that file says why), compiled once per process by NVRTC (:mod:`turbovq.kernels.cuda`).
+   TurboQuant_prod keys (Triton only) add ``sqrt(pi/2) / m * ||r|| * <q_qjl, signs>`` to each score, with
+   ``q_qjl = (q * s_k) @ S^T`` from the query kernel and the 1-bit signs unpacked to +-1 in registers.
 3. Merge kernel, grid ``(B * H, D / BN)``: combine the ``S + 1`` partials with ``exp2(m_s - M)`` (4 splits'
    loads in flight at a time), rotate the code part of ``BN`` output columns back with ``R_v[h]^T`` (3xTF32 dot),
    multiply by ``s_v``, add ``(sum_codes p) * mu_v`` and the tail part, divide by the total. With
@@ -154,7 +156,7 @@ def _pow2(x: int) -> bool:
 
 def codec_supported(codec: RowCodec, qjl: bool = False) -> bool:
     """Whether the kernels handle this codec: mse codes, power-of-two groups of >= 16 channels in whole words; with
-    ``qjl`` (the encode) also TurboQuant_prod keys whose sketch has a power-of-two number of rows >= 32."""
+    ``qjl`` (keys, and the encode) also TurboQuant_prod codecs whose sketch has a power-of-two number of rows >= 32."""
     if not _pow2(codec.dim) or codec.dim < 16:
         return False
     if codec.qjl and not (qjl and _pow2(codec.quantizer.qjl.rows) and codec.quantizer.qjl.rows >= 32):
@@ -173,7 +175,7 @@ def supported(query: torch.Tensor, keys: PackedRows, values: PackedRows) -> bool
         and query.shape[2] == 1
         and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and keys.length > 0
-        and codec_supported(keys.codec)
+        and codec_supported(keys.codec, qjl=True)
         and codec_supported(values.codec)
     )
 
@@ -280,11 +282,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _prep_kernel(
-        ws, q_ptr, stride_qb, stride_qh, kscale_ptr, kmean_ptr, rk_ptr, rk_sh, H,
+        ws, q_ptr, stride_qb, stride_qh, kscale_ptr, kmean_ptr, rk_ptr, rk_sh, H, sk_ptr, qoff,
         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-        HAS_KSCALE: tl.constexpr, HAS_KMEAN: tl.constexpr, PDL: tl.constexpr,
+        HAS_KSCALE: tl.constexpr, HAS_KMEAN: tl.constexpr, PDL: tl.constexpr, QJL: tl.constexpr, RQ: tl.constexpr,
     ):  # fmt: skip
-        """Per (b, h): ``q_rot = (q * s_k) @ R_k[h]`` (3xTF32 dot) and ``<q, mu_k>`` into the workspace."""
+        """Per (b, h): ``q_rot = (q * s_k) @ R_k[h]`` (3xTF32 dot) and ``<q, mu_k>`` into the workspace; with QJL
+        keys also ``q_qjl = (q * s_k) @ S^T`` (at word ``qoff``, after the partials)."""
         if PDL:  # the split pass may start now: its prologue overlaps this kernel, it waits before reading q_rot
             gdc_launch_dependents()
         pid_bh = tl.program_id(0)
@@ -306,6 +309,11 @@ if HAS_TRITON:
             r = tl.load(rk_ptr + h * rk_sh + dd[:, None] * D + cols[None, :])
             o = tl.dot(q, r, input_precision="tf32x3")  # float32-accurate on tensor cores (ieee is ~20x slower)
             tl.store(ws + (pid_bh * G + g)[:, None] * D + cols[None, :], o, mask=gmask[:, None])
+        if QJL:
+            for n0 in tl.static_range(0, RQ, BN):
+                cols = n0 + tl.arange(0, BN)
+                o = tl.dot(q, tl.load(sk_ptr + dd[:, None] * RQ + cols[None, :]), input_precision="tf32x3")
+                tl.store(ws + qoff + (pid_bh * G + g)[:, None] * RQ + cols[None, :], o, mask=gmask[:, None])
 
     @triton.jit
     def _combine(
@@ -383,15 +391,24 @@ if HAS_TRITON:
         return qm, kw0, kw1, vw0, vw1, kn0 + kb, kn1 + kb, vn0 + vb, vn1 + vb
 
     @triton.jit
+    def _qjl_keys(kqc, krn, pid_bh, k_alloc, t, t_mask, qjl_scale, RQ: tl.constexpr, BLOCK_T: tl.constexpr):
+        """QJL keys' signs (BLOCK_T, RQ) as +-1 float16 and their factors sqrt(pi/2) / rows * ||r|| (BLOCK_T,): the
+        score term is ``factor * <q_qjl, signs>``, as in ``attend_codes``."""
+        kb = pid_bh.to(tl.int64) * k_alloc
+        words = kqc.to(tl.pointer_type(tl.int32)) + kb * (RQ // 32)
+        signs = (2 * _unpack(words, t * (RQ // 32), t_mask, 1, RQ, BLOCK_T) - 1).to(tl.float16)
+        return signs, tl.load(krn + kb + t, mask=t_mask, other=0.0).to(tl.float32) * qjl_scale
+
+    @triton.jit
     def _split_trans(
         ws, m_out, pid_bh, pid_s, part, PG, BH, split_len, iters, n, k_alloc, v_alloc,
         kc0, kn0, kc1, kn1, kcent, ktab, vc0, vn0, vc1, vn1, vcent, vtab,
-        b, mask_ptr, stride_mb, stride_mt, scaling, softcap,
+        b, mask_ptr, stride_mb, stride_mt, scaling, softcap, kqc, krn, qoff, qjl_scale,
         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
         KB0: tl.constexpr, KD0: tl.constexpr, KB1: tl.constexpr, KD1: tl.constexpr,
         VB0: tl.constexpr, VD0: tl.constexpr, VB1: tl.constexpr, VD1: tl.constexpr, BLOCK_T: tl.constexpr,
         HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KMEAN: tl.constexpr, SOFTCAP: tl.constexpr,
-        PRMT: tl.constexpr,
+        PRMT: tl.constexpr, QJL: tl.constexpr, RQ: tl.constexpr,
     ):  # fmt: skip
         """One code split in the transposed orientation: ``s^T = K q^T`` and ``acc^T += V^T (p v_n)^T``, so the
         decoded tiles are the tall (M = tokens or coordinates) operand and the G query rows the narrow one."""
@@ -406,6 +423,9 @@ if HAS_TRITON:
         if KD1 > 0:
             q1 = tl.load(ws + qcol + KD0 + tl.arange(0, KD1)[:, None], mask=gmask[None, :], other=0.0)
             q1 = q1.to(tl.float16)
+        if QJL:
+            qq = tl.load(ws + qoff + (pid_bh * G + g)[None, :] * RQ + tl.arange(0, RQ)[:, None], mask=gmask[None, :],
+                         other=0.0).to(tl.float16)  # fmt: skip
         qm, kw0, kw1, vw0, vw1, kn0_b, kn1_b, vn0_b, vn1_b = _split_bases(
             ws, pid_bh, BH, g, gmask, k_alloc, v_alloc, kc0, kn0, kc1, kn1, vc0, vn0, vc1, vn1,
             G, BLOCK_G, D, KB0, KD0, KB1, KD1, VB0, VD0, VB1, VD1, HAS_KMEAN,
@@ -424,6 +444,9 @@ if HAS_TRITON:
                                 BLOCK_T, PRMT)  # fmt: skip
                 kn = tl.load(kn1_b + t, mask=t_mask, other=0.0).to(tl.float32)
                 s += tl.dot(kv, q1) * kn[:, None]
+            if QJL:
+                sv, rn = _qjl_keys(kqc, krn, pid_bh, k_alloc, t, t_mask, qjl_scale, RQ, BLOCK_T)
+                s += tl.dot(sv, qq) * rn[:, None]
             s = (s + qm[None, :]) * scaling
             if SOFTCAP:
                 s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
@@ -462,14 +485,14 @@ if HAS_TRITON:
         tk_ptr, tv_ptr, st_b, st_h, st_t, t_len,
         mask_ptr, stride_mb, stride_mt,
         cnt_ptr, rv_ptr, rv_sh, vmean_ptr, vscale_ptr, out_ptr,
-        n, k_alloc, v_alloc, split_len, iters, S, H, scaling, softcap,
+        n, k_alloc, v_alloc, split_len, iters, S, H, scaling, softcap, kqc, krn, qoff, qjl_scale,
         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
         KB0: tl.constexpr, KD0: tl.constexpr, KB1: tl.constexpr, KD1: tl.constexpr,
         VB0: tl.constexpr, VD0: tl.constexpr, VB1: tl.constexpr, VD1: tl.constexpr,
         BLOCK_T: tl.constexpr, BN: tl.constexpr,
         HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KMEAN: tl.constexpr, HAS_VMEAN: tl.constexpr,
         HAS_VSCALE: tl.constexpr, SOFTCAP: tl.constexpr, PRMT: tl.constexpr, FUSED: tl.constexpr,
-        TRANS: tl.constexpr = False,
+        QJL: tl.constexpr, RQ: tl.constexpr, TRANS: tl.constexpr = False,
     ):  # fmt: skip
         pid_s = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -490,9 +513,9 @@ if HAS_TRITON:
                 _split_trans(
                     ws, m_out, pid_bh, pid_s, part, PG, BH, split_len, iters, n, k_alloc, v_alloc,
                     kc0, kn0, kc1, kn1, kcent, ktab, vc0, vn0, vc1, vn1, vcent, vtab,
-                    b, mask_ptr, stride_mb, stride_mt, scaling, softcap,
+                    b, mask_ptr, stride_mb, stride_mt, scaling, softcap, kqc, krn, qoff, qjl_scale,
                     G, BLOCK_G, D, KB0, KD0, KB1, KD1, VB0, VD0, VB1, VD1, BLOCK_T,
-                    HAS_MASK, MASK_BOOL, HAS_KMEAN, SOFTCAP, PRMT,
+                    HAS_MASK, MASK_BOOL, HAS_KMEAN, SOFTCAP, PRMT, QJL, RQ,
                 )  # fmt: skip
             else:
                 lo = pid_s * split_len  # split_len = iters * BLOCK_T; the last split is masked at n
@@ -501,6 +524,9 @@ if HAS_TRITON:
                 if KD1 > 0:
                     q1 = tl.load(ws + qrow + KD0 + tl.arange(0, KD1)[None, :], mask=gmask[:, None], other=0.0)
                     q1 = q1.to(tl.float16)
+                if QJL:
+                    qq = tl.load(ws + qoff + (pid_bh * G + g)[:, None] * RQ + tl.arange(0, RQ)[None, :],
+                                 mask=gmask[:, None], other=0.0).to(tl.float16)  # fmt: skip
                 qm, kw0, kw1, vw0, vw1, kn0_b, kn1_b, vn0_b, vn1_b = _split_bases(
                     ws, pid_bh, BH, g, gmask, k_alloc, v_alloc, kc0, kn0, kc1, kn1, vc0, vn0, vc1, vn1,
                     G, BLOCK_G, D, KB0, KD0, KB1, KD1, VB0, VD0, VB1, VD1, HAS_KMEAN,
@@ -519,6 +545,9 @@ if HAS_TRITON:
                                         BLOCK_T, PRMT)  # fmt: skip
                         kn = tl.load(kn1_b + t, mask=t_mask, other=0.0).to(tl.float32)
                         s += tl.dot(q1, tl.trans(kv)) * kn[None, :]
+                    if QJL:
+                        sv, rn = _qjl_keys(kqc, krn, pid_bh, k_alloc, t, t_mask, qjl_scale, RQ, BLOCK_T)
+                        s += tl.dot(qq, tl.trans(sv)) * rn[None, :]
                     s = _scale_scores(s + qm[:, None], t, t_mask, b, mask_ptr, stride_mb, stride_mt, scaling, softcap,
                                       HAS_MASK, MASK_BOOL, SOFTCAP)  # fmt: skip
                     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -624,9 +653,11 @@ def _prmt_table(half: torch.Tensor) -> torch.Tensor:
 
 class _Side:
     """Per-layer constants of one side (keys or values) on one device, built once: fused rotation, float32
-    mean/scale rows, float16 centroid tables (group 0 then group 1) and PRMT tables (4 words per group)."""
+    mean/scale rows, float16 centroid tables (group 0 then group 1) and PRMT tables (4 words per group); for QJL keys
+    the sketch matrix transposed (D, rows) and the estimator's factor sqrt(pi/2) / rows."""
 
-    __slots__ = ("rot", "rot_sh", "mean", "scale", "cent", "tab", "consts", "prmt", "mma_tab", "mma_sym", "mma_groups")
+    __slots__ = ("rot", "rot_sh", "mean", "scale", "cent", "tab", "consts", "prmt", "mma_tab", "mma_sym", "mma_groups",
+                 "qjl", "qjl_rows", "qjl_scale", "sk")  # fmt: skip
 
     def __init__(self, rows: PackedRows, device):
         codec = rows.codec
@@ -648,6 +679,10 @@ class _Side:
         tabs = [_byte_tables(h[8:] if sym else pad8(h)) for h, sym in zip(halves, self.mma_sym)]
         self.mma_tab = ((ctypes.c_uint32 * 8) * 2)(*((ctypes.c_uint32 * 8)(*t) for t in tabs))
         self.mma_groups = mma_groups_ok(codec)
+        self.qjl, sketch = codec.qjl, codec.quantizer.qjl if codec.qjl else None
+        self.qjl_rows = sketch.rows if sketch else 32
+        self.qjl_scale = math.sqrt(math.pi / 2) / self.qjl_rows
+        self.sk = sketch.matrix(device).T.float().contiguous() if sketch else None
 
 
 _LAYERS: dict[tuple, tuple] = {}  # per-layer constants of both sides, see reference.weak_cached
@@ -703,7 +738,7 @@ def _mma_ok(query, ks: _Side, vs: _Side, groups: int, fields, mask) -> bool:
         return False
     if groups > 8 or query.shape[-1] not in (64, 128, 256):
         return False
-    if not (ks.mma_groups and vs.mma_groups):
+    if not (ks.mma_groups and vs.mma_groups) or ks.qjl:
         return False
     if mask is not None and mask.dtype not in _DTYPE_CODE:
         return False
@@ -908,16 +943,17 @@ def decode_attention(
     early = pdl and use_mma and ((splits + 1) * bh >= slots or split_len <= 2048)
     block_g = max(16, triton.next_power_of_2(groups))
     bn = min(dim, 8192 // dim)  # inverse-rotation columns per program: a (BN, D) float32 tile of R_v
-    ws = torch.empty(bh * groups * (dim + 1) + bh * (splits + 1) * groups * (dim + 2), device=dev, dtype=torch.float32)
+    qoff = bh * groups * (dim + 1) + bh * (splits + 1) * groups * (dim + 2)  # (q_qjl of QJL keys after the partials)
+    ws = torch.empty(qoff + (bh * groups * ks.qjl_rows if ks.qjl else 0), device=dev, dtype=torch.float32)
     out = torch.empty(bsz, 1, num_heads, dim, device=dev, dtype=query.dtype)
     kb0, kd0, kb1, kd1 = ks.consts
     vb0, vd0, vb1, vd1 = vs.consts
     prmt = _PRMT and ks.prmt and vs.prmt
     _prep_kernel[(bh,)](
         ws, query, query.stride(0), query.stride(1), ks.scale if ks.scale is not None else ws,
-        ks.mean if ks.mean is not None else ws, ks.rot, ks.rot_sh, num_kv,
+        ks.mean if ks.mean is not None else ws, ks.rot, ks.rot_sh, num_kv, ks.sk if ks.qjl else ws, qoff,
         G=groups, BLOCK_G=block_g, D=dim, BN=bn, HAS_KSCALE=ks.scale is not None,
-        HAS_KMEAN=ks.mean is not None, PDL=early, num_warps=4,
+        HAS_KMEAN=ks.mean is not None, PDL=early, QJL=ks.qjl, RQ=ks.qjl_rows, num_warps=4,
     )  # fmt: skip
     if use_mma:
         fused_reduce = False  # the CUDA split pass always leaves the merge to _reduce_kernel
@@ -939,11 +975,12 @@ def decode_attention(
             ws if mask is None else mask, stride_mb, stride_mt,
             cnt, vs.rot, vs.rot_sh, ws if vs.mean is None else vs.mean, ws if vs.scale is None else vs.scale, out,
             n, k_alloc, v_alloc, split_len, split_len // block_t, splits, num_kv, float(scaling), float(softcap or 1.0),
+            kf.get("qjl", ws), kf.get("rnorms", ws), qoff, ks.qjl_scale,
             G=groups, BLOCK_G=block_g, D=dim, KB0=kb0, KD0=kd0, KB1=kb1, KD1=kd1, VB0=vb0, VD0=vd0, VB1=vb1,
             VD1=vd1, BLOCK_T=block_t, BN=bn, HAS_MASK=mask is not None,
             MASK_BOOL=mask is not None and mask.dtype == torch.bool, HAS_KMEAN=ks.mean is not None,
             HAS_VMEAN=vs.mean is not None, HAS_VSCALE=vs.scale is not None, SOFTCAP=softcap is not None, PRMT=prmt,
-            FUSED=fused_reduce, TRANS=trans, num_warps=num_warps, num_stages=num_stages,
+            FUSED=fused_reduce, QJL=ks.qjl, RQ=ks.qjl_rows, TRANS=trans, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     if not fused_reduce:
         _reduce_kernel[(bh, dim // bn)](
