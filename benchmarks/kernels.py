@@ -252,15 +252,15 @@ def tune_cuda(dev, variants: list[dict], config: str = "K4/V3", cells=((8, 32768
     return out
 
 
-def prefill(dev, q_lens=(128, 512, 2048), context: int = 32768, batch: int = 1) -> list[dict]:
+def prefill(dev, q_lens=(128, 512, 2048), context: int = 32768, batch: int = 1, qjl: bool = False) -> list[dict]:
     """Multi-token steps over a compressed cache (a later chat turn, chunked prefill): ``dequantize_attention``
     (what ``codes_attention`` runs for q_len > 1 on CUDA) and the ``attend_codes`` reference vs bf16 SDPA over the
-    same number of tokens."""
+    same number of tokens; ``qjl``: TurboQuant_prod keys (3 mse bits + QJL) instead of 4-bit mse keys."""
     from turbovq.kv.attention import dequantize_attention
 
     out = []
     n = context - TAIL
-    pk = synthetic_rows(RowCodec(D, 4, seed=1), batch, n, dev, 1)
+    pk = synthetic_rows(RowCodec(D, 4, seed=1, qjl=qjl), batch, n, dev, 1)
     pv = synthetic_rows(RowCodec(D, 3, seed=2), batch, n, dev, 2)
     for q_len in q_lens:
         q = torch.randn(batch, HQ, q_len, D, device=dev, dtype=torch.bfloat16)
@@ -268,7 +268,7 @@ def prefill(dev, q_lens=(128, 512, 2048), context: int = 32768, batch: int = 1) 
         kk = torch.randn(batch, HKV, context + q_len, D, device=dev, dtype=torch.bfloat16)
 
         rec = {
-            "B": batch, "T": context, "q_len": q_len,
+            "B": batch, "T": context, "q_len": q_len, "qjl_keys": qjl,
             "sdpa_bf16_ms": bench(lambda q=q, kk=kk: F.scaled_dot_product_attention(q, kk, kk, enable_gqa=True), 20),
             "attend_codes_ms": bench(lambda q=q, tk=tk: attend_codes(q, pk, pv, tk, tk, None, D**-0.5), 20),
             "dequantize_sdpa_ms": bench(lambda q=q, tk=tk: dequantize_attention(q, pk, pv, tk, tk, None, D**-0.5), 20),
@@ -278,7 +278,8 @@ def prefill(dev, q_lens=(128, 512, 2048), context: int = 32768, batch: int = 1) 
                                                                                         D**-0.5), 20)  # fmt: skip
         del os.environ["TURBOVQ_KERNELS"]
         out.append(rec)
-        print(f"prefill q_len={q_len}: bf16 sdpa {rec['sdpa_bf16_ms']:.2f} ms, attend_codes "
+        print(f"prefill{' QJL keys' if qjl else ''} q_len={q_len}: bf16 sdpa {rec['sdpa_bf16_ms']:.2f} ms, "
+              f"attend_codes "
               f"{rec['attend_codes_ms']:.2f} ms, dequantize+sdpa {rec['dequantize_sdpa_ms']:.2f} ms (torch dequantize "
               f"{rec['torch_dequantize_sdpa_ms']:.2f} ms)", flush=True)
         del q, tk, kk
@@ -751,6 +752,8 @@ def main() -> None:
         return
     if "prefill" in phases:
         res["prefill"] = prefill(dev)
+    if "prefill-qjl" in phases:
+        res["prefill_qjl"] = prefill(dev, qjl=True)
     if "tune" in phases:
         res["tune"] = tune(dev)
     if "tune-cuda" in phases:

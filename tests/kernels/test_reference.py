@@ -147,8 +147,10 @@ _INTERPRETER_CHECK = textwrap.dedent(
             if k.startswith("codes"):
                 assert (e_ref[k] != e_out[k]).float().mean() < 1e-3, k
     from turbovq.kernels.dequantize import dequantize_rows
-    for kb, d, scaled in [(4, 64, False), (3.5, 64, True), (2.5, 128, True), (3, 128, False), (4, 256, True)]:
-        q, pk, pv, tk, tv = tr.make_case(d=d, hq=4, hkv=2, n=70, t=5, key_bits=kb, value_bits=kb, scaled=scaled)
+    for kb, d, scaled, qjl in [(4, 64, False, False), (3.5, 64, True, False), (2.5, 128, True, False),
+                               (3, 128, False, False), (4, 256, True, False), (3.5, 64, True, True)]:  # fmt: skip
+        q, pk, pv, tk, tv = tr.make_case(d=d, hq=4, hkv=2, n=70, t=5, key_bits=kb, value_bits=kb, scaled=scaled,
+                                         qjl=qjl)  # fmt: skip
         ref = pk.dequantize()
         torch.testing.assert_close(dequantize_rows(pk, torch.float32, block_t=16), ref, rtol=1e-4, atol=1e-4)
         half = dequantize_rows(pk, torch.float16, block_t=32).float()

@@ -310,9 +310,10 @@ def test_qjl_key_cache_runs_on_the_kernels(cuda, monkeypatch):
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
 
 
-def test_multi_token_steps_over_codes_use_dequantize_sdpa(cuda, monkeypatch):
+@pytest.mark.parametrize("qjl_keys", [False, True])
+def test_multi_token_steps_over_codes_use_dequantize_sdpa(cuda, monkeypatch, qjl_keys):
     """A later multi-token step (chat turn, chunked prefill) over a cache with codes goes through dequantize + SDPA
-    on CUDA and gives the reference's logits (TURBOVQ_KERNELS=0) to bf16 accuracy."""
+    on CUDA and gives the reference's logits (TURBOVQ_KERNELS=0) to bf16 accuracy; QJL keys too."""
     from turbovq.kv import attention as kv_attention
 
     model = _tiny_llama(cuda)
@@ -324,21 +325,23 @@ def test_multi_token_steps_over_codes_use_dequantize_sdpa(cuda, monkeypatch):
     def step(cache):
         return model(ids[:, 290:], past_key_values=cache).logits
 
-    ref = _cache_logits(model, ids, monkeypatch, "0", step)
+    ref = _cache_logits(model, ids, monkeypatch, "0", step, qjl_keys=qjl_keys)
     assert not calls
-    out = _cache_logits(model, ids, monkeypatch, "1", step)
+    out = _cache_logits(model, ids, monkeypatch, "1", step, qjl_keys=qjl_keys)
     assert len(calls) == 2  # the 50-token step, every layer
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
 
 
-@pytest.mark.parametrize("d,bits,center", [(128, 4, "scaled"), (128, 3, False), (128, 3.5, True), (64, 2.5, "scaled"),
-                                           (256, 4, True), (64, 2, False)])  # fmt: skip
-def test_dequantize_rows_matches_reference(cuda, d, bits, center):
-    """The fused dequantize (multi-token attention's K/V): float32 to 1e-4 of PackedRows.dequantize, bfloat16 and
-    float16 to their own rounding."""
+@pytest.mark.parametrize("d,bits,center,qjl", [(128, 4, "scaled", False), (128, 3, False, False),
+                                               (128, 3.5, True, False), (64, 2.5, "scaled", False),
+                                               (256, 4, True, False), (64, 2, False, False), (128, 4, "scaled", True),
+                                               (256, 3.5, True, True)])  # fmt: skip
+def test_dequantize_rows_matches_reference(cuda, d, bits, center, qjl):
+    """The fused dequantize (multi-token attention's K/V; ``qjl``: TurboQuant_prod keys, with their QJL part): float32
+    to 1e-4 of PackedRows.dequantize, bfloat16 and float16 to their own rounding."""
     from turbovq.kernels.dequantize import dequantize_rows
 
-    _, pk, _, _, _ = make_case(cuda, d, 8, 2, 3, 1000, 0, bits, bits, torch.bfloat16, center)
+    _, pk, _, _, _ = make_case(cuda, d, 8, 2, 3, 1000, 0, bits, bits, torch.bfloat16, center, qjl=qjl)
     ref = pk.dequantize()
     torch.testing.assert_close(dequantize_rows(pk, torch.float32), ref, rtol=1e-4, atol=1e-4)
     for dtype, tol in ((torch.bfloat16, 5e-3), (torch.float16, 1e-3)):

@@ -253,7 +253,7 @@ def turboquant_attention_forward(
             if kernels_decode.supported(query, keys, values):
                 out = kernels_decode.decode_attention(query, keys, values, key, value, attention_mask, scaling, softcap)
                 return out, None
-        elif softcap is None and not keys.codec.qjl:
+        elif softcap is None:
             return dequantize_attention(query, keys, values, key, value, attention_mask, scaling), None
     out = attend_codes(query, keys, values, key, value, attention_mask, scaling, softcap)
     return out, None
