@@ -248,7 +248,8 @@ def _tiny_llama(cuda):
 
 
 def _cache_logits(model, ids, monkeypatch, env, step, **cache_kw):
-    """``step(cache)`` after a 290-token prefill into a K4/V3 TurboQuantCache, with TURBOVQ_KERNELS=env."""
+    """``step(cache)`` after a 290-token prefill into a K4/V3 TurboQuantCache (``cache_kw``: more of its arguments,
+    e.g. ``qjl_keys``), with TURBOVQ_KERNELS=env."""
     from turbovq.kv import TurboQuantCache, codes_attention
 
     monkeypatch.setenv("TURBOVQ_KERNELS", env)
