@@ -36,6 +36,7 @@ class QJL:
     def __init__(self, dim: int, seed: int = 0, rows: int | None = None):
         self.dim = dim
         self.rows = dim if rows is None else rows
+        self.factor = math.sqrt(math.pi / 2) / self.rows  # the estimator's constant (scale = factor * ||r||)
         self.seed = seed
         self._mats: dict = {}
 
@@ -55,7 +56,7 @@ class QJL:
         return packing.unpack(packed, 1, self.rows).to(torch.float32) * 2 - 1
 
     def scale(self, norms: torch.Tensor) -> torch.Tensor:
-        return math.sqrt(math.pi / 2) / self.rows * norms.to(torch.float32)
+        return self.factor * norms.to(torch.float32)
 
     def inner_product(self, packed: torch.Tensor, norms: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Unbiased estimates of ``<r_i, y_j>``: (n, m) for y of shape (m, dim)."""

@@ -681,7 +681,7 @@ class _Side:
         self.mma_groups = mma_groups_ok(codec)
         self.qjl, sketch = codec.qjl, codec.quantizer.qjl if codec.qjl else None
         self.qjl_rows = sketch.rows if sketch else 32
-        self.qjl_scale = math.sqrt(math.pi / 2) / self.qjl_rows
+        self.qjl_scale = sketch.factor if sketch else 0.0
         self.sk = sketch.matrix(device).T.float().contiguous() if sketch else None
 
 

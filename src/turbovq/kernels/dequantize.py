@@ -12,8 +12,6 @@ outputs, 3xTF32 for float32), then ``x * s + mu``. TurboQuant_prod keys add thei
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from turbovq.kernels.decode import HAS_TRITON, _rows_layout, codec_supported
@@ -103,7 +101,7 @@ def dequantize_rows(rows: PackedRows, dtype: torch.dtype, *, block_t: int | None
     block_t = block_t or (64 if dim <= 128 else 32)  # a (block_t, D) float32 accumulator in registers
     sketch = codec.quantizer.qjl if codec.qjl else None
     qjl_args = (fields["qjl"], fields["rnorms"], sketch.matrix(dev).float().contiguous(),
-                math.sqrt(math.pi / 2) / sketch.rows) if sketch else (out, out, out, 0.0)  # fmt: skip
+                sketch.factor) if sketch else (out, out, out, 0.0)  # fmt: skip
     _dequantize_kernel[(triton.cdiv(n, block_t), bsz * heads)](
         out, fields["codes0"], fields["norms0"], cents[0], fields[f"codes{k1}"], fields[f"norms{k1}"], cents[1],
         rot, 0 if rot.shape[0] == 1 else dim * dim, out if mean is None else mean, out if scale is None else scale,
