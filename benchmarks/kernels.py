@@ -434,12 +434,15 @@ def overhead(dev, modules: list[str], cells: list[tuple[int, int]], log_dir: Pat
     return out
 
 
-def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int]) -> list[dict]:
+def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int], had_grid: list[dict] = ()) -> list[dict]:
     """``encode_rows`` on B = 8, H = 8, T = 32k rows of bf16 (centered, channel scales as the cache's default):
     the CUDA kernel (encode_mma.cu), the Triton kernel and the torch ``RowCodec.encode``, side by side; achieved
     bandwidth on the bytes read and written vs the copy roofline. head_dim 128: 4, 3, 3.5 and 2.5 bits, and 4-bit
-    TurboQuant_prod keys (3-bit codes + QJL signs: the Triton kernel only); other ``dims``: 4 and 3.5 bits. With
-    ``tune_grid``, a sweep of the CUDA tuning (MMA_TUNING) for 4, 3 and 3.5 bits."""
+    TurboQuant_prod keys (3-bit codes + QJL signs: the Triton kernel only); other ``dims``: 4, 3, 3.5 and 2.5 bits.
+    Where the factored Hadamard kernel applies (HAD, see ``encode.hadamard_supported``), it and the dense-R kernel are
+    both timed: ``cuda`` is the default choice, ``cuda_had`` / ``cuda_dense`` each kernel.
+    With ``tune_grid``, a sweep of the dense kernel's tuning (MMA_TUNING) for 4, 3 and 3.5 bits; with ``had_grid``,
+    of HAD_TUNING for the integer widths."""
     from turbovq.kernels import encode as kencode
 
     b, t = 8, 32768
@@ -448,8 +451,8 @@ def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int]) -> list[
         x = torch.randn(b, HKV, t, dim, device=dev, dtype=torch.bfloat16)
         mean = x.float().mean(2, keepdim=True)
         scale = torch.rand(b, HKV, 1, dim, device=dev) + 0.5
-        for bits, qjl in ((4, False), (3, False), (3.5, False), (2.5, False), (4, True)) if dim == D else \
-                ((4, False), (3.5, False)):  # fmt: skip
+        for bits, qjl in ((4, False), (3, False), (3.5, False), (2.5, False), (2, False), (4, True)) if dim == D else \
+                ((4, False), (3, False), (3.5, False), (2.5, False)):  # fmt: skip
             codec = RowCodec(dim, bits, seed=1, qjl=qjl)
             perm = codec.calibrate(x[:, :, :1024].float() - mean) if codec.num_outliers else None
             written = sum(v.numel() * v.element_size() for v in encode_rows(x[:, :, :64], codec, perm, mean).values())
@@ -459,6 +462,10 @@ def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int]) -> list[
                 return encode_rows(x, codec, perm, mean, scale, backend=backend, **kw)
 
             ms = {k: bench(lambda k=k: run(k), rep=50) for k in (("triton",) if qjl else ("cuda", "triton"))}
+            had = not qjl and kencode.hadamard_supported(codec)
+            if had:
+                ms["cuda_had"] = bench(lambda: run("cuda", hadamard=True), rep=50)
+                ms["cuda_dense"] = bench(lambda: run("cuda", hadamard=False), rep=50)
             if dim == D:
                 xs = (x.float() - mean) / scale
                 ms["torch"] = bench(lambda c=codec, p=perm, xs=xs: c.encode(xs, p), rep=20)
@@ -470,6 +477,8 @@ def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int]) -> list[
             best = "triton" if qjl else "cuda"
             if not qjl:
                 row["cuda_vs_triton"] = ms["triton"] / ms["cuda"]
+            if had:
+                row["had_vs_dense"] = ms["cuda_dense"] / ms["cuda_had"]
             if "torch" in ms:
                 row[f"{best}_vs_torch"] = ms["torch"] / ms[best]
             out.append(row)
@@ -482,7 +491,17 @@ def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int]) -> list[
                     for bt in (32, 64, 128) for nw in (4, 8)]  # fmt: skip
                 row["triton_sweep"] = sorted(sweep, key=lambda r: r["ms"])
                 print(f"  fastest Triton settings: {row['triton_sweep'][0]}", flush=True)
-            if bits in (4, 3, 3.5) and tune_grid and not qjl:
+            if had and had_grid:
+                sweep, default = [], dict(kencode.HAD_TUNING)
+                try:
+                    for kw in had_grid:
+                        kencode.HAD_TUNING.update(default, **kw)
+                        sweep.append({**kencode.HAD_TUNING, "ms": bench(lambda: run("cuda", hadamard=True), rep=30)})
+                finally:
+                    kencode.HAD_TUNING.update(default)
+                row["had_sweep"] = sorted(sweep, key=lambda r: r["ms"])
+                print(f"  fastest HAD settings: {row['had_sweep'][0]}", flush=True)
+            if bits in (4, 3, 3.5) and tune_grid and not qjl and not had:
                 sweep, default = [], dict(kencode.MMA_TUNING[dim])
                 try:
                     for kw in tune_grid:
@@ -724,6 +743,7 @@ def main() -> None:
     ap.add_argument("--tune-cells", default="8x32768,32x32768", help="tune-cuda: BxT cells")
     ap.add_argument("--tune-encode", default="[]", help="encode: CUDA settings to sweep, e.g. '[{\"MINB\": 4}]'")
     ap.add_argument("--encode-dims", default="128", help="encode: head_dims (128 runs every width)")
+    ap.add_argument("--tune-had", default="[]", help="encode: HAD kernel settings to sweep, e.g. '[{\"TW\": 1}]'")
     ap.add_argument("--graph", action="store_true", help="decode grid: also time each call as a CUDA graph replay")
     ap.add_argument("--e2e-layers", type=int, default=32)
     ap.add_argument("--e2e-context", type=int, default=32768)
@@ -778,8 +798,8 @@ def main() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         res["overhead"] = overhead(dev, args.overhead_modules.split(","), cells, out_dir)
     if "encode" in phases:
-        res["encode"] = encode_bench(dev, copy_bw, json.loads(args.tune_encode),
-                                     [int(v) for v in args.encode_dims.split(",")])  # fmt: skip
+        dims = [int(v) for v in args.encode_dims.split(",")]
+        res["encode"] = encode_bench(dev, copy_bw, json.loads(args.tune_encode), dims, json.loads(args.tune_had))
     if "e2e" in phases:
         res["e2e"] = e2e(
             dev,

@@ -69,3 +69,17 @@ def test_same_matrix_on_cuda(cuda, kind):
     assert torch.equal(
         rotation.rotation_matrix(kind, 384, 5, device=cuda).cpu(), rotation.rotation_matrix(kind, 384, 5)
     )
+
+
+@pytest.mark.parametrize("dim", [2, 64, 128, 256])
+def test_hadamard_signs_factor_the_matrix(dim):
+    """The GPU encode applies "hadamard" as three rounds of x -> fwht(signs[k] * x): the same map as the matrix."""
+    signs = rotation.hadamard_signs(dim, 11)
+    assert signs.shape == (rotation.HADAMARD_ROUNDS, dim) and set(signs.unique().tolist()) <= {-1, 1}
+    x = torch.randn(5, dim, dtype=torch.float64)
+    y = x
+    for s in signs:
+        y = rotation.fwht(y * s.double())
+    torch.testing.assert_close(y, x @ rotation.rotation_matrix("hadamard", dim, 11, dtype=torch.float64))
+    with pytest.raises(ValueError, match="power-of-two"):
+        rotation.hadamard_signs(96, 11)

@@ -53,10 +53,24 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(*lead, n) / math.sqrt(n)
 
 
+def hadamard_signs(dim: int, seed: int) -> torch.Tensor:
+    """``(HADAMARD_ROUNDS, dim)`` int64 signs of the rotation ``"hadamard"`` for a power-of-two ``dim``: round k maps
+    ``x -> fwht(signs[k] * x)``. The GPU encode applies the rotation in this factored form."""
+    if dim < 2 or dim & (dim - 1):
+        raise ValueError(f"hadamard_signs needs a power-of-two dim >= 2, got {dim}")
+    gen = generator(seed, f"hadamard:{dim}")
+    return torch.stack([torch.randint(0, 2, (dim,), generator=gen, dtype=torch.int64) * 2 - 1
+                        for _ in range(HADAMARD_ROUNDS)])  # fmt: skip
+
+
 def _hadamard_transform(x: torch.Tensor, seed: int) -> torch.Tensor:
     """Apply the randomized Hadamard rotation to the rows of ``x`` (float64, CPU)."""
     d = x.shape[-1]
     p = 1 << (d.bit_length() - 1)
+    if p == d:
+        for signs in hadamard_signs(d, seed):
+            x = fwht(x * signs.to(x.dtype))
+        return x
     gen = generator(seed, f"hadamard:{d}")
 
     def random_signs(x: torch.Tensor) -> torch.Tensor:
@@ -65,12 +79,11 @@ def _hadamard_transform(x: torch.Tensor, seed: int) -> torch.Tensor:
     for _ in range(HADAMARD_ROUNDS):
         x = random_signs(x)
         x = torch.cat((fwht(x[..., :p]), x[..., p:]), dim=-1)
-        if p != d:
-            # Fresh signs before the second block: without them, the overlap holds a piece of a Hadamard
-            # column, which the second transform partly folds back into a few spikes.
-            x = random_signs(x)
-            x = torch.cat((x[..., : d - p], fwht(x[..., d - p :])), dim=-1)
-            x = x[..., torch.randperm(d, generator=gen)]
+        # Fresh signs before the second block: without them, the overlap holds a piece of a Hadamard column,
+        # which the second transform partly folds back into a few spikes.
+        x = random_signs(x)
+        x = torch.cat((x[..., : d - p], fwht(x[..., d - p :])), dim=-1)
+        x = x[..., torch.randperm(d, generator=gen)]
     return x
 
 

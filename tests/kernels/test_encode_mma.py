@@ -17,6 +17,7 @@ from turbovq.kernels import cuda
 from turbovq.kernels import encode as kencode
 from turbovq.kernels.reference import encode_reference, fused_rotation
 from turbovq.kv.cache import RowCodec
+from turbovq.rotation import hadamard_signs
 
 needs_nvrtc = pytest.mark.skipif(not cuda.nvrtc_available(), reason="libnvrtc not installed")
 
@@ -47,9 +48,30 @@ def test_compiles(cfg, arch):
     assert cubin[:4] == b"\x7fELF" and b"tq_encode" in cubin
 
 
+@needs_nvrtc
+@pytest.mark.parametrize("d,bits", [(256, 4), (128, 3), (64, 2)])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_hadamard_kernel_compiles(d, bits, arch):
+    opts = dict(kencode.HAD_TUNING, HAD=1, D=d, B0=bits, XT=1, HAS_MEAN=1, HAS_SCALE=0)
+    cubin = cuda.compile_cubin(kencode._MMA_SOURCE, arch, tuple(f"-D{k}={v}" for k, v in opts.items()))
+    assert cubin[:4] == b"\x7fELF" and b"tq_encode_had" in cubin
+
+
+def test_hadamard_kernel_applies_to_one_hadamard_group():
+    assert kencode.hadamard_supported(RowCodec(128, 4)) and kencode.hadamard_supported(RowCodec(256, 2, seed=3))
+    assert kencode.hadamard_supported(RowCodec(256, 3.5)) and kencode.hadamard_supported(RowCodec(256, 2.5))
+    assert not kencode.hadamard_supported(RowCodec(128, 3.5))  # two channel groups of 64
+    assert not kencode.hadamard_supported(RowCodec(256, 3.25))  # groups of 64 and 192
+    assert not kencode.hadamard_supported(RowCodec(128, 4, rotation="haar"))
+    assert not kencode.hadamard_supported(RowCodec(96, 4))
+    x = torch.randn(1, 1, 4, 128)
+    with pytest.raises(ValueError, match="hadamard=True"):
+        kencode.encode_rows(x, RowCodec(128, 4, rotation="haar"), None, hadamard=True)
+
+
 def test_params_struct_matches_the_c_layout():
-    """8 pointers, 4 int64, 3 int32, two 8-word boundary tables: 172 bytes, padded to 176 (8-byte alignment)."""
-    assert ctypes.sizeof(kencode._MmaParams) == 176
+    """8 pointers, 4 int64, 3 int32, two 8-word boundary tables (172 bytes, padded to 176), the permutation pointer."""
+    assert ctypes.sizeof(kencode._MmaParams) == 184 and kencode._MmaParams.perm.offset == 176
     assert kencode._MmaParams.T.offset == 8 * 8 + 4 * 8
     assert kencode._MmaParams.tp0.offset == 8 * 8 + 4 * 8 + 3 * 4
     assert kencode._MmaParams.tp1.offset == kencode._MmaParams.tp0.offset + 32
@@ -184,3 +206,130 @@ def test_fragment_rotation_is_r_in_fragment_order():
     frag = kencode.fragment_rotation(codec, perm, "cpu")
     assert frag.shape == (2, 4, 8, 2, 32, 2, 4) and frag.dtype == torch.float16
     assert torch.equal(frag.float().flatten(1).sort(1).values, rot.half().float().flatten(1).sort(1).values)
+
+
+# ---- the HAD kernel (factored randomized Hadamard): the same kind of emulation, at the level of lane registers ----
+
+_G, _T4 = torch.arange(32) // 4, torch.arange(32) % 4
+
+
+def _a_matrix(regs: torch.Tensor) -> torch.Tensor:
+    """mma A fragments (..., 32 lanes, 4 registers, 2 halves) -> the (..., 16, 16) matrix they hold."""
+    out = torch.zeros(*regs.shape[:-3], 16, 16, dtype=regs.dtype)
+    for j in range(4):
+        for h in range(2):
+            out[..., _G + 8 * (j % 2), 2 * _T4 + h + 8 * (j // 2)] = regs[..., j, h]
+    return out
+
+
+def _b_matrix(regs: torch.Tensor) -> torch.Tensor:
+    """mma B fragments (..., 32, 2 registers, 2 halves) -> the (..., 16, 8) matrix: register j, half h of lane
+    (g, t4) is entry (2 t4 + h + 8 j, g)."""
+    out = torch.zeros(*regs.shape[:-3], 16, 8, dtype=regs.dtype)
+    for j in range(2):
+        for h in range(2):
+            out[..., 2 * _T4 + h + 8 * j, _G] = regs[..., j, h]
+    return out
+
+
+def _c_regs(mat: torch.Tensor) -> torch.Tensor:
+    """A (..., 16, 8) accumulator -> (..., 32, 4): c0, c1 = row g, columns 2 t4, + 1; c2, c3 = row g + 8."""
+    return torch.stack([mat[..., _G + 8 * (i // 2), 2 * _T4 + i % 2] for i in range(4)], -1)
+
+
+def _halves(words: torch.Tensor) -> torch.Tensor:
+    """int32 words of float16 pairs (...) -> (..., 2) float16, low half first."""
+    w = words.long() & 0xFFFFFFFF
+    return torch.stack([w & 0xFFFF, w >> 16], -1).to(torch.int16).view(torch.float16)
+
+
+def emulate_hadamard(x, codec, perm, mean, scale) -> dict[str, torch.Tensor]:
+    """What the HAD kernel computes, register for register: loads, row (group) norms, sign masks, the six mma steps
+    with float16 operands, movmatrix, the float16-pair quantizer and the reduce-scatter of the code runs. Two
+    channel groups (fractional widths at 256): the tile of a permuted row is that of two rows of 128."""
+    bsz, heads, rows, dim = x.shape
+    td, groups = kencode._layout_dim(codec), len(codec.groups)
+    rpt = 256 // td  # tile rows of td coordinates: rows of x, or the two groups of one row
+    v = x.float()
+    if mean is not None:
+        v = v - mean
+    if scale is not None:
+        v = v * (1.0 / scale)
+    v = RowCodec.permute(v, perm)
+    pad = -rows % rpt if groups == 1 else 0
+    v = torch.nn.functional.pad(v, (0, 0, 0, pad)).reshape(-1, rpt, td)  # (tiles, rows of a tile, td)
+    tiles = v.shape[0]
+    # lane loads: tile row g + 8 nu, columns 4 t4 .. + 3 -> (row, coordinates)
+    r, o = kencode.tile_place(td, _G[:, None] + 8 * torch.arange(2), 4 * _T4[:, None].expand(-1, 2))  # (32, 2)
+    vals = v[:, r[..., None], o[..., None] + torch.arange(4)]  # (tiles, 32, 2 nu, 4)
+    inv = 1 / v.pow(2).sum(-1).sqrt().clamp_min(1e-30)  # (tiles, rpt): the row sums the shuffles give
+    z = (vals * inv[:, r][..., None]).half().reshape(tiles, 32, 4, 2)  # z[2 nu + e] = values 2 e, 2 e + 1
+    signs = torch.stack([hadamard_signs(td, g.seed) for g in codec.mse._groups])
+    consts = kencode.hadamard_lane_constants(td, signs[0] if groups == 1 else signs)  # (3, 32, 12)
+    for k in range(3):
+        la, rb = _halves(consts[k, :, :4]), _halves(consts[k, :, 4:8]).view(32, 2, 2, 2).transpose(0, 1)
+        m = consts[k, :, 8:].numpy().astype(np.uint32)
+        bits16 = z.view(torch.int16).numpy().astype(np.uint16).astype(np.uint32)
+        bits16 ^= np.stack([m & 0xFFFF, m >> 16], -1) & 0xFFFF
+        zs = torch.from_numpy(bits16.astype(np.uint16).view(np.int16)).view(torch.float16)
+        # float16 accumulation: each product's sums rounded once to float16 (the hardware rounds along the way)
+        c = [_c_regs(_a_matrix(la).float() @ _b_matrix(zs[:, :, 2 * nu : 2 * nu + 2]).float()) for nu in range(2)]
+        a = torch.stack([torch.stack([c[j // 2][..., 2 * (j % 2)], c[j // 2][..., 2 * (j % 2) + 1]], -1)
+                         for j in range(4)], -2).half()  # fmt: skip
+        d = [_c_regs(_a_matrix(a).float() @ _b_matrix(rb[e]).float()) for e in range(2)]
+        z = torch.stack([d[e][..., 2 * nu : 2 * nu + 2] for nu in range(2) for e in range(2)], -2).half()
+    # movmatrix: register 2 nu + e <- the transpose of 8 x 8 block (e, nu) (lane (g, t4) half h: its (2 t4 + h, g))
+    y = torch.zeros_like(z)
+    for nu in range(2):
+        for e in range(2):
+            for h in range(2):
+                lanes = 4 * (2 * _T4 + h) + _G // 2  # lane (g' = 2 t4 + h, t4' = g / 2)
+                y[:, :, 2 * nu + e, h] = z[:, lanes, 2 * e + nu, _G % 2]
+    tps = kencode._had_constants(codec, "cpu")[1:]
+    wide = [codec.groups[min(nu, groups - 1)][0] for nu in range(2)]  # bits of tile rows 8 nu ..
+    out = np.zeros((tiles, 32, 4), dtype=np.uint32)
+    for j in range(4):
+        bits, tp = wide[j // 2], tps[min(j // 2, groups - 1)]
+        q = _quantize2(y[:, :, j, 0].float(), y[:, :, j, 1].float(), None, list(tp), bits)
+        out[:, :, j] = ((q & 0xFFFF) | ((q >> 16) << bits)) << (2 * bits * _T4.numpy().astype(np.uint32))
+    # reduce-scatter over the 4 lanes of a row: lane t4 keeps unit (nu, e) = (t4 & 1, t4 >> 1)
+    runs = np.zeros((tiles, 32), dtype=np.uint32)
+    for lane in range(32):
+        t4 = lane % 4
+        quad = range(lane - t4, lane - t4 + 4)
+        runs[:, lane] = np.bitwise_or.reduce(out[:, list(quad), 2 * (t4 & 1) + (t4 >> 1)], axis=1)
+    ur, uo = kencode.tile_place(td, _G + 8 * (_T4 & 1), 8 * (_T4 >> 1))
+    codes = [np.zeros((tiles, rpt, td * wide[i] // 8), dtype=np.uint8) for i in range(2)]
+    for lane in range(32):
+        grp = int(ur[lane]) if groups == 2 else 0
+        start = int(uo[lane]) // 8 * wide[grp]
+        for i in range(wide[grp]):
+            codes[grp][:, int(ur[lane]), start + i] = (runs[:, lane] >> np.uint32(8 * i)) & 0xFF
+    norms = (1 / inv).reshape(-1, rpt)
+    if groups == 1:
+        return {"codes0": torch.from_numpy(codes[0]).reshape(bsz, heads, rows + pad, -1)[:, :, :rows],
+                "norms0": norms.reshape(bsz, heads, rows + pad)[:, :, :rows]}  # fmt: skip
+    return {f"codes{i}": torch.from_numpy(codes[i][:, i]).reshape(bsz, heads, rows, -1) for i in range(2)} | {
+        f"norms{i}": norms[:, i].reshape(bsz, heads, rows) for i in range(2)}
+
+
+@pytest.mark.parametrize("d,bits,dtype,center,scaled",
+                         [(256, 4, torch.bfloat16, True, True), (256, 3, torch.float16, False, False),
+                          (128, 4, torch.bfloat16, False, True), (128, 3, torch.float16, True, False),
+                          (128, 2, torch.bfloat16, True, True), (64, 4, torch.float16, False, True),
+                          (64, 3, torch.bfloat16, True, False), (256, 3.5, torch.bfloat16, True, True),
+                          (256, 2.5, torch.float16, False, False)])  # fmt: skip
+def test_emulated_hadamard_kernel_writes_the_reference_codes(d, bits, dtype, center, scaled):
+    """The HAD kernel's index maps (tile layouts, the load-order slots of round 0, the sign masks of each round's
+    orientation, the factors per round, the final transposition, the code runs) give RowCodec.encode's codes, except
+    where the six float16 roundings move a coordinate across a boundary (one level, under 1%); a wrong sign mask or
+    factor leaves about half the codes wrong."""
+    g = torch.Generator().manual_seed(d + int(10 * bits))
+    x = (torch.randn(2, 2, 37, d, generator=g) * 3 + 0.5).to(dtype)
+    codec = RowCodec(d, bits, seed=5)
+    assert kencode.hadamard_supported(codec)
+    mean = x.float().mean(2, keepdim=True) if center else None
+    scale = torch.rand(2, 2, 1, d, generator=g) + 0.5 if scaled else None
+    perm = codec.calibrate(x.float() - (0 if mean is None else mean)) if codec.num_outliers else None
+    ref = encode_reference(x, codec, perm, mean, scale)
+    assert_codes_match(emulate_hadamard(x, codec, perm, mean, scale), ref, codec, mismatch=1e-2, norm_rtol=1e-5)

@@ -174,9 +174,10 @@ ENCODE_CUDA_CASES = [  # (head_dim, bits, dtype, centered, channel scales)
 
 @pytest.mark.parametrize("d,bits,dtype,center,scaled", ENCODE_CUDA_CASES)
 def test_encode_cuda_matches_row_codec(cuda, d, bits, dtype, center, scaled):
-    """encode_mma.cu: norms to float32 rounding (group norms of fractional widths, from the rotated outputs, to 5e-4);
-    codes as RowCodec.encode's except where the float16 operands move a coordinate across a boundary (one level,
-    under 1%); rows of a strided window (the cache's flush) and a tail of rows that fills no whole tile."""
+    """encode_mma.cu, both kernels: norms to float32 rounding (group norms of fractional widths, from the rotated
+    outputs, to 5e-4); codes as RowCodec.encode's except where the float16 operands move a coordinate across a
+    boundary (one level, under 1%); rows of a strided window (the cache's flush) and a tail of rows that fills no
+    whole tile (nor a whole HAD tile of 2 or 4 rows)."""
     from turbovq.kernels.encode import mma_supported
 
     g = torch.Generator().manual_seed(d + int(10 * bits))
@@ -189,10 +190,12 @@ def test_encode_cuda_matches_row_codec(cuda, d, bits, dtype, center, scaled):
     perm = codec.calibrate(x.float() - (0 if mean is None else mean)) if codec.num_outliers else None
     assert mma_supported(x, codec)
     ref = encode_reference(x, codec, perm, mean, scale)
-    out = encode_rows(x, codec, perm, mean, scale, backend="cuda")
-    assert_codes_match(out, ref, codec, mismatch=1e-2, norm_rtol=5e-4 if codec.num_outliers else 1e-5)
-    if mean is None:  # the zero row
-        assert all(torch.equal(out[k][0, 1, 7], ref[k][0, 1, 7]) for k in ref if k.startswith("codes"))
+    # integer widths: the factored Hadamard kernel and the dense-R one
+    for hadamard in (True, False) if kencode.hadamard_supported(codec) else (None,):
+        out = encode_rows(x, codec, perm, mean, scale, backend="cuda", hadamard=hadamard)
+        assert_codes_match(out, ref, codec, mismatch=1e-2, norm_rtol=5e-4 if codec.num_outliers else 1e-5)
+        if mean is None:  # the zero row
+            assert all(torch.equal(out[k][0, 1, 7], ref[k][0, 1, 7]) for k in ref if k.startswith("codes"))
 
 
 @pytest.mark.parametrize("d,bits,dtype", [(64, 4, torch.bfloat16), (128, 4, torch.float32), (128, 3.5, torch.float16),

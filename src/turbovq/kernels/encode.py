@@ -7,7 +7,11 @@ and norms, so they can run at memory speed. Two implementations of the same arit
 * CUDA (``encode_mma.cu``, compiled by NVRTC, see ``cuda.py``) for bfloat16/float16 rows: tensor-core rotation on
   float16 operands laid out so that each lane's accumulator columns are its own output codes (no exchange between
   lanes), two coordinates per float16-pair comparison; the host side here builds R in fragment order
-  (:func:`fragment_rotation`), the lanes' channel map (:func:`lane_coordinates`) and the grid (one wave).
+  (:func:`fragment_rotation`), the lanes' channel map (:func:`lane_coordinates`) and the grid (one wave). Where
+  the codec is one channel group with the rotation ``"hadamard"`` (the default), the same file's ``HAD`` kernel
+  applies the rotation in its factored form instead (three rounds of signs and a Kronecker-factored Hadamard
+  transform as 16 x 16 tensor-core products, no R in shared memory; :func:`hadamard_supported`,
+  :func:`hadamard_lane_constants`); by default at head_dim 256, where it is the faster one.
 * Triton (``_encode_kernel``) for float32 rows and on request, per block of ``BLOCK_T`` rows of one (batch, KV
   head):
 
@@ -39,6 +43,7 @@ from turbovq.kernels import cuda
 from turbovq.kernels.decode import HAS_TRITON, codec_supported, sm_count, wave_fill
 from turbovq.kernels.reference import channel_groups, fused_rotation, weak_cached
 from turbovq.kv.cache import RowCodec
+from turbovq.rotation import HADAMARD_ROUNDS, hadamard_signs
 
 if HAS_TRITON:
     import triton
@@ -156,6 +161,97 @@ def mma_tuning(dim: int) -> dict[str, int]:
     return MMA_TUNING[dim]
 
 
+# the HAD kernel's tuning (benchmarks/kernels.py --phases encode --tune-had, H100; kernels_encode_had_r10.json): warps
+# per block, blocks per SM the registers must allow, tiles in flight per warp
+HAD_TUNING = {"NWARPS": 4, "MINB": 4, "TW": 4}
+# where encode_rows takes the HAD kernel by default: at head_dim 256 it beats the dense-R kernel (whose R fills shared
+# memory there), at 128 and 64 the dense one is faster (kernels_encode_had_r10.json)
+HAD_DEFAULT_DIMS = (256,)
+# the growth of a tile's norm over the three rounds: the kernel's H_8 factors are +-1/2 instead of +-1/sqrt(8)
+HAD_GROWTH = {64: 8.0, 128: 2**1.5, 256: 1.0}
+
+
+def hadamard_supported(codec: RowCodec) -> bool:
+    """The HAD kernel: channel groups rotated by ``"hadamard"``, either one (integer widths) at head_dim 64/128/256,
+    or two of 128 channels at head_dim 256 (fractional widths such as 2.5 and 3.5)."""
+    if HADAMARD_ROUNDS != 3 or any(g.rotation != "hadamard" for g in codec.mse._groups):
+        return False
+    dims = [d for _, d, _ in codec.groups]
+    return dims in ([64], [128], [256], [128, 128])
+
+
+def _layout_dim(codec: RowCodec) -> int:
+    """The HAD tile's layout: that of one row of ``dim``, or two rows of 128 for two groups at 256."""
+    return codec.groups[0][1]
+
+
+def tile_place(dim: int, rho: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row within the tile's ``256 / dim`` rows, coordinate) of entry (rho, c) of the HAD kernel's 16 x 16 tile:
+    one row of 256, rows of 128 stacked (row rho / 8), rows of 64 as ``[[a, b], [c, d]]``."""
+    if dim == 256:
+        return torch.zeros_like(rho), 16 * rho + c
+    if dim == 128:
+        return rho // 8, 16 * (rho % 8) + c
+    return 2 * (rho // 8) + c // 8, 8 * (rho % 8) + c % 8
+
+
+def _factor(kind: int) -> torch.Tensor:
+    """A 16 x 16 tile factor: kind 0 is H_16 / 4, kind 1 blockdiag(H_8, H_8) / 2 (Sylvester order; every entry is
+    exact in float16)."""
+    i = torch.arange(16)
+    parity = torch.tensor([bin(v).count("1") % 2 for v in range(16)])[(i[:, None] & i) & (7 if kind else 15)]
+    h = (1 - 2 * parity).float() * (0.5 if kind else 0.25)
+    return h * (i[:, None] // 8 == i // 8) if kind else h
+
+
+def hadamard_factors(dim: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, R) of round k: the round maps its input tile Z to ``L (s_k . Z)^T R``. Round k's input is the canonical
+    tile for even k, its transpose for odd k; D = 256 and 64 use one factor on both sides, D = 128 (tile rows = (row,
+    i < 8), columns j < 16) maps the canonical Y to ``blockdiag(H_8) Y H_16``, so its factors swap each round."""
+    lk = 0 if dim == 256 else 1 if dim == 64 else k % 2
+    rk = 0 if dim == 256 else 1 if dim == 64 else 1 - k % 2
+    return _factor(lk), _factor(rk)
+
+
+def load_column(slot: torch.Tensor) -> torch.Tensor:
+    """The tile column in B-fragment slot ``slot`` of round 0's input: lane t4 loads columns 4 t4 .. 4 t4 + 3 (one
+    8-byte load) into slots 2 t4, 2 t4 + 1, 2 t4 + 8, 2 t4 + 9."""
+    return 4 * ((slot % 8) // 2) + 2 * (slot // 8) + slot % 2
+
+
+def hadamard_lane_constants(dim: int, signs: torch.Tensor) -> torch.Tensor:
+    """``(3 rounds, 32 lanes, 12)`` int32, the HAD kernel's per-lane registers: round k's L as A fragments (4), R's
+    two column tiles as B fragments (4), and the float16 sign bits its ``s_k`` flips in the tile's registers
+    ``2 nu + e`` (4), from the rotation's signs: ``(3, dim)``, or ``(2, 3, 128)`` for two channel groups of 128 (tile
+    layout ``dim`` = 128; group r's signs apply to tile rows 8 r ..).
+
+    Fragments (float16 pairs, low half first) of lane l = 4 g + t4: A register j holds entries (g + 8 (j % 2),
+    2 t4 + 8 (j / 2) + h); B register j of column tile e holds (2 t4 + 8 j + h, 8 e + g). Round 0's L has its columns
+    in load order (:func:`load_column`). Tile register 2 nu + e, half h, holds entry (g + 8 nu, 8 e + 2 t4 + h) of
+    the canonical tile in rounds 0 and 2 (in slot order in round 0) and of the transposed tile in round 1.
+    """
+    lane, j, half = torch.arange(32)[:, None, None], torch.arange(4)[:, None], torch.arange(2)
+    g, t4 = lane // 4, lane % 4
+
+    def pairs(v: torch.Tensor) -> torch.Tensor:  # (32, 4, 2) float -> (32, 4) float16 pairs as int64 words
+        bits = v.half().view(torch.int16).long() & 0xFFFF
+        return bits[..., 0] | bits[..., 1] << 16
+
+    rows, slots = g + 8 * (j // 2), 8 * (j % 2) + 2 * t4 + half  # the tile register's entry
+    out = []
+    for k, (rho, c) in enumerate(((rows, load_column(slots)), (slots, rows), (rows, slots))):
+        left, right = hadamard_factors(dim, k)
+        a_cols = 2 * t4 + 8 * (j // 2) + half
+        la = pairs(left[(g + 8 * (j % 2)).expand(-1, 4, 2), load_column(a_cols) if k == 0 else a_cols])
+        rb = pairs(right[(2 * t4 + 8 * (j % 2) + half).expand(-1, 4, 2), (8 * (j // 2) + g).expand(-1, 4, 2)])
+        row, coord = tile_place(dim, *torch.broadcast_tensors(rho, c))
+        sk = signs[row, k, coord] if signs.dim() == 3 else signs[k][coord]
+        sg = ((sk < 0).long() << (15 + 16 * half)).sum(-1)
+        out.append(torch.cat([la, rb, sg], -1))
+    m = torch.stack(out)
+    return (m - (m >> 31 << 32)).to(torch.int32)  # uint32 words as int32
+
+
 class _MmaParams(ctypes.Structure):
     """Mirror of ``struct Params`` in encode_mma.cu (one by-value kernel argument)."""
 
@@ -163,7 +259,7 @@ class _MmaParams(ctypes.Structure):
         [(k, ctypes.c_void_p) for k in ("x", "mean", "iscale", "rfrag", "c0", "n0", "c1", "n1")]
         + [(k, ctypes.c_longlong) for k in ("sxb", "sxh", "sxt", "rstride")]
         + [(k, ctypes.c_int) for k in ("T", "H", "chunk")]
-        + [("tp0", ctypes.c_uint32 * 8), ("tp1", ctypes.c_uint32 * 8)]
+        + [("tp0", ctypes.c_uint32 * 8), ("tp1", ctypes.c_uint32 * 8), ("perm", ctypes.c_void_p)]
     )
 
 
@@ -223,9 +319,60 @@ def fragment_rotation(codec: RowCodec, perm: torch.Tensor | None, device) -> tor
 _FRAGMENTS: dict[tuple, tuple] = {}
 
 
-def _encode_cuda(x, codec, perm, mean, scale, fields) -> None:
+def _encode_hadamard(x, codec, perm, mean_arg, iscale, fields) -> None:
     bsz, heads, rows, dim = x.shape
     dev = x.device
+    consts, tp0, tp1 = _had_constants(codec, dev)
+    (b0, d0, _), b1 = codec.groups[0], codec.groups[-1][0]
+    two = len(codec.groups) == 2
+    perm_arg = None if perm is None else weak_cached(_NORMALIZERS, (perm,), dev, lambda: perm.int().contiguous())
+    opts = dict(HAD_TUNING, HAD=1, D=dim, B0=b0, D0=d0, B1=b1, G2=int(two), HAS_PERM=int(perm_arg is not None),
+                XT=int(x.dtype == torch.bfloat16), HAS_MEAN=int(mean_arg is not None),
+                HAS_SCALE=int(iscale is not None))  # fmt: skip
+    kern = cuda.kernel(_MMA_SOURCE, "tq_encode_had", dev, tuple(f"-D{k}={v}" for k, v in opts.items()))
+    block, per_warp = 32 * HAD_TUNING["NWARPS"], 256 // dim * HAD_TUNING["TW"]
+    splits = _row_splits(bsz * heads, -(-rows // (per_warp * HAD_TUNING["NWARPS"])),
+                         sm_count(dev) * kern.blocks_per_sm(block))  # fmt: skip
+    chunk = -(-rows // splits)
+    chunk = -(-chunk // per_warp) * per_warp
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    last = "1" if two else "0"
+    prm = _MmaParams(
+        ptr(x), ptr(mean_arg), ptr(iscale), consts.data_ptr(), fields["codes0"].data_ptr(),
+        fields["norms0"].data_ptr(), fields[f"codes{last}"].data_ptr(), fields[f"norms{last}"].data_ptr(),
+        x.stride(0), x.stride(1), x.stride(2), 0, rows, heads, chunk, tp0, tp1, ptr(perm_arg),
+    )  # fmt: skip
+    kern((-(-rows // chunk), bsz * heads, 1), block, prm, cuda.stream(dev))
+
+
+def _had_constants(codec: RowCodec, device) -> tuple:
+    """Per codec, built once: the HAD kernel's lane constants (device) and each group's positive boundaries times
+    the kernel's growth as float16 pairs."""
+
+    def build():
+        td = _layout_dim(codec)
+        signs = torch.stack([hadamard_signs(td, g.seed) for g in codec.mse._groups])
+        consts = hadamard_lane_constants(td, signs[0] if len(signs) == 1 else signs).to(device)
+        tps = []
+        for i in range(2):
+            grp = codec.mse._groups[min(i, len(signs) - 1)]
+            bounds = grp.boundaries.float()[(1 << (grp.bits - 1)) :] * HAD_GROWTH[td]
+            h16 = bounds.half().view(torch.int16).int() & 0xFFFF
+            tps.append((ctypes.c_uint32 * 8)(*(h16 * 0x10001).tolist()))
+        return consts, *tps
+
+    return weak_cached(_HAD, (codec,), device, build)
+
+
+def _encode_cuda(x, codec, perm, mean, scale, fields, hadamard: bool | None = None) -> None:
+    bsz, heads, rows, dim = x.shape
+    dev = x.device
+    mean_arg = None if mean is None else weak_cached(
+        _NORMALIZERS, (mean,), dev, lambda: mean.reshape(bsz * heads, dim).float().contiguous())
+    iscale = None if scale is None else weak_cached(
+        _NORMALIZERS, (scale,), dev, lambda: (1.0 / scale.reshape(bsz * heads, dim).float()).contiguous())
+    if hadamard or (hadamard is None and dim in HAD_DEFAULT_DIMS and hadamard_supported(codec)):
+        return _encode_hadamard(x, codec, perm, mean_arg, iscale, fields)
     frag, tp = _layer_constants(codec, perm, dev)
     (b0, d0, _), rest = codec.groups[0], codec.groups[1:]
     b1, d1 = (rest[0][0], rest[0][1]) if rest else (b0, 0)
@@ -233,10 +380,6 @@ def _encode_cuda(x, codec, perm, mean, scale, fields) -> None:
     opts = dict(tune, D=dim, B0=b0, D0=d0, B1=b1, D1=d1, XT=int(x.dtype == torch.bfloat16),
                 HAS_MEAN=int(mean is not None), HAS_SCALE=int(scale is not None))  # fmt: skip
     kern = cuda.kernel(_MMA_SOURCE, "tq_encode", dev, tuple(f"-D{k}={v}" for k, v in opts.items()))
-    mean_arg = None if mean is None else weak_cached(
-        _NORMALIZERS, (mean,), dev, lambda: mean.reshape(bsz * heads, dim).float().contiguous())
-    iscale = None if scale is None else weak_cached(
-        _NORMALIZERS, (scale,), dev, lambda: (1.0 / scale.reshape(bsz * heads, dim).float()).contiguous())
     per_warp = 16 * tune["MT"]
     block = 32 * tune["NWARPS"]
     smem = dim * dim * 2 + 2 * dim * 4
@@ -250,7 +393,7 @@ def _encode_cuda(x, codec, perm, mean, scale, fields) -> None:
         fields["codes0"].data_ptr(), fields["norms0"].data_ptr(),
         fields.get("codes1", fields["codes0"]).data_ptr(), fields.get("norms1", fields["norms0"]).data_ptr(),
         x.stride(0), x.stride(1), x.stride(2), 0 if frag.shape[0] == 1 else frag[0].numel() // 2,
-        rows, heads, chunk, *tp,
+        rows, heads, chunk, *tp, None,
     )  # fmt: skip
     kern((-(-rows // chunk), bsz * heads, 1), block, prm, cuda.stream(dev), smem=smem)
 
@@ -270,6 +413,7 @@ def _row_splits(bh: int, max_splits: int, slots: int) -> int:
 
 
 _CONSTANTS: dict[tuple, tuple] = {}
+_HAD: dict[tuple, tuple] = {}
 _NORMALIZERS: dict[tuple, tuple] = {}  # the cache's means and 1 / scales as (B H, D) float32, per layer
 _SYMMETRY: dict[tuple, tuple] = {}
 
@@ -302,6 +446,7 @@ def encode_rows(
     precision: str | None = None,
     symmetric: bool | None = None,
     backend: str = "auto",
+    hadamard: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fused ``RowCodec.encode((x - mean) / scale, perm)`` for x of shape (B, H, T, D), any float dtype.
 
@@ -318,10 +463,15 @@ def encode_rows(
     (default: when the boundaries are symmetric, as Lloyd-Max's are).
     ``backend``: ``"cuda"`` (``encode_mma.cu``, 16-bit input, see :func:`mma_supported`), ``"triton"``, or
     ``"auto"`` (CUDA where it applies; ``TURBOVQ_CUDA=0`` turns it off). ``block_t``, ``num_warps``, ``precision``
-    and ``symmetric`` tune the Triton kernel only.
+    and ``symmetric`` tune the Triton kernel only. ``hadamard`` (CUDA): the factored randomized Hadamard kernel
+    (True, where :func:`hadamard_supported`), the dense-R kernel (False), or the faster of the two as measured
+    (None: HAD at head_dim 256, see ``HAD_DEFAULT_DIMS``).
     """
     if backend not in ("auto", "cuda", "triton"):
         raise ValueError(f"backend must be 'auto', 'cuda' or 'triton', got {backend!r}")
+    if hadamard and not hadamard_supported(codec):
+        raise ValueError(f"hadamard=True needs one channel group rotated by 'hadamard' at head_dim 64/128/256, got "
+                         f"{codec} (rotation {codec.mse._groups[0].rotation!r})")  # fmt: skip
     bsz, heads, rows, dim = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -342,7 +492,7 @@ def encode_rows(
     if backend == "cuda" and not use_cuda:
         raise ValueError("backend='cuda' needs 16-bit CUDA rows and a codec that encode_mma.cu handles (mma_supported)")
     if use_cuda:
-        _encode_cuda(x, codec, perm, mean, scale, fields)
+        _encode_cuda(x, codec, perm, mean, scale, fields, hadamard)
         return fields
     rot = fused_rotation(codec, perm, dev)
     gid = channel_groups(codec, perm, heads, dev)

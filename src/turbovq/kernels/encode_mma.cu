@@ -47,6 +47,7 @@ struct Params {
     long long sxb, sxh, sxt, rstride;  // x strides (elements); rfrag words per head (0: one R for all heads)
     int T, H, chunk;                   // rows per (b, h), heads, rows per block
     u32 tp0[8], tp1[8];                // positive boundaries of groups 0 / 1 as float16 pairs (2^(B_i-1) - 1 used)
+    const int* perm;                   // HAD with HAS_PERM: (H, D) input channel of each permuted position
 };
 
 #define NK (D / 16)        // k-steps of the rotation
@@ -70,17 +71,21 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Coordinate j (0..7) of a 16-byte chunk of 16-bit floats, as float32.
-__device__ __forceinline__ float chunk_f(const uint4& v, int j) {
-    const u32 w = j < 2 ? v.x : j < 4 ? v.y : j < 6 ? v.z : v.w;
+// The low (hi = 0) or high 16-bit float of a word, as float32.
+__device__ __forceinline__ float elem_f(u32 w, int hi) {
 #if XT == 1
-    return __uint_as_float(j & 1 ? w & 0xFFFF0000u : w << 16);
+    return __uint_as_float(hi ? w & 0xFFFF0000u : w << 16);
 #else
     float f;
-    const u16 hv = (u16)(j & 1 ? w >> 16 : w);
+    const u16 hv = (u16)(hi ? w >> 16 : w);
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(hv));
     return f;
 #endif
+}
+
+// Coordinate j (0..7) of a 16-byte chunk of 16-bit floats, as float32.
+__device__ __forceinline__ float chunk_f(const uint4& v, int j) {
+    return elem_f(j < 2 ? v.x : j < 4 ? v.y : j < 6 ? v.z : v.w, j & 1);
 }
 
 // Lane coordinate q (0 .. D/4) of a row is x[32 (q / 8) + 8 t4 + q % 8] (16-byte chunk q / 8); centered and scaled.
@@ -102,6 +107,13 @@ __device__ __forceinline__ float coord(const uint4 (&raw)[NCH], int q, const flo
 // relative (the multi-function unit's reciprocal square root: no IEEE square root and division slow paths).
 __device__ __forceinline__ float rsqrt_nz(float ss) { return ss > 0.f ? rsqrtf(fmaxf(ss, 1e-36f)) : 0.f; }
 
+// The same without the denormal range fix-up around MUFU.RSQ (the argument is clamped to a normal float).
+__device__ __forceinline__ float rsqrt_nz_ftz(float ss) {
+    float r;
+    asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(fmaxf(ss, 1e-36f)));
+    return ss > 0.f ? r : 0.f;
+}
+
 // Per 16-bit half: 0xFFFF where a > b (float16 pairs), else 0.
 __device__ __forceinline__ u32 hgt2(u32 a, u32 b) {
     u32 r;
@@ -114,11 +126,9 @@ __device__ __forceinline__ u32 hgt2(u32 a, u32 b) {
 // y > 0, where c = #(tp < |y|). Both coordinates at once in float16 pairs: the comparison masks (0xFFFF per half)
 // summed as 32-bit integers give S = 0xFFFF (c0 + 2^16 c1), and 0xFFFF * 0x10001 = -1 (mod 2^32), so
 // S * 0x10001 + M * 0x10001 holds M - c0 and M - c1 in its halves (one multiply-add, no borrow since c <= M).
-template <int BITS, bool SCALED>
-__device__ __forceinline__ u32 quantize2(float y0, float y1, u32 scale, const u32* tp) {
+template <int BITS>
+__device__ __forceinline__ u32 quantize2h(u32 y, const u32* tp) {  // y: the pair as float16 pair
     constexpr u32 M = (1u << (BITS - 1)) - 1;
-    u32 y = pack_h2(y0, y1);
-    if (SCALED) asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(y) : "r"(scale));
     const u32 a = y & 0x7FFF7FFFu;
     u32 s = 0;
 #pragma unroll
@@ -126,6 +136,14 @@ __device__ __forceinline__ u32 quantize2(float y0, float y1, u32 scale, const u3
     return (s * 0x10001u + M * 0x10001u) ^ (hgt2(y, 0u) & (((1u << BITS) - 1) * 0x10001u));
 }
 
+template <int BITS, bool SCALED>
+__device__ __forceinline__ u32 quantize2(float y0, float y1, u32 scale, const u32* tp) {
+    u32 y = pack_h2(y0, y1);
+    if (SCALED) asm("mul.rn.f16x2 %0, %0, %1;" : "+r"(y) : "r"(scale));
+    return quantize2h<BITS>(y, tp);
+}
+
+#if !HAD
 // Four code pairs (column tiles 4w .. 4w + 3, halves = columns e = 0, 1) -> 8 codes of BITS bits (8 BITS low bits).
 // Two byte permutes and a shifted add give the nibbles [p0.e0, p2.e0, p1.e0, p3.e0, p0.e1, p2.e1, p1.e1, p3.e1]:
 // the run position of column e of tile 4w + i is 8w + 4e + (0, 2, 1, 3)[i] (fragment_rotation builds R to match).
@@ -342,3 +360,255 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const 
         if (D1 > 0) encode_group<B1, DG1, D0 / 8, LB1>(a, nrm, smem_v, p.tp1, c1, n1, r0, hi, lane);
     }
 }
+#else
+
+// ---- HAD = 1: the rotation "hadamard" (the default) as small tensor-core products ----------------------------------
+//
+// Why: the dense kernel above reads all of R (D^2 / 2 words) from shared memory per 16 rows; at D = 256 that is
+// 128 KiB (one block per SM) and its reads bound it (44% of copy bandwidth). The randomized Hadamard rotation is
+// x -> H (s3 . H (s2 . H (s1 . x))) (H the orthonormal Sylvester matrix of order D, s_k the rotation's random signs),
+// and H factors as a Kronecker product: H_256 = H_16 (x) H_16, H_128 = H_8 (x) H_16, H_64 = H_8 (x) H_8. Laid out as
+// a 16 x 16 tile Y (one row of 256; rows a, b of 128 stacked; rows [[a, b], [c, d]] of 64), a round is
+// Y -> L (s . Y) R with 16 x 16 factors L, R (H_16, or blockdiag(H_8, H_8)). An mma whose B operand is the previous
+// accumulator reads it transposed, so a round is two mma steps and no data exchange between lanes: W = L Z^T (L the
+// A operand, the tile's float16 pairs as B fragments), then Z' = W R (W's accumulator pairs are its A fragments),
+// and Z' is the next round's tile transposed (the factors of a transposed round are swapped for 128). 4 mma per
+// round, 12 per tile, every operand in registers, float16 accumulation (its pairs are the next step's operands):
+// no shared memory, no conversions. After the third round a movmatrix per 8 x 8 block turns the tile back.
+// Precision: float16 at each of the six steps; codes move by one level only within ~1e-3 of a boundary, as above.
+// Scale: H_8's entries are +-1/2 (exact in float16, where 1/sqrt(8) is not), so a round grows the tile by sqrt(2)
+// per H_8 factor; the boundaries passed in are scaled by that known growth instead.
+//
+// G2 = 1: fractional widths at D = 256, two channel groups of 128 (outliers first), each with its own rotation,
+// norm and codebook: the tile is the layout of two rows of 128, group g in tile rows 8 g .. 8 g + 7; with HAS_PERM
+// each group's channels are gathered through the head's permutation (p.perm): the lanes store the row (as loaded)
+// in the warp's shared memory and read back their channels.
+//
+// Lane (g, t4) loads columns 4 t4 .. 4 t4 + 3 of tile rows g and g + 8 (one 8-byte load each) into the B-fragment
+// slots 2 t4, 2 t4 + 1, 2 t4 + 8, 2 t4 + 9; the first round's L has its columns permuted to match, and round 0's
+// signs are folded into the lane's channel scales. The codes of 8 columns of a tile row (b bytes) are gathered from
+// the row's 4 lanes by a reduce-scatter of two shuffles; each lane stores one such run. Configuration macros: D, B0
+// (2..4), G2, B1, HAS_PERM, XT, HAS_MEAN, HAS_SCALE; tuning NWARPS, MINB, TW (tiles per warp in flight). p.rfrag
+// holds the lane constants (encode.hadamard_lane_constants).
+
+#ifndef G2  // one channel group unless told
+#define G2 0
+#define B1 B0
+#define D0 D
+#endif
+#ifndef HAS_PERM
+#define HAS_PERM 0
+#endif
+#if G2
+#define TD 128  // the tile's layout: that of two rows of 128
+#else
+#define TD D
+#endif
+#define RPT (256 / D)  // rows per tile
+
+// One 16 x 8 x 16 product with float16 accumulation: its accumulator pairs are directly the next step's operands.
+__device__ __forceinline__ void mma16816h(u32 (&c)[2], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f16.f16.f16.f16 {%0,%1}, {%2,%3,%4,%5}, {%6,%7}, {%8,%8};"
+        : "=r"(c[0]), "=r"(c[1])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(0u));
+}
+
+__device__ __forceinline__ u32 movtrans(u32 a) {
+    u32 d;
+    asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(d) : "r"(a));
+    return d;
+}
+
+// (row of the tile's RPT rows, or group for G2; first coordinate) of tile row rho, columns c .. c + 3 or c .. c + 7.
+__device__ __forceinline__ void tile_place(int rho, int c, int& r, int& o) {
+#if TD == 256
+    r = 0, o = 16 * rho + c;
+#elif TD == 128
+    r = rho >> 3, o = 16 * (rho & 7) + c;
+#else
+    r = 2 * (rho >> 3) + (c >> 3), o = 8 * (rho & 7) + (c & 7);
+#endif
+}
+
+// The codes of a float16 pair (quantize2h) as 2 BITS bits at this lane's place in an 8-code run.
+template <int BITS>
+__device__ __forceinline__ u32 code_pair(u32 y, const u32* tp, int t4) {
+    const u32 q = quantize2h<BITS>(y, tp);
+    return ((q | (q >> (16 - BITS))) & ((1u << 2 * BITS) - 1)) << (2 * t4 * BITS);
+}
+
+// Store a run of 8 codes (BITS bytes) at dst; 3-bit runs start at byte 3 k, odd or even.
+template <int BITS>
+__device__ __forceinline__ void store_unit(unsigned char* dst, u32 run, bool odd) {
+    if (BITS == 4) {
+        *(u32*)dst = run;
+    } else if (BITS == 2) {
+        *(u16*)dst = (u16)run;
+    } else if (!odd) {
+        *(u16*)dst = (u16)run;
+        dst[2] = (unsigned char)(run >> 16);
+    } else {
+        dst[0] = (unsigned char)run;
+        *(u16*)(dst + 1) = (u16)(run >> 8);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode_had(const __grid_constant__ Params p) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
+    const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+    // the lane's constants (hadamard_lane_constants): per round the A fragments of L, the B fragments of R's two
+    // column tiles and the sign masks of the tile's four registers
+    u32 la[3][4], rb[3][2][2], sg[3][4];
+#pragma unroll
+    for (int k = 0; k < 3; k++) {
+        const uint4* src = (const uint4*)p.rfrag + (k * 32 + lane) * 3;
+        const uint4 l = src[0], r = src[1], m = src[2];
+        la[k][0] = l.x, la[k][1] = l.y, la[k][2] = l.z, la[k][3] = l.w;
+        rb[k][0][0] = r.x, rb[k][0][1] = r.y, rb[k][1][0] = r.z, rb[k][1][1] = r.w;
+        sg[k][0] = m.x, sg[k][1] = m.y, sg[k][2] = m.z, sg[k][3] = m.w;
+    }
+    // this lane's input: coordinates o[nu] .. o[nu] + 3 of row (G2: group) r[nu] of each tile (tile row g + 8 nu),
+    // input channels ch[nu][i]
+    int r[2], o[2], lin[2], ch[2][4];  // lin: the first of the 4 row positions the lane loads
+    float mn[2][4], sc[2][4];
+#pragma unroll
+    for (int nu = 0; nu < 2; nu++) {
+        tile_place(g + 8 * nu, 4 * t4, r[nu], o[nu]);
+        lin[nu] = G2 ? 128 * r[nu] + o[nu] : o[nu];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            ch[nu][i] = HAS_PERM ? p.perm[h * D + lin[nu] + i] : lin[nu] + i;
+            // (x - m) s = x s - m s; round 0's sign of the element is folded in here (it leaves the norm alone)
+            const bool neg = (sg[0][2 * nu + (i >> 1)] >> (15 + 16 * (i & 1))) & 1;
+            sc[nu][i] = (HAS_SCALE ? p.iscale[(long long)bh * D + ch[nu][i]] : 1.f) * (neg ? -1.f : 1.f);
+            mn[nu][i] = HAS_MEAN ? p.mean[(long long)bh * D + ch[nu][i]] * sc[nu][i] : 0.f;
+        }
+        if (G2) r[nu] = 0;  // (the tile is one row)
+    }
+    const int lo = blockIdx.x * p.chunk, hi = min(p.T, lo + p.chunk);
+    const int first = lo + warp * RPT * TW, step = NWARPS * RPT * TW;  // the warp's first row, rows per iteration
+    // the unit of codes this lane stores after the reduce-scatter: tile row g + 8 (t4 & 1), columns 8 (t4 >> 1) ..
+    int ur, uo;
+    tile_place(g + 8 * (t4 & 1), 8 * (t4 >> 1), ur, uo);
+    const int ug = G2 ? ur : 0;  // its channel group
+    if (G2) ur = 0;
+    const int ub = ug ? B1 : B0;  // its bits
+    // pointers at the warp's first tile, advanced by step rows per iteration
+    const u16* xp[2];
+#pragma unroll
+    for (int nu = 0; nu < 2; nu++)
+        xp[nu] = (const u16*)p.x + b * p.sxb + h * p.sxh + (long long)(first + r[nu]) * p.sxt + lin[nu];
+    const int rb0 = D0 * B0 / 8, rb1 = (D - D0) * B1 / 8, urb = ug ? rb1 : rb0;  // code bytes per row
+    unsigned char* cp = (ug ? p.c1 : p.c0) + ((long long)bh * p.T + first + ur) * urb + (uo / 8) * ub;
+    float* np0 = p.n0 + (long long)bh * p.T + first;
+    float* np1 = p.n1 + (long long)bh * p.T + first;
+    const long long xstep = (long long)step * p.sxt;
+
+    auto load = [&](uint2 (&w)[TW][2], int r0) {
+#pragma unroll
+        for (int t = 0; t < TW; t++)
+#pragma unroll
+            for (int nu = 0; nu < 2; nu++)
+                w[t][nu] = r0 + RPT * t + r[nu] < hi ? *(const uint2*)(xp[nu] + RPT * t * p.sxt) : make_uint2(0u, 0u);
+    };
+#if HAS_PERM  // (G2: one row per tile) the row passes through the warp's shared memory to gather its channels
+    __shared__ uint2 stage[NWARPS][TW][64];
+#endif
+    uint2 raw[TW][2];
+    load(raw, first);
+    for (int r0 = first; r0 < hi; r0 += step, cp += (long long)step * urb, np0 += step, np1 += step) {
+        uint2 cur[TW][2];
+#pragma unroll
+        for (int t = 0; t < TW; t++) cur[t][0] = raw[t][0], cur[t][1] = raw[t][1];
+        xp[0] += xstep, xp[1] += xstep;
+        if (r0 + step < hi) load(raw, r0 + step);
+#pragma unroll
+        for (int t = 0; t < TW; t++) {
+            const int rt = r0 + RPT * t;  // the tile's first row
+#if HAS_PERM
+            stage[warp][t][lin[0] / 4] = cur[t][0], stage[warp][t][lin[1] / 4] = cur[t][1];
+            __syncwarp();
+#pragma unroll
+            for (int nu = 0; nu < 2; nu++) {
+                const u16* row = (const u16*)stage[warp][t];
+                cur[t][nu] = make_uint2(row[ch[nu][0]] | (u32)row[ch[nu][1]] << 16, row[ch[nu][2]] | (u32)row[ch[nu][3]] << 16);
+            }
+            __syncwarp();
+#endif
+            float v[2][4], ss[2];
+#pragma unroll
+            for (int nu = 0; nu < 2; nu++) {
+                ss[nu] = 0.f;
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const u32 w = i < 2 ? cur[t][nu].x : cur[t][nu].y;
+                    v[nu][i] = fmaf(elem_f(w, i & 1), sc[nu][i], -mn[nu][i]);
+                    ss[nu] = fmaf(v[nu][i], v[nu][i], ss[nu]);
+                }
+            }
+            // sums of squares: TD = 256 all 32 lanes hold one row; 128 row (group) nu is tile rows 8 nu ..; 64 row
+            // 2 nu + t4 / 2 is the lanes with that t4 / 2
+#if TD == 256
+            ss[0] += ss[1];
+#pragma unroll
+            for (int m = 1; m < 32; m *= 2) ss[0] += __shfl_xor_sync(0xFFFFFFFFu, ss[0], m);
+            ss[1] = ss[0];
+#else
+#pragma unroll
+            for (int nu = 0; nu < 2; nu++)
+#pragma unroll
+                for (int m = 1; m < 32; m *= 2)
+                    if (TD == 128 || m != 2) ss[nu] += __shfl_xor_sync(0xFFFFFFFFu, ss[nu], m);
+#endif
+            u32 z[4];  // z[2 nu + e]: float16 pairs of tile row g + 8 nu, slots (columns) 8 e + 2 t4, + 1
+            float inv[2];
+            inv[0] = rsqrt_nz_ftz(ss[0]);
+            inv[1] = TD == 256 ? inv[0] : rsqrt_nz_ftz(ss[1]);
+#pragma unroll
+            for (int nu = 0; nu < 2; nu++) {
+                z[2 * nu] = pack_h2(v[nu][0] * inv[nu], v[nu][1] * inv[nu]);
+                z[2 * nu + 1] = pack_h2(v[nu][2] * inv[nu], v[nu][3] * inv[nu]);
+                const bool mine = TD == 256 ? lane == 0 && nu == 0 : TD == 128 ? lane == 0 : g == 0 && (t4 & 1) == 0;
+                if (mine && rt + r[nu] < hi) (G2 && nu ? np1 : np0)[RPT * t + r[nu]] = ss[nu] * inv[nu];
+            }
+#pragma unroll
+            for (int k = 0; k < 3; k++) {
+                u32 w[4], d[2][2];
+#pragma unroll
+                for (int nu = 0; nu < 2; nu++)  // W = L Z^T: B fragments of column tile nu are tile row g + 8 nu
+                    mma16816h(*(u32(*)[2])(w + 2 * nu), la[k], z[2 * nu] ^ (k ? sg[k][2 * nu] : 0u),
+                              z[2 * nu + 1] ^ (k ? sg[k][2 * nu + 1] : 0u));
+                const u32 a[4] = {w[0], w[1], w[2], w[3]};  // W's accumulator pairs are its A fragments
+#pragma unroll
+                for (int e = 0; e < 2; e++) mma16816h(d[e], a, rb[k][e][0], rb[k][e][1]);  // Z' = W R
+#pragma unroll
+                for (int nu = 0; nu < 2; nu++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) z[2 * nu + e] = d[e][nu];
+            }
+            // the tile is transposed after three rounds: block (e, nu) transposed is block (nu, e); then the codes of
+            // each 8-column unit (nu, e), this lane's two at bits 2 t4 b .., reduce-scattered over the row's 4 lanes
+            u32 u[4];
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                u[e] = code_pair<B0>(movtrans(z[2 * e]), p.tp0, t4);
+                u[2 + e] = G2 ? code_pair<B1>(movtrans(z[2 * e + 1]), p.tp1, t4)
+                              : code_pair<B0>(movtrans(z[2 * e + 1]), p.tp0, t4);
+            }
+            const bool o1 = t4 & 1, o2 = t4 & 2;
+            u32 k0 = o1 ? u[2] : u[0], k1 = o1 ? u[3] : u[1];
+            k0 |= __shfl_xor_sync(0xFFFFFFFFu, o1 ? u[0] : u[2], 1);
+            k1 |= __shfl_xor_sync(0xFFFFFFFFu, o1 ? u[1] : u[3], 1);
+            u32 run = o2 ? k1 : k0;
+            run |= __shfl_xor_sync(0xFFFFFFFFu, o2 ? k0 : k1, 2);
+            if (rt + ur < hi) {
+                unsigned char* dst = cp + RPT * t * urb;
+                if (G2 && ug)
+                    store_unit<B1>(dst, run, (uo / 8) & 1);
+                else
+                    store_unit<B0>(dst, run, (uo / 8) & 1);
+            }
+        }
+    }
+}
+#endif
