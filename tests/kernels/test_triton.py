@@ -240,12 +240,12 @@ def test_encode_cuda_refuses_what_it_cannot_run(cuda):
         encode_rows(torch.randn(1, 2, 10, 128, device=cuda), codec, None, backend="cutlass")
 
 
-def _tiny_llama(cuda):
+def _tiny_llama(cuda, head_dim=128):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=96, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=2, head_dim=128, max_position_embeddings=1024,
+        num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=1024,
     )  # fmt: skip
     return transformers.LlamaForCausalLM(config).to(cuda, torch.bfloat16).eval()
 
@@ -256,32 +256,37 @@ def _cache_logits(model, ids, monkeypatch, env, step, **cache_kw):
     from turbovq.kv import TurboQuantCache, codes_attention
 
     monkeypatch.setenv("TURBOVQ_KERNELS", env)
-    cache = TurboQuantCache(model.config, key_bits=4, value_bits=3, residual_length=32, flush_block=16, **cache_kw)
+    cache_kw = {"key_bits": 4, "value_bits": 3, **cache_kw}
+    cache = TurboQuantCache(model.config, residual_length=32, flush_block=16, **cache_kw)
     with codes_attention(model), torch.no_grad():
         model(ids[:, :290], past_key_values=cache, use_cache=True)
         return step(cache)
 
 
-def test_cache_uses_kernel_and_matches_reference(cuda, monkeypatch):
+@pytest.mark.parametrize("head_dim,key_bits", [(128, 4), (256, 3.5)])
+def test_cache_uses_kernel_and_matches_reference(cuda, monkeypatch, head_dim, key_bits):
     """TurboQuantCache + codes_attention on CUDA: flushes and decode steps go through the kernels, logits match
-    TURBOVQ_KERNELS=0."""
+    TURBOVQ_KERNELS=0; at head_dim 256 the flushes take the HAD encode (fractional keys: two channel groups and the
+    calibrated outlier permutation)."""
     from turbovq.kernels import decode as kdecode
 
-    model = _tiny_llama(cuda)
+    model = _tiny_llama(cuda, head_dim)
     ids = torch.randint(0, 96, (2, 300), device=cuda)
-    calls, encodes = [], []
-    real, real_encode = kdecode.decode_attention, kencode.encode_rows
+    calls, encodes, had = [], [], []
+    real, real_encode, real_had = kdecode.decode_attention, kencode.encode_rows, kencode._encode_hadamard
     monkeypatch.setattr(kdecode, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(kencode, "encode_rows", lambda *a, **k: encodes.append(1) or real_encode(*a, **k))
+    monkeypatch.setattr(kencode, "_encode_hadamard", lambda *a, **k: had.append(a[1].bits) or real_had(*a, **k))
 
     def step(cache):
         return torch.cat([model(ids[:, i : i + 1], past_key_values=cache).logits for i in range(290, 300)], 1)
 
-    ref = _cache_logits(model, ids, monkeypatch, "0", step)
+    ref = _cache_logits(model, ids, monkeypatch, "0", step, key_bits=key_bits)
     assert not calls and not encodes
-    out = _cache_logits(model, ids, monkeypatch, "1", step)
+    out = _cache_logits(model, ids, monkeypatch, "1", step, key_bits=key_bits)
     assert len(calls) == 10 * 2  # every decode step, every layer
     assert len(encodes) >= 2 * 2  # the flushes encode keys and values of every layer through the kernel
+    assert (key_bits in had and 3 in had) == (head_dim == 256), had  # keys and values through HAD at 256 only
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
 
 
