@@ -8,9 +8,9 @@ and norms, so they can run at memory speed. Two implementations of the same arit
   float16 operands laid out so that each lane's accumulator columns are its own output codes (no exchange between
   lanes), two coordinates per float16-pair comparison; the host side here builds R in fragment order
   (:func:`fragment_rotation`), the lanes' channel map (:func:`lane_coordinates`) and the grid (one wave). Where
-  the codec is one channel group with the rotation ``"hadamard"`` (the default), the same file's ``HAD`` kernel
-  applies the rotation in its factored form instead (three rounds of signs and a Kronecker-factored Hadamard
-  transform as 16 x 16 tensor-core products, no R in shared memory; :func:`hadamard_supported`,
+  the codec's channel groups use the rotation ``"hadamard"`` (the default) with power-of-two sizes, the same file's
+  ``HAD`` kernel applies the rotation in its factored form instead (three rounds of signs and a Kronecker-factored
+  Hadamard transform as 16 x 16 tensor-core products, no R in shared memory; :func:`hadamard_supported`,
   :func:`hadamard_lane_constants`); by default at head_dim 256, where it is the faster one.
 * Triton (``_encode_kernel``) for float32 rows and on request, per block of ``BLOCK_T`` rows of one (batch, KV
   head):
@@ -161,11 +161,11 @@ def mma_tuning(dim: int) -> dict[str, int]:
     return MMA_TUNING[dim]
 
 
-# the HAD kernel's tuning (benchmarks/kernels.py --phases encode --tune-had, H100; kernels_encode_had_r10.json): warps
-# per block, blocks per SM the registers must allow, tiles in flight per warp
+# the HAD kernel's tuning (benchmarks/kernels.py --phases encode --tune-had, H100; kernels_encode_had_r10b.json,
+# kernels_encode_had_sweep_r10.json): warps per block, blocks per SM the registers must allow, tiles in flight per warp
 HAD_TUNING = {"NWARPS": 4, "MINB": 4, "TW": 4}
 # where encode_rows takes the HAD kernel by default: at head_dim 256 it beats the dense-R kernel (whose R fills shared
-# memory there), at 128 and 64 the dense one is faster (kernels_encode_had_r10.json)
+# memory there), at 128 and 64 the dense one is faster (kernels_encode_r10.json)
 HAD_DEFAULT_DIMS = (256,)
 # the growth of a tile's norm over the three rounds: the kernel's H_8 factors are +-1/2 instead of +-1/sqrt(8)
 HAD_GROWTH = {64: 8.0, 128: 2**1.5, 256: 1.0}
@@ -325,7 +325,9 @@ def _encode_hadamard(x, codec, perm, mean_arg, iscale, fields) -> None:
     consts, tp0, tp1 = _had_constants(codec, dev)
     (b0, d0, _), b1 = codec.groups[0], codec.groups[-1][0]
     two = len(codec.groups) == 2
-    perm_arg = None if perm is None else weak_cached(_NORMALIZERS, (perm,), dev, lambda: perm.int().contiguous())
+    # (only two groups have outlier channels to gather)
+    perm_arg = None if perm is None or not two else weak_cached(
+        _NORMALIZERS, (perm,), dev, lambda: perm.int().contiguous())
     opts = dict(HAD_TUNING, HAD=1, D=dim, B0=b0, D0=d0, B1=b1, G2=int(two), HAS_PERM=int(perm_arg is not None),
                 XT=int(x.dtype == torch.bfloat16), HAS_MEAN=int(mean_arg is not None),
                 HAS_SCALE=int(iscale is not None))  # fmt: skip
@@ -470,8 +472,9 @@ def encode_rows(
     if backend not in ("auto", "cuda", "triton"):
         raise ValueError(f"backend must be 'auto', 'cuda' or 'triton', got {backend!r}")
     if hadamard and not hadamard_supported(codec):
-        raise ValueError(f"hadamard=True needs one channel group rotated by 'hadamard' at head_dim 64/128/256, got "
-                         f"{codec} (rotation {codec.mse._groups[0].rotation!r})")  # fmt: skip
+        raise ValueError(f"hadamard=True needs the rotation 'hadamard' and one channel group at head_dim 64/128/256 "
+                         f"or two of 128 at 256, got {codec} with groups {codec.groups} and rotation "
+                         f"{codec.mse._groups[0].rotation!r}")  # fmt: skip
     bsz, heads, rows, dim = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
