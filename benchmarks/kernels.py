@@ -437,8 +437,8 @@ def overhead(dev, modules: list[str], cells: list[tuple[int, int]], log_dir: Pat
 def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int], had_grid: list[dict] = ()) -> list[dict]:
     """``encode_rows`` on B = 8, H = 8, T = 32k rows of bf16 (centered, channel scales as the cache's default):
     the CUDA kernel (encode_mma.cu), the Triton kernel and the torch ``RowCodec.encode``, side by side; achieved
-    bandwidth on the bytes read and written vs the copy roofline. head_dim 128: 4, 3, 3.5 and 2.5 bits, and 4-bit
-    TurboQuant_prod keys (3-bit codes + QJL signs: the Triton kernel only); other ``dims``: 4, 3, 3.5 and 2.5 bits.
+    bandwidth on the bytes read and written vs the copy roofline. head_dim 128: 4, 3, 3.5, 2.5 and 2 bits, and 4-bit
+    TurboQuant_prod keys (3-bit codes + QJL signs); other ``dims``: 4, 3, 3.5 and 2.5 bits.
     Where the factored Hadamard kernel applies (HAD, see ``encode.hadamard_supported``), it and the dense-R kernel are
     both timed: ``cuda`` is the default choice, ``cuda_had`` / ``cuda_dense`` each kernel.
     With ``tune_grid``, a sweep of the dense kernel's tuning (MMA_TUNING) for 4, 3 and 3.5 bits; with ``had_grid``,
@@ -461,7 +461,7 @@ def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int], had_grid
             def run(backend, codec=codec, perm=perm, x=x, mean=mean, scale=scale, **kw):
                 return encode_rows(x, codec, perm, mean, scale, backend=backend, **kw)
 
-            ms = {k: bench(lambda k=k: run(k), rep=50) for k in (("triton",) if qjl else ("cuda", "triton"))}
+            ms = {k: bench(lambda k=k: run(k), rep=50) for k in ("cuda", "triton")}
             had = not qjl and kencode.hadamard_supported(codec)
             if had:
                 ms["cuda_had"] = bench(lambda: run("cuda", hadamard=True), rep=50)
@@ -474,9 +474,8 @@ def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int], had_grid
             for k, v in ms.items():
                 row[f"{k}_ms"] = v
                 row[f"{k}_roofline_frac"] = nbytes / v / 1e9 / copy_tbs
-            best = "triton" if qjl else "cuda"
-            if not qjl:
-                row["cuda_vs_triton"] = ms["triton"] / ms["cuda"]
+            best = "cuda"
+            row["cuda_vs_triton"] = ms["triton"] / ms["cuda"]
             if had:
                 row["had_vs_dense"] = ms["cuda_dense"] / ms["cuda_had"]
             if "torch" in ms:
@@ -501,14 +500,15 @@ def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int], had_grid
                     kencode.HAD_TUNING.update(default)
                 row["had_sweep"] = sorted(sweep, key=lambda r: r["ms"])
                 print(f"  fastest HAD settings: {row['had_sweep'][0]}", flush=True)
-            if bits in (4, 3, 3.5) and tune_grid and not qjl and not had:
-                sweep, default = [], dict(kencode.MMA_TUNING[dim])
+            if (bits in (4, 3, 3.5) or qjl) and tune_grid and not had:  # (QJL: QJL_TUNING)
+                table = kencode.QJL_TUNING if qjl else kencode.MMA_TUNING
+                sweep, default = [], dict(table[dim])
                 try:
                     for kw in tune_grid:
-                        kencode.MMA_TUNING[dim] = {**default, **kw}
-                        sweep.append({**kencode.MMA_TUNING[dim], "ms": bench(lambda: run("cuda"), rep=30)})
+                        table[dim] = {**default, **kw}
+                        sweep.append({**table[dim], "ms": bench(lambda: run("cuda"), rep=30)})
                 finally:
-                    kencode.MMA_TUNING[dim] = default
+                    table[dim] = default
                 row["cuda_sweep"] = sorted(sweep, key=lambda r: r["ms"])
                 print(f"  fastest CUDA settings: {row['cuda_sweep'][0]}", flush=True)
         del x

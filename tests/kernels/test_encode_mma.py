@@ -57,6 +57,16 @@ def test_hadamard_kernel_compiles(d, bits, arch):
     assert cubin[:4] == b"\x7fELF" and b"tq_encode_had" in cubin
 
 
+@needs_nvrtc
+@pytest.mark.parametrize("d,bits,rq", [(128, 3, 128), (64, 2, 64), (128, 3, 256)])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_qjl_kernel_compiles(d, bits, rq, arch):
+    opts = dict(kencode.mma_tuning(d, qjl=True), D=d, B0=bits, D0=d, B1=bits, D1=0, XT=1, HAS_MEAN=1, HAS_SCALE=1,
+                QJL=1, RQ=rq)  # fmt: skip
+    cubin = cuda.compile_cubin(kencode._MMA_SOURCE, arch, tuple(f"-D{k}={v}" for k, v in opts.items()))
+    assert cubin[:4] == b"\x7fELF" and b"tq_encode" in cubin
+
+
 def test_hadamard_kernel_applies_to_one_hadamard_group():
     assert kencode.hadamard_supported(RowCodec(128, 4)) and kencode.hadamard_supported(RowCodec(256, 2, seed=3))
     assert kencode.hadamard_supported(RowCodec(256, 3.5)) and kencode.hadamard_supported(RowCodec(256, 2.5))
@@ -70,8 +80,10 @@ def test_hadamard_kernel_applies_to_one_hadamard_group():
 
 
 def test_params_struct_matches_the_c_layout():
-    """8 pointers, 4 int64, 3 int32, two 8-word boundary tables (172 bytes, padded to 176), the permutation pointer."""
-    assert ctypes.sizeof(kencode._MmaParams) == 184 and kencode._MmaParams.perm.offset == 176
+    """8 pointers, 4 int64, 3 int32, two 8-word boundary tables (172 bytes, padded to 176), then the permutation and
+    the three QJL pointers, an int64 and the 8-word centroid table."""
+    assert ctypes.sizeof(kencode._MmaParams) == 248 and kencode._MmaParams.perm.offset == 176
+    assert kencode._MmaParams.qstride.offset == 208 and kencode._MmaParams.tc.offset == 216
     assert kencode._MmaParams.T.offset == 8 * 8 + 4 * 8
     assert kencode._MmaParams.tp0.offset == 8 * 8 + 4 * 8 + 3 * 4
     assert kencode._MmaParams.tp1.offset == kencode._MmaParams.tp0.offset + 32
@@ -171,7 +183,51 @@ def emulate(x, codec, perm, mean, scale) -> dict[str, torch.Tensor]:
         run = words.view(np.uint8)[..., :lane_bytes]  # little-endian words -> bytes
         out[f"codes{i}"] = torch.from_numpy(run.reshape(bsz, heads, rows, 4 * lane_bytes).copy())
         u0 += d // 8
+    if codec.qjl:
+        out.update(_emulate_qjl(acc, total, codec, perm))
     return out
+
+
+def _emulate_qjl(acc, total, codec, perm) -> dict[str, torch.Tensor]:
+    """The QJL part (TurboQuant_prod keys): float16 residual pairs (residual2), the product with Q in fragment order,
+    the sign pushes of qjl_sketch and the float16 sums of squares."""
+    bsz, heads, rows, units, _ = acc.shape
+    bits, rq = codec.groups[0][0], codec.quantizer.qjl.rows
+    m = (1 << (bits - 1)) - 1
+    y = acc.half()
+    bounds = codec.tensors(0, "cpu")[2].float()[m + 1 :].half()
+    cents = codec.tensors(0, "cpu")[1].float()[m + 1 :]
+    steps = torch.cat([cents[:1], cents.diff()]).half()
+    cabs = torch.full_like(y, steps[0].item())
+    for k in range(m):  # float16 additions in order, as add.rn.f16x2
+        cabs = torch.where(y.abs() > bounds[k], (cabs.float() + steps[k + 1].float()).half(), cabs)
+    e = (y.float() - torch.where(y > 0, cabs, -cabs).float()).half()  # (B, H, T, U, 8): tile u, column n
+    # A fragment of k-step s: k = 8 j + 2 t4 + h is tile 2 s + j, column 2 t4 + h
+    a = e.view(bsz, heads, rows, units // 2, 2, 8).reshape(bsz, heads, rows, units // 2, 16).float()
+    q = kencode.qjl_fragments(codec, perm, "cpu").float()  # (Hq, RQ/32, NK, 2, 32, 2, 4) [h, v4, s, j, lane, i, e4]
+    q = q.permute(0, 1, 3, 5, 2, 4, 6).reshape(q.shape[0], rq // 8, units // 2, 8, 4, 4)  # [h, v, s, n = g, t4, e4]
+    k_of = (8 * (torch.arange(4) // 2)[None, :] + 2 * torch.arange(4)[:, None] + torch.arange(4) % 2)  # (t4, e4)
+    b = torch.zeros(q.shape[0], rq // 8, units // 2, 16, 8)
+    b[:, :, :, k_of.flatten(), :] = q.permute(0, 1, 2, 4, 5, 3).reshape(q.shape[0], rq // 8, units // 2, 16, 8)
+    proj = torch.einsum("bhtsk,hvskn->bhtvn", a.double(), b.double()).float()  # (B, H, T, V, 8 columns)
+    nb = rq // 4
+    bits_out = np.zeros((bsz, heads, rows, 4, (nb + 31) // 32), dtype=np.uint64)
+    for t4 in range(4):
+        for v in range(rq // 8):
+            for ee in range(2):
+                push = 8 * (v // 4) + 2 * (v % 4) + ee
+                wd = bits_out[..., t4, push // 32]
+                bits_out[..., t4, push // 32] = 2 * wd + (proj[..., v, 2 * t4 + ee] >= 0).numpy().astype(np.uint64)
+    lane_bytes = bits_out.astype(np.uint32).view(np.uint8)[..., : nb // 8]
+    signs = torch.from_numpy(lane_bytes.reshape(bsz, heads, rows, rq // 8).copy())
+    sq = torch.zeros(bsz, heads, rows, 4, 2, dtype=torch.float16)  # per lane (t4) and half: fma.rn.f16x2 in order
+    for s in range(units // 2):
+        for j in range(2):
+            for h in range(2):
+                ev = e[..., 2 * s + j, :].view(bsz, heads, rows, 4, 2)[..., h]  # column 2 t4 + h
+                sq[..., h] = (sq[..., h].float() + ev.float() ** 2).half()
+    rnorms = total * sq.float().sum((-2, -1)).sqrt()
+    return {"qjl": signs, "rnorms": rnorms}
 
 
 @pytest.mark.parametrize(
@@ -333,3 +389,25 @@ def test_emulated_hadamard_kernel_writes_the_reference_codes(d, bits, dtype, cen
     perm = codec.calibrate(x.float() - (0 if mean is None else mean)) if codec.num_outliers else None
     ref = encode_reference(x, codec, perm, mean, scale)
     assert_codes_match(emulate_hadamard(x, codec, perm, mean, scale), ref, codec, mismatch=1e-2, norm_rtol=1e-5)
+
+
+@pytest.mark.parametrize("d,bits,dtype", [(128, 4, torch.bfloat16), (64, 3, torch.float16), (128, 3, torch.float16)])
+def test_emulated_kernel_sketches_the_residual(d, bits, dtype):
+    """TurboQuant_prod keys in encode_mma.cu (QJL): the mse codes as for any codec; the QJL signs and residual norms
+    as QJL.sketch gives them for the residual of the emulated kernel's own codes (signs of projections within float16
+    rounding of zero may flip: under 1%; norms to the float16 sums' 1e-3). A column order of Q that did not match
+    the kernel's sign pushes would flip about half the signs."""
+    g = torch.Generator().manual_seed(d + bits)
+    x = (torch.randn(2, 2, 45, d, generator=g) * 2 + 1).to(dtype)
+    codec = RowCodec(d, bits, seed=3, qjl=True)
+    mean = x.float().mean(2, keepdim=True)
+    scale = torch.rand(2, 2, 1, d, generator=g) + 0.5
+    xn = (x.float() - mean) / scale
+    out = emulate(x, codec, None, mean, scale)
+    assert_codes_match(out, encode_reference(x, codec, None, mean, scale), codec, mismatch=1e-2)
+    sketch = codec.quantizer.qjl
+    r = xn - codec.decode(out, None, with_qjl=False)
+    signs, rnorms = sketch.sketch(r.reshape(-1, d))
+    mismatch = (sketch.signs(signs) != sketch.signs(out["qjl"].reshape(-1, sketch.rows // 8))).float().mean()
+    assert mismatch < 1e-2, mismatch
+    torch.testing.assert_close(out["rnorms"].reshape(-1), rnorms, rtol=3e-3, atol=1e-6)

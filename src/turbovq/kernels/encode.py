@@ -28,7 +28,8 @@ and norms, so they can run at memory speed. Two implementations of the same arit
     ``e @ R^T`` with ``e = y - norm * centroid[code]`` (the rotated residual, R orthogonal), so its QJL signs
     ``sign(r @ S^T)`` are ``sign(e @ Q)`` with ``Q = R^T S^T`` (built once per layer) and its norm is ``||e||``.
     The rotated residual never leaves registers: one more tensor-core product per column chunk, then the signs are
-    packed like 1-bit codes. (The CUDA kernel does not do this part, so prod keys always take this one.)
+    packed like 1-bit codes. The CUDA kernel does the same for 16-bit rows of one channel group at head_dim 64/128
+    (``QJL``: the residual's float16 pairs are the A fragments of the product with Q, :func:`qjl_fragments`).
 """
 
 from __future__ import annotations
@@ -157,8 +158,13 @@ MMA_TUNING = {64: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 1}, 128: {"NWARPS": 4,
               256: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 0}}  # fmt: skip
 
 
-def mma_tuning(dim: int) -> dict[str, int]:
-    return MMA_TUNING[dim]
+# with TurboQuant_prod keys (QJL): the residual's fragments and the sketch product take registers, so fewer blocks
+# and no prefetch at 128 (kernels_encode_qjl_r10.json: 0.528 ms vs 0.554-0.569 for the other settings; 64 untuned)
+QJL_TUNING = {64: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 1}, 128: {"NWARPS": 4, "MT": 1, "MINB": 2, "PF": 0}}
+
+
+def mma_tuning(dim: int, qjl: bool = False) -> dict[str, int]:
+    return (QJL_TUNING if qjl else MMA_TUNING)[dim]
 
 
 # the HAD kernel's tuning (benchmarks/kernels.py --phases encode --tune-had, H100; kernels_encode_had_r10b.json,
@@ -174,8 +180,8 @@ HAD_GROWTH = {64: 8.0, 128: 2**1.5, 256: 1.0}
 def hadamard_supported(codec: RowCodec) -> bool:
     """The HAD kernel: channel groups rotated by ``"hadamard"``, either one (integer widths) at head_dim 64/128/256,
     or two of 128 channels at head_dim 256 (fractional widths such as 2.5 and 3.5)."""
-    if HADAMARD_ROUNDS != 3 or any(g.rotation != "hadamard" for g in codec.mse._groups):
-        return False
+    if codec.qjl or HADAMARD_ROUNDS != 3 or any(g.rotation != "hadamard" for g in codec.mse._groups):
+        return False  # (no QJL sketch in it)
     dims = [d for _, d, _ in codec.groups]
     return dims in ([64], [128], [256], [128, 128])
 
@@ -259,7 +265,9 @@ class _MmaParams(ctypes.Structure):
         [(k, ctypes.c_void_p) for k in ("x", "mean", "iscale", "rfrag", "c0", "n0", "c1", "n1")]
         + [(k, ctypes.c_longlong) for k in ("sxb", "sxh", "sxt", "rstride")]
         + [(k, ctypes.c_int) for k in ("T", "H", "chunk")]
-        + [("tp0", ctypes.c_uint32 * 8), ("tp1", ctypes.c_uint32 * 8), ("perm", ctypes.c_void_p)]
+        + [("tp0", ctypes.c_uint32 * 8), ("tp1", ctypes.c_uint32 * 8)]
+        + [(k, ctypes.c_void_p) for k in ("perm", "qfrag", "qjl", "rn")]
+        + [("qstride", ctypes.c_longlong), ("tc", ctypes.c_uint32 * 8)]
     )
 
 
@@ -270,8 +278,12 @@ def mma_supported(x: torch.Tensor, codec: RowCodec) -> bool:
         return False
     if x.shape[-1] not in (64, 128, 256) or x.stride(-1) != 1 or x.data_ptr() % 16:
         return False
-    if any(st % 8 for st in x.stride()[:-1]) or not codec_supported(codec):
+    if any(st % 8 for st in x.stride()[:-1]) or not codec_supported(codec, qjl=True):
         return False
+    if codec.qjl:  # TurboQuant_prod keys: one group, R and Q = R^T S^T both in shared memory
+        rq = codec.quantizer.qjl.rows
+        if len(codec.groups) != 1 or x.shape[-1] not in QJL_TUNING or rq % 32 or not 32 <= rq <= 2 * x.shape[-1]:
+            return False
     return all(bits in (2, 3, 4) and d % 32 == 0 for bits, d, _ in codec.groups) and _codec_symmetric(codec)
 
 
@@ -309,14 +321,43 @@ def fragment_rotation(codec: RowCodec, perm: torch.Tensor | None, device) -> tor
         n, u = lane // 4, torch.arange(dim // 8)[:, None]
         cols = torch.cat([off + (n // 2) * (d // 4) + run_position(u[: d // 8], n % 2)
                           for _, d, off in codec.groups])  # (D/8, 32) fmt: skip
-        frag = rot[:, rows[None].to(device), cols[:, None, :, None].to(device)]  # (Hr, U, NK, 32, 4)
-        frag = frag.view(-1, dim // 32, 2, 2, dim // 16, 32, 4).permute(0, 1, 4, 2, 5, 3, 6)  # u = 4 u4 + 2 j + i
-        return frag.half().contiguous()
+        return _fragment_order(rot, rows, cols, dim)
 
     return weak_cached(_FRAGMENTS, (codec, perm), device, build)
 
 
 _FRAGMENTS: dict[tuple, tuple] = {}
+_QFRAGMENTS: dict[tuple, tuple] = {}
+
+
+def qjl_fragments(codec: RowCodec, perm: torch.Tensor | None, device) -> torch.Tensor:
+    """``Q = R^T S^T`` as the QJL product's mma B fragments, float16, laid out as :func:`fragment_rotation`'s:
+    ``(H or 1, RQ/32, D/16, 2, 32, 2, 4)``. Its rows follow the residual's A fragments: k-step s holds the
+    accumulator pairs of column tiles 2 s, 2 s + 1 (k = 8 j + 2 t4 + h: tile 2 s + j, column 2 t4 + h, whose rotated
+    coordinate is fragment_rotation's column order). Its columns put sign bits where the kernel pushes them: column
+    n of tile v is lane n / 2's push p = 8 (v / 4) + 2 (v % 4) + n % 2, bit (bits in its word - 1) - p % 32 of word
+    p / 32 of that lane's run of RQ / 4 bits."""
+
+    def build() -> torch.Tensor:
+        q = _qjl_projection(codec, perm, device)
+        dim, rq = codec.dim, codec.quantizer.qjl.rows
+        t4, e4 = torch.arange(32)[None, :, None] % 4, torch.arange(4)
+        tile, col = 2 * torch.arange(dim // 16)[:, None, None] + e4 // 2, 2 * t4 + e4 % 2
+        rows = (col // 2) * (dim // 4) + run_position(tile, col % 2)  # (NK, 32, 4)
+        v, n = torch.arange(rq // 8)[:, None], torch.arange(32) // 4
+        push, nb = 8 * (v // 4) + 2 * (v % 4) + n % 2, rq // 4
+        cols = (n // 2) * nb + 32 * (push // 32) + (torch.clamp(nb - 32 * (push // 32), max=32) - 1 - push % 32)
+        return _fragment_order(q, rows, cols, dim)
+
+    return weak_cached(_QFRAGMENTS, (codec, perm), device, build)
+
+
+def _fragment_order(mat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
+    """``mat[h][rows[s, lane, e], cols[u, lane]]`` as ``(H, U/4, D/16, 2, 32, 2, 4)`` float16 with u = 4 u4 + 2 j + i:
+    a lane's two 16-byte loads per k-step give it the B fragments of four column tiles."""
+    frag = mat[:, rows[None].to(mat.device), cols[:, None, :, None].to(mat.device)]  # (H, U, NK, 32, 4)
+    frag = frag.view(frag.shape[0], -1, 2, 2, dim // 16, 32, 4).permute(0, 1, 4, 2, 5, 3, 6)
+    return frag.half().contiguous()
 
 
 def _encode_hadamard(x, codec, perm, mean_arg, iscale, fields) -> None:
@@ -358,9 +399,7 @@ def _had_constants(codec: RowCodec, device) -> tuple:
         tps = []
         for i in range(2):
             grp = codec.mse._groups[min(i, len(signs) - 1)]
-            bounds = grp.boundaries.float()[(1 << (grp.bits - 1)) :] * HAD_GROWTH[td]
-            h16 = bounds.half().view(torch.int16).int() & 0xFFFF
-            tps.append((ctypes.c_uint32 * 8)(*(h16 * 0x10001).tolist()))
+            tps.append(_pairs(grp.boundaries[(1 << (grp.bits - 1)) :] * HAD_GROWTH[td]))
         return consts, *tps
 
     return weak_cached(_HAD, (codec,), device, build)
@@ -375,16 +414,19 @@ def _encode_cuda(x, codec, perm, mean, scale, fields, hadamard: bool | None = No
         _NORMALIZERS, (scale,), dev, lambda: (1.0 / scale.reshape(bsz * heads, dim).float()).contiguous())
     if hadamard or (hadamard is None and dim in HAD_DEFAULT_DIMS and hadamard_supported(codec)):
         return _encode_hadamard(x, codec, perm, mean_arg, iscale, fields)
-    frag, tp = _layer_constants(codec, perm, dev)
+    frag, tp, qfrag, tc = _layer_constants(codec, perm, dev)
     (b0, d0, _), rest = codec.groups[0], codec.groups[1:]
     b1, d1 = (rest[0][0], rest[0][1]) if rest else (b0, 0)
-    tune = mma_tuning(dim)
+    rq = codec.quantizer.qjl.rows if codec.qjl else 0
+    tune = mma_tuning(dim, codec.qjl)
     opts = dict(tune, D=dim, B0=b0, D0=d0, B1=b1, D1=d1, XT=int(x.dtype == torch.bfloat16),
                 HAS_MEAN=int(mean is not None), HAS_SCALE=int(scale is not None))  # fmt: skip
+    if codec.qjl:
+        opts.update(QJL=1, RQ=rq)
     kern = cuda.kernel(_MMA_SOURCE, "tq_encode", dev, tuple(f"-D{k}={v}" for k, v in opts.items()))
     per_warp = 16 * tune["MT"]
     block = 32 * tune["NWARPS"]
-    smem = dim * dim * 2 + 2 * dim * 4
+    smem = dim * dim * 2 + dim * rq * 2 + 2 * dim * 4
     splits = _row_splits(bsz * heads, -(-rows // (per_warp * tune["NWARPS"])),
                          sm_count(dev) * kern.blocks_per_sm(block, smem))  # fmt: skip
     chunk = -(-rows // splits)
@@ -395,7 +437,8 @@ def _encode_cuda(x, codec, perm, mean, scale, fields, hadamard: bool | None = No
         fields["codes0"].data_ptr(), fields["norms0"].data_ptr(),
         fields.get("codes1", fields["codes0"]).data_ptr(), fields.get("norms1", fields["norms0"]).data_ptr(),
         x.stride(0), x.stride(1), x.stride(2), 0 if frag.shape[0] == 1 else frag[0].numel() // 2,
-        rows, heads, chunk, *tp, None,
+        rows, heads, chunk, *tp, None, ptr(qfrag), ptr(fields.get("qjl")), ptr(fields.get("rnorms")),
+        0 if qfrag is None or qfrag.shape[0] == 1 else qfrag[0].numel() // 2, tc or (ctypes.c_uint32 * 8)(),
     )  # fmt: skip
     kern((-(-rows // chunk), bsz * heads, 1), block, prm, cuda.stream(dev), smem=smem)
 
@@ -420,18 +463,27 @@ _NORMALIZERS: dict[tuple, tuple] = {}  # the cache's means and 1 / scales as (B 
 _SYMMETRY: dict[tuple, tuple] = {}
 
 
+def _pairs(values: torch.Tensor) -> ctypes.Array:
+    """Up to 8 float values as float16 pairs (the value in both halves), for the kernels' parameter tables."""
+    h16 = values.float().half().view(torch.int16).int() & 0xFFFF
+    return (ctypes.c_uint32 * 8)(*(h16 * 0x10001).tolist())
+
+
 def _layer_constants(codec: RowCodec, perm, device) -> tuple:
-    """Per layer, built once (no host work or device sync per call): R in fragment order and the positive boundaries
-    of each group as float16 pairs."""
+    """Per layer, built once (no host work or device sync per call): R in fragment order, the positive boundaries of
+    each group as float16 pairs and, for TurboQuant_prod keys, Q in fragment order and the centroid table (the
+    smallest positive centroid, then the steps between consecutive ones)."""
 
     def build():
         tp = []
         for i in range(2):
             j = min(i, len(codec.groups) - 1)
-            bits = codec.groups[j][0]
-            h16 = codec.tensors(j, "cpu")[2].float()[(1 << (bits - 1)) :].half().view(torch.int16).int() & 0xFFFF
-            tp.append((ctypes.c_uint32 * 8)(*(h16 * 0x10001).tolist()))
-        return fragment_rotation(codec, perm, device), tp
+            tp.append(_pairs(codec.tensors(j, "cpu")[2][(1 << (codec.groups[j][0] - 1)) :]))
+        if not codec.qjl:
+            return fragment_rotation(codec, perm, device), tp, None, None
+        cents = codec.tensors(0, "cpu")[1].float()[(1 << (codec.groups[0][0] - 1)) :]
+        tc = _pairs(torch.cat([cents[:1], cents.diff()]))
+        return fragment_rotation(codec, perm, device), tp, qjl_fragments(codec, perm, device), tc
 
     return weak_cached(_CONSTANTS, (codec, perm), device, build)
 
@@ -453,7 +505,9 @@ def encode_rows(
     """Fused ``RowCodec.encode((x - mean) / scale, perm)`` for x of shape (B, H, T, D), any float dtype.
 
     Returns the same fields (``codes{i}`` uint8 (B, H, T, bytes_i), ``norms{i}`` float32 (B, H, T); with a QJL codec
-    also ``qjl`` uint8 (B, H, T, rows / 8) and ``rnorms`` float32 (B, H, T), from the Triton kernel). The CUDA kernel
+    also ``qjl`` uint8 (B, H, T, rows / 8) and ``rnorms`` float32 (B, H, T); the CUDA kernel computes them from
+    float16 residuals, so a few signs of projections within rounding of zero flip and ``rnorms`` are float16 sums,
+    ~1e-3 relative). The CUDA kernel
     (bfloat16/float16 rows) rounds the normalized rows and R to float16 (2^-11 relative, finer than bfloat16 input):
     codes move by one level where a coordinate lies within ~1e-3 of a boundary (under 1% of them); row norms are
     float32 sums, and the two group norms of fractional widths are those of the rotated outputs (at most ~3e-4

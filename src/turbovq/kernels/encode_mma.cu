@@ -50,7 +50,17 @@ struct Params {
     int T, H, chunk;                   // rows per (b, h), heads, rows per block
     u32 tp0[8], tp1[8];                // positive boundaries of groups 0 / 1 as float16 pairs (2^(B_i-1) - 1 used)
     const int* perm;                   // HAD with HAS_PERM: (H, D) input channel of each permuted position
+    const u32* qfrag;                  // QJL: Q = R^T S^T in fragment order (H or 1, RQ/32, D/16, 2, 32, 2, 2)
+    unsigned char* qjl;                // QJL: signs (B H, T, RQ / 8) bytes
+    float* rn;                         // QJL: residual norms (B H, T)
+    long long qstride;                 // QJL: qfrag words per head (0: one Q for all heads)
+    u32 tc[8];                         // QJL: centroid magnitude of count 0, then its increments, float16 pairs
 };
+
+#ifndef QJL  // TurboQuant_prod keys: the QJL sketch of the residual (RQ sketch rows) in the same pass
+#define QJL 0
+#define RQ 32
+#endif
 
 #define NK (D / 16)        // k-steps of the rotation
 #define NQ (D / 4)         // input coordinates per lane and row
@@ -138,6 +148,23 @@ __device__ __forceinline__ u32 quantize2h(u32 y, const u32* tp) {  // y: the pai
     return (s * 0x10001u + M * 0x10001u) ^ (hgt2(y, 0u) & (((1u << BITS) - 1) * 0x10001u));
 }
 
+// The rotated residual y - centroid(code) of a float16 pair (TurboQuant_prod keys): the symmetric codebook's centroid
+// of count c is +-(tc[0] + tc[1] + ... + tc[c]), negative for y <= 0 as in quantize2h.
+template <int BITS>
+__device__ __forceinline__ u32 residual2(u32 y, const u32* tp, const u32* tc) {
+    const u32 a = y & 0x7FFF7FFFu;
+    u32 cabs = tc[0];
+#pragma unroll
+    for (int k = 0; k < (1 << (BITS - 1)) - 1; k++) {
+        const u32 step = hgt2(a, tp[k]) & tc[k + 1];
+        asm("add.rn.f16x2 %0, %0, %1;" : "+r"(cabs) : "r"(step));
+    }
+    const u32 cent = cabs | (~hgt2(y, 0u) & 0x80008000u);
+    u32 e;
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(e) : "r"(y), "r"(cent));
+    return e;
+}
+
 template <int BITS, bool SCALED>
 __device__ __forceinline__ u32 quantize2(float y0, float y1, u32 scale, const u32* tp) {
     u32 y = pack_h2(y0, y1);
@@ -198,10 +225,12 @@ __device__ __forceinline__ void store_run(unsigned char* dst, const u32 (&w)[NW]
 // time: their accumulator chains are independent (the mma latency overlaps), their B fragments come in two 16-byte
 // shared-memory loads per k-step, and their code pairs make one 8-code word (pack8). With two groups the whole
 // group is rotated first: its norm (written to norms) is that of its outputs, which are then divided by it.
+// QJL (TurboQuant_prod keys, one group): res receives the rotated residual y - centroid as float16 pairs in the A
+// fragment layout of k-step s = tile / 2 (the accumulator pairs of tiles 2 s, 2 s + 1, as flash attention's P V).
 template <int BITS, int DI, int U0, int LB>
 __device__ __forceinline__ void encode_group(const u32 (&a)[MT][NK][4], const float (&nrm)[MT][2], const uint4* sr,
                                              const u32* tp, unsigned char* codes, float* norms, int r0, int hi,
-                                             int lane) {
+                                             int lane, u32 (&res)[MT][NK][4], const u32* tc) {
     const int g = lane >> 2, t4 = lane & 3;
     constexpr int NW = (LB + 3) / 4, NU = D1 > 0 ? DI / 32 : 1;  // NU: 4-tile blocks held at once
     u32 w[MT][2][NW] = {};  // the lane's byte runs of rows g, g + 8 of each row tile
@@ -258,8 +287,16 @@ __device__ __forceinline__ void encode_group(const u32 (&a)[MT][NK][4], const fl
                 for (int r = 0; r < 2; r++) {
                     u32 pr[4];  // code pairs of the 4 column tiles (columns 2 t4, 2 t4 + 1 of row g + 8 r)
 #pragma unroll
-                    for (int i = 0; i < 4; i++)
+                    for (int i = 0; i < 4; i++) {
+#if QJL
+                        const u32 y = pack_h2(c[u][m][i][2 * r], c[u][m][i][2 * r + 1]);
+                        const int tile = 4 * (u0 + u) + i;
+                        pr[i] = quantize2h<BITS>(y, tp);
+                        res[m][tile >> 1][2 * (tile & 1) + r] = residual2<BITS>(y, tp, tc);
+#else
                         pr[i] = quantize2<BITS, (D1 > 0)>(c[u][m][i][2 * r], c[u][m][i][2 * r + 1], f[m][r], tp);
+#endif
+                    }
                     put<8 * BITS>(w[m][r], 8 * BITS * (u0 + u), pack8<BITS>(pr[0], pr[1], pr[2], pr[3]));
                 }
     }
@@ -272,15 +309,85 @@ __device__ __forceinline__ void encode_group(const u32 (&a)[MT][NK][4], const fl
         }
 }
 
+#if QJL
+// The QJL sketch of the residual rows e (res): signs of e Q (>= 0 -> 1, as QJL.sketch) and ||e|| times the row norm.
+// Q's columns are ordered (encode.qjl_fragments) so that lane t4's accumulator columns are its own run of RQ / 4 sign
+// bits, pushed in order: push p = 8 v4 + 2 j + e (column tile 4 v4 + j, column 2 t4 + e) lands at bit
+// (bits in its word - 1) - p % 32 of word p / 32.
+__device__ __forceinline__ void qjl_sketch(const u32 (&e)[MT][NK][4], const float (&nrm)[MT][2], const uint4* sq,
+                                           unsigned char* qjl, float* rn, int r0, int hi, int lane) {
+    const int g = lane >> 2, t4 = lane & 3;
+    constexpr int NB = RQ / 4, NWQ = (NB + 31) / 32;  // sign bits per lane and row, in words
+    u32 w[MT][2][NWQ] = {};
+#pragma unroll
+    for (int v4 = 0; v4 < RQ / 32; v4++) {
+        float c[MT][4][4];
+#pragma unroll
+        for (int m = 0; m < MT; m++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) c[m][i][0] = c[m][i][1] = c[m][i][2] = c[m][i][3] = 0.f;
+#pragma unroll
+        for (int s = 0; s < NK; s++) {
+            const uint4 b01 = sq[((v4 * NK + s) * 2) * 32 + lane];
+            const uint4 b23 = sq[((v4 * NK + s) * 2 + 1) * 32 + lane];
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                mma16816(c[m][0], e[m][s], b01.x, b01.y);
+                mma16816(c[m][1], e[m][s], b01.z, b01.w);
+                mma16816(c[m][2], e[m][s], b23.x, b23.y);
+                mma16816(c[m][3], e[m][s], b23.z, b23.w);
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < MT; m++)
+#pragma unroll
+            for (int r = 0; r < 2; r++)
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+#pragma unroll
+                    for (int ee = 0; ee < 2; ee++) {
+                        const int push = 8 * v4 + 2 * j + ee;
+                        w[m][r][push / 32] = 2 * w[m][r][push / 32] + (~__float_as_uint(c[m][j][2 * r + ee]) >> 31);
+                    }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            u32 acc = 0;  // the lane's squares of e, float16 pairs (|e|^2 ~ 1e-4 .. 1e-2 per pair: no range issue)
+#pragma unroll
+            for (int s = 0; s < NK; s++)
+#pragma unroll
+                for (int jj = 0; jj < 2; jj++)
+                    asm("fma.rn.f16x2 %0, %1, %1, %0;" : "+r"(acc) : "r"(e[m][s][2 * jj + r]));
+            float lo, hi2;
+            asm("{.reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h;}"
+                : "=f"(lo), "=f"(hi2) : "r"(acc));
+            float ss = lo + hi2;
+            ss += __shfl_xor_sync(0xFFFFFFFFu, ss, 1);
+            ss += __shfl_xor_sync(0xFFFFFFFFu, ss, 2);
+            const int row = r0 + 16 * m + 8 * r + g;
+            if (row < hi) {
+                if (t4 == 0) rn[row] = nrm[m][r] * sqrtf(ss);
+                store_run<NB / 8>(qjl + (long long)row * (RQ / 8) + t4 * (NB / 8), w[m][r]);
+            }
+        }
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const __grid_constant__ Params p) {
     extern __shared__ uint4 smem_v[];
-    u32* sr = (u32*)smem_v;                // R fragments: D * D / 2 words
-    float* sm = (float*)(sr + D * D / 2);  // mean, then 1 / scale (D each)
+    u32* sr = (u32*)smem_v;                // R fragments: D * D / 2 words (QJL: then Q's, D * RQ / 2 words)
+    float* sm = (float*)(sr + D * D / 2 + (QJL ? D * RQ / 2 : 0));  // mean, then 1 / scale (D each)
     float* si = sm + D;
     const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
     {
         const uint4* src = (const uint4*)(p.rfrag + h * p.rstride);
         for (int i = threadIdx.x; i < D * D / 8; i += NWARPS * 32) smem_v[i] = src[i];
+#if QJL
+        const uint4* qsrc = (const uint4*)(p.qfrag + h * p.qstride);
+        for (int i = threadIdx.x; i < D * RQ / 8; i += NWARPS * 32) smem_v[D * D / 8 + i] = qsrc[i];
+#endif
 #if HAS_MEAN
         for (int i = threadIdx.x; i < D; i += NWARPS * 32) sm[i] = p.mean[(long long)bh * D + i];
 #endif
@@ -358,8 +465,15 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const 
                         a[m][s][2 * j + r] = pack_h2(v[q] * inv, v[q + 1] * inv);
                     }
             }
-        encode_group<B0, D0, 0, LB0>(a, nrm, smem_v, p.tp0, c0, n0, r0, hi, lane);
-        if (D1 > 0) encode_group<B1, DG1, D0 / 8, LB1>(a, nrm, smem_v, p.tp1, c1, n1, r0, hi, lane);
+#if QJL  // (one channel group)
+        u32 res[MT][NK][4];
+        encode_group<B0, D0, 0, LB0>(a, nrm, smem_v, p.tp0, c0, n0, r0, hi, lane, res, p.tc);
+        qjl_sketch(res, nrm, smem_v + D * D / 8, p.qjl + out_row0 * (RQ / 8), p.rn + out_row0, r0, hi, lane);
+#else
+        u32 unused[MT][NK][4];
+        encode_group<B0, D0, 0, LB0>(a, nrm, smem_v, p.tp0, c0, n0, r0, hi, lane, unused, p.tc);
+        if (D1 > 0) encode_group<B1, DG1, D0 / 8, LB1>(a, nrm, smem_v, p.tp1, c1, n1, r0, hi, lane, unused, p.tc);
+#endif
     }
 }
 #else
