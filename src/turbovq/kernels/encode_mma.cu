@@ -1,6 +1,7 @@
 // Fused encode of K/V rows for 16-bit input, written for the tensor-core operand layouts (mma.sync). Two kernels:
-// tq_encode multiplies by the dense rotation R (any rotation; below), tq_encode_had (HAD = 1, at the end of the file)
-// applies the randomized Hadamard rotation in factored form.
+// tq_encode multiplies by the dense rotation R (any rotation; below; with QJL = 1 it also sketches the residual of
+// TurboQuant_prod keys, see qjl_sketch), tq_encode_had (HAD = 1, at the end of the file) applies the randomized
+// Hadamard rotation in factored form.
 //
 // Why CUDA and not Triton: the Triton encode keeps a 128-row x D tile of float32 in registers (it spills) and
 // converts layouts through shared memory between the rotation's dot, the comparisons and the packing reductions
