@@ -434,6 +434,21 @@ def overhead(dev, modules: list[str], cells: list[tuple[int, int]], log_dir: Pat
     return out
 
 
+def sweep_settings(settings: dict, grid: list[dict], fn) -> list[dict]:
+    """Time ``fn`` with ``settings`` (a kernel's tuning dict, updated in place) overridden by each entry of ``grid``,
+    fastest first; the settings are restored afterwards."""
+    default, out = dict(settings), []
+    try:
+        for kw in grid:
+            settings.clear()
+            settings.update(default, **kw)
+            out.append({**settings, "ms": bench(fn, rep=30)})
+    finally:
+        settings.clear()
+        settings.update(default)
+    return sorted(out, key=lambda r: r["ms"])
+
+
 def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int], had_grid: list[dict] = ()) -> list[dict]:
     """``encode_rows`` on B = 8, H = 8, T = 32k rows of bf16 (centered, channel scales as the cache's default):
     the CUDA kernel (encode_mma.cu), the Triton kernel and the torch ``RowCodec.encode``, side by side; achieved
@@ -474,12 +489,11 @@ def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int], had_grid
             for k, v in ms.items():
                 row[f"{k}_ms"] = v
                 row[f"{k}_roofline_frac"] = nbytes / v / 1e9 / copy_tbs
-            best = "cuda"
             row["cuda_vs_triton"] = ms["triton"] / ms["cuda"]
             if had:
                 row["had_vs_dense"] = ms["cuda_dense"] / ms["cuda_had"]
             if "torch" in ms:
-                row[f"{best}_vs_torch"] = ms["torch"] / ms[best]
+                row["cuda_vs_torch"] = ms["torch"] / ms["cuda"]
             out.append(row)
             print(f"encode d={dim} bits={bits}{' prod' if qjl else ''}: "
                   + ", ".join(f"{k} {v:.3f} ms ({row[f'{k}_roofline_frac']:.0%} of copy bw)" for k, v in ms.items()),
@@ -491,25 +505,11 @@ def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int], had_grid
                 row["triton_sweep"] = sorted(sweep, key=lambda r: r["ms"])
                 print(f"  fastest Triton settings: {row['triton_sweep'][0]}", flush=True)
             if had and had_grid:
-                sweep, default = [], dict(kencode.HAD_TUNING)
-                try:
-                    for kw in had_grid:
-                        kencode.HAD_TUNING.update(default, **kw)
-                        sweep.append({**kencode.HAD_TUNING, "ms": bench(lambda: run("cuda", hadamard=True), rep=30)})
-                finally:
-                    kencode.HAD_TUNING.update(default)
-                row["had_sweep"] = sorted(sweep, key=lambda r: r["ms"])
+                row["had_sweep"] = sweep_settings(kencode.HAD_TUNING, had_grid, lambda: run("cuda", hadamard=True))
                 print(f"  fastest HAD settings: {row['had_sweep'][0]}", flush=True)
             if (bits in (4, 3, 3.5) or qjl) and tune_grid and not had:  # (QJL: QJL_TUNING)
                 table = kencode.QJL_TUNING if qjl else kencode.MMA_TUNING
-                sweep, default = [], dict(table[dim])
-                try:
-                    for kw in tune_grid:
-                        table[dim] = {**default, **kw}
-                        sweep.append({**table[dim], "ms": bench(lambda: run("cuda"), rep=30)})
-                finally:
-                    table[dim] = default
-                row["cuda_sweep"] = sorted(sweep, key=lambda r: r["ms"])
+                row["cuda_sweep"] = sweep_settings(table[dim], tune_grid, lambda: run("cuda"))
                 print(f"  fastest CUDA settings: {row['cuda_sweep'][0]}", flush=True)
         del x
         torch.cuda.empty_cache()

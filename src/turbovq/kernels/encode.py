@@ -300,6 +300,12 @@ def run_position(u: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return 8 * (u // 4) + 4 * e + torch.tensor([0, 2, 1, 3])[u % 4]
 
 
+def accumulator_coordinate(u: torch.Tensor, n: torch.Tensor, d: int) -> torch.Tensor:
+    """The group coordinate (of ``d``) that column n of the rotation's column tile u computes: lane t4 = n / 2 owns
+    the run of codes ``[t4 d / 4, +d / 4)``, in which the column lands at ``run_position(u, n % 2)``."""
+    return (n // 2) * (d // 4) + run_position(u, n % 2)
+
+
 def fragment_rotation(codec: RowCodec, perm: torch.Tensor | None, device) -> torch.Tensor:
     """The fused rotation as the kernel's mma B fragments, float16: ``(H or 1, D/32, D/16, 2, 32, 2, 4)``.
 
@@ -319,8 +325,7 @@ def fragment_rotation(codec: RowCodec, perm: torch.Tensor | None, device) -> tor
         rows = lane_coordinates(dim)[lane % 4][None, :, :].expand(len(s), -1, -1)  # (NK, 32, D/4)
         rows = rows.gather(2, (4 * s[:, None, None] + torch.arange(4)).expand(-1, 32, -1))  # (NK, 32, 4)
         n, u = lane // 4, torch.arange(dim // 8)[:, None]
-        cols = torch.cat([off + (n // 2) * (d // 4) + run_position(u[: d // 8], n % 2)
-                          for _, d, off in codec.groups])  # (D/8, 32) fmt: skip
+        cols = torch.cat([off + accumulator_coordinate(u[: d // 8], n, d) for _, d, off in codec.groups])  # (D/8, 32)
         return _fragment_order(rot, rows, cols, dim)
 
     return weak_cached(_FRAGMENTS, (codec, perm), device, build)
@@ -343,7 +348,7 @@ def qjl_fragments(codec: RowCodec, perm: torch.Tensor | None, device) -> torch.T
         dim, rq = codec.dim, codec.quantizer.qjl.rows
         t4, e4 = torch.arange(32)[None, :, None] % 4, torch.arange(4)
         tile, col = 2 * torch.arange(dim // 16)[:, None, None] + e4 // 2, 2 * t4 + e4 % 2
-        rows = (col // 2) * (dim // 4) + run_position(tile, col % 2)  # (NK, 32, 4)
+        rows = accumulator_coordinate(tile, col, dim)  # (NK, 32, 4)
         v, n = torch.arange(rq // 8)[:, None], torch.arange(32) // 4
         push, nb = 8 * (v // 4) + 2 * (v % 4) + n % 2, rq // 4
         cols = (n // 2) * nb + 32 * (push // 32) + (torch.clamp(nb - 32 * (push // 32), max=32) - 1 - push % 32)
@@ -373,19 +378,14 @@ def _encode_hadamard(x, codec, perm, mean_arg, iscale, fields) -> None:
                 XT=int(x.dtype == torch.bfloat16), HAS_MEAN=int(mean_arg is not None),
                 HAS_SCALE=int(iscale is not None))  # fmt: skip
     kern = cuda.kernel(_MMA_SOURCE, "tq_encode_had", dev, tuple(f"-D{k}={v}" for k, v in opts.items()))
-    block, per_warp = 32 * HAD_TUNING["NWARPS"], 256 // dim * HAD_TUNING["TW"]
-    splits = _row_splits(bsz * heads, -(-rows // (per_warp * HAD_TUNING["NWARPS"])),
-                         sm_count(dev) * kern.blocks_per_sm(block))  # fmt: skip
-    chunk = -(-rows // splits)
-    chunk = -(-chunk // per_warp) * per_warp
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    chunk, grid = _row_grid(kern, bsz * heads, rows, 256 // dim * HAD_TUNING["TW"], HAD_TUNING["NWARPS"], 0, dev)
     last = "1" if two else "0"
     prm = _MmaParams(
-        ptr(x), ptr(mean_arg), ptr(iscale), consts.data_ptr(), fields["codes0"].data_ptr(),
+        _ptr(x), _ptr(mean_arg), _ptr(iscale), consts.data_ptr(), fields["codes0"].data_ptr(),
         fields["norms0"].data_ptr(), fields[f"codes{last}"].data_ptr(), fields[f"norms{last}"].data_ptr(),
-        x.stride(0), x.stride(1), x.stride(2), 0, rows, heads, chunk, tp0, tp1, ptr(perm_arg),
+        x.stride(0), x.stride(1), x.stride(2), 0, rows, heads, chunk, tp0, tp1, _ptr(perm_arg),
     )  # fmt: skip
-    kern((-(-rows // chunk), bsz * heads, 1), block, prm, cuda.stream(dev))
+    kern(grid, 32 * HAD_TUNING["NWARPS"], prm, cuda.stream(dev))
 
 
 def _had_constants(codec: RowCodec, device) -> tuple:
@@ -424,23 +424,31 @@ def _encode_cuda(x, codec, perm, mean, scale, fields, hadamard: bool | None = No
     if codec.qjl:
         opts.update(QJL=1, RQ=rq)
     kern = cuda.kernel(_MMA_SOURCE, "tq_encode", dev, tuple(f"-D{k}={v}" for k, v in opts.items()))
-    per_warp = 16 * tune["MT"]
-    block = 32 * tune["NWARPS"]
     smem = dim * dim * 2 + dim * rq * 2 + 2 * dim * 4
-    splits = _row_splits(bsz * heads, -(-rows // (per_warp * tune["NWARPS"])),
-                         sm_count(dev) * kern.blocks_per_sm(block, smem))  # fmt: skip
-    chunk = -(-rows // splits)
-    chunk = -(-chunk // per_warp) * per_warp
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    chunk, grid = _row_grid(kern, bsz * heads, rows, 16 * tune["MT"], tune["NWARPS"], smem, dev)
     prm = _MmaParams(
-        ptr(x), ptr(mean_arg), ptr(iscale), frag.data_ptr(),
+        _ptr(x), _ptr(mean_arg), _ptr(iscale), frag.data_ptr(),
         fields["codes0"].data_ptr(), fields["norms0"].data_ptr(),
         fields.get("codes1", fields["codes0"]).data_ptr(), fields.get("norms1", fields["norms0"]).data_ptr(),
         x.stride(0), x.stride(1), x.stride(2), 0 if frag.shape[0] == 1 else frag[0].numel() // 2,
-        rows, heads, chunk, *tp, None, ptr(qfrag), ptr(fields.get("qjl")), ptr(fields.get("rnorms")),
+        rows, heads, chunk, *tp, None, _ptr(qfrag), _ptr(fields.get("qjl")), _ptr(fields.get("rnorms")),
         0 if qfrag is None or qfrag.shape[0] == 1 else qfrag[0].numel() // 2, tc or (ctypes.c_uint32 * 8)(),
     )  # fmt: skip
-    kern((-(-rows // chunk), bsz * heads, 1), block, prm, cuda.stream(dev), smem=smem)
+    kern(grid, 32 * tune["NWARPS"], prm, cuda.stream(dev), smem=smem)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _row_grid(kern, bh: int, rows: int, per_warp: int, nwarps: int, smem: int, device) -> tuple[int, tuple]:
+    """Rows per block (a multiple of a warp's ``per_warp`` rows) and the grid ``(blocks per (b, h), b h, 1)``, the
+    blocks per (b, h) from :func:`_row_splits` over the blocks the card holds at once."""
+    slots = sm_count(device) * kern.blocks_per_sm(32 * nwarps, smem)
+    splits = _row_splits(bh, -(-rows // (per_warp * nwarps)), slots)
+    chunk = -(-rows // splits)
+    chunk = -(-chunk // per_warp) * per_warp
+    return chunk, (-(-rows // chunk), bh, 1)
 
 
 def _row_splits(bh: int, max_splits: int, slots: int) -> int:
