@@ -29,6 +29,7 @@ Timing: ``triton.testing.do_bench`` medians (it clears the L2 before every repet
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -210,6 +211,23 @@ def _sdpa_baseline(b: int, t: int, dev) -> tuple[torch.Tensor, float, float]:
     return q, ms, graph_ms
 
 
+@contextlib.contextmanager
+def tuned(var: dict):
+    """decode.MMA_TUNING (kernel macros) and, under ``"guide"``, decode.MMA_GUIDE overridden by ``var`` for a block."""
+    from turbovq.kernels import decode as kdecode
+
+    var = dict(var)
+    saved = dict(kdecode.MMA_TUNING), dict(kdecode.MMA_GUIDE)
+    kdecode.MMA_GUIDE.update(var.pop("guide", {}))
+    kdecode.MMA_TUNING.update(var)
+    try:
+        yield
+    finally:
+        for d, old in zip((kdecode.MMA_TUNING, kdecode.MMA_GUIDE), saved):
+            d.clear()
+            d.update(old)
+
+
 def tune_cuda(dev, variants: list[dict], config: str = "K4/V3", cells=((8, 32768), (32, 32768))) -> list[dict]:
     """decode_mma.cu tuning (``decode.MMA_TUNING``: warps per block, 16-token chunks per unit, blocks per SM; or
     ``"splits"``) at ``cells`` (B, T), one width (``config``), against bf16 SDPA in the same run. A variant's
@@ -219,7 +237,7 @@ def tune_cuda(dev, variants: list[dict], config: str = "K4/V3", cells=((8, 32768
     out = []
     kb, vb, *_ = CONFIGS[config]
     kc, vc = RowCodec(D, kb, seed=1), RowCodec(D, vb, seed=2)
-    default, default_source = dict(kdecode.MMA_TUNING), kdecode._MMA_SOURCE
+    default_source = kdecode._MMA_SOURCE
     for b, t in cells:
         q, sdpa, sdpa_g = _sdpa_baseline(b, t, dev)
         tk = torch.randn(b, HKV, TAIL, D, device=dev, dtype=torch.bfloat16)
@@ -228,25 +246,25 @@ def tune_cuda(dev, variants: list[dict], config: str = "K4/V3", cells=((8, 32768
             var = dict(var)
             splits, source = var.pop("splits", None), var.pop("source", None)
             kdecode._MMA_SOURCE = Path(source).read_text() if source else default_source
-            kdecode.MMA_TUNING.update(var)
+
             def call(q=q, pk=pk, pv=pv, tk=tk, s=splits):
                 return decode_attention(q, pk, pv, tk, tk, None, D**-0.5, num_splits=s)
 
             chosen, auto = [], kdecode.mma_splits  # record the count decode_attention picks when splits is None
             kdecode.mma_splits = lambda *a, c=chosen, f=auto, **k: c.append(f(*a, **k)) or c[-1]
             try:
-                ms, gms = bench(call), _graph_ms(call, dev)
+                with tuned(var):
+                    ms, gms = bench(call), _graph_ms(call, dev)
+                    setting = dict(kdecode.MMA_TUNING, guide=dict(kdecode.MMA_GUIDE))
             finally:
                 kdecode.mma_splits = auto
+                kdecode._MMA_SOURCE = default_source
             splits = splits or chosen[-1]
-            out.append({"B": b, "T": t, "config": config, **kdecode.MMA_TUNING, "splits": splits, "source": source,
+            out.append({"B": b, "T": t, "config": config, **setting, "splits": splits, "source": source,
                         "ms": ms, "graph_ms": gms, "sdpa_ms": sdpa, "sdpa_graph_ms": sdpa_g})  # fmt: skip
-            print(f"tune-cuda {config} B={b} T={t} {kdecode.MMA_TUNING} splits={splits} source={source}: "
+            print(f"tune-cuda {config} B={b} T={t} {setting} splits={splits} source={source}: "
                   f"{ms * 1e3:.1f} us ({sdpa / ms:.2f}x sdpa), graph {gms * 1e3:.1f} us ({sdpa_g / gms:.2f}x)",
                   flush=True)  # fmt: skip
-            kdecode.MMA_TUNING.clear()
-            kdecode.MMA_TUNING.update(default)
-            kdecode._MMA_SOURCE = default_source
         del pk, pv
         torch.cuda.empty_cache()
     return out
@@ -429,6 +447,95 @@ def overhead(dev, modules: list[str], cells: list[tuple[int, int]], log_dir: Pat
                     f"syncs {len(rec.get('sync_warnings', []))}, diff {rec['max_abs_diff_vs_first']:.2e}",
                     flush=True,
                 )
+        del pk, pv
+        torch.cuda.empty_cache()
+    return out
+
+
+def timeline(dev, cells: list[tuple[int, int]], variants: list[dict]) -> list[dict]:
+    """Where one K4/V3 call's time goes: the three kernels' spans (torch profiler, the last of 3 calls, L2 cleared
+    before each) and, from a ``DBG = 7`` build of decode_mma.cu (same code, plus timestamps), every split-pass
+    block's start, query read, first unit in, end (ns from the call's first block) and SM; per ``MMA_TUNING``
+    variant."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from turbovq.kernels import decode as kdecode
+
+    out, flush = [], torch.empty(1 << 28, dtype=torch.uint8, device=dev)
+    kc, vc = RowCodec(D, 4, seed=1), RowCodec(D, 3, seed=2)
+    for b, t in cells:
+        q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.bfloat16)
+        tk = torch.randn(b, HKV, TAIL, D, device=dev, dtype=torch.bfloat16)
+        pk, pv = synthetic_rows(kc, b, t - TAIL, dev, 1), synthetic_rows(vc, b, t - TAIL, dev, 2)
+
+        for var in variants:
+            stack = contextlib.ExitStack()
+            stack.enter_context(tuned(var))
+
+            def call(q=q, pk=pk, pv=pv, tk=tk):
+                return decode_attention(q, pk, pv, tk, tk, None, D**-0.5)
+
+            call()
+            torch.cuda.synchronize(dev)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    flush.zero_()
+                    call()
+                torch.cuda.synchronize(dev)
+            kern = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                          if e.device_type.name == "CUDA" and "elementwise" not in e.name and "fill" not in e.name)
+            first = [i for i, k in enumerate(kern) if k[2].startswith("_prep")][-1]
+            t0 = kern[first][0]
+            spans = [{"kernel": k[2][:40], "start_us": k[0] - t0, "end_us": k[1] - t0} for k in kern[first:]]
+            buf = torch.zeros(5 << 18, dtype=torch.int64, device=dev)
+            base = kdecode._MmaParams
+
+            class Traced(base):
+                def __init__(self, *a, ptr=buf.data_ptr()):
+                    super().__init__(*a)
+                    self.trace = ptr
+
+            kdecode._MmaParams, kdecode.MMA_TUNING["DBG"] = Traced, 7
+            try:
+                call()
+                for _ in range(2):
+                    torch.cuda.synchronize(dev)
+                    buf.zero_()
+                    flush.zero_()
+                    call()
+                torch.cuda.synchronize(dev)
+            finally:
+                kdecode._MmaParams = base
+                del kdecode.MMA_TUNING["DBG"]
+            tr = buf.view(-1, 5)
+            tr = tr[tr[:, 0] > 0].cpu()
+            start = tr[:, 0].min()
+            blocks = [[int(x - start) if j < 4 and x else int(x) for j, x in enumerate(r)] for r in tr.tolist()]
+            code = [r for r in blocks if r[4] >> 16]
+            tail = [r for r in blocks if not r[4] >> 16]
+            qs = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
+
+            def q_(xs, qs=qs):  # min, 10%, median, 90%, max in us
+                if not xs:
+                    return []
+                return [round(float(v) / 1e3, 2) for v in torch.tensor(xs, dtype=torch.float64).quantile(qs)]
+
+            rec = {
+                "B": b, "T": t, "variant": var, "kernels": spans, "blocks": blocks,
+                "code_blocks": len(code), "tail_blocks": len(tail), "sms": len({r[4] & 0xFFFF for r in blocks}),
+                "start_us_q": q_([r[0] for r in code]), "query_wait_us_q": q_([r[1] - r[0] for r in code]),
+                "first_unit_us_q": q_([r[2] - r[1] for r in code if r[2]]),
+                "duration_us_q": q_([r[3] - r[0] for r in code]),
+                "end_us_q": q_([r[3] for r in code]), "tail_duration_us_q": q_([r[3] - r[0] for r in tail]),
+                "tail_end_us_q": q_([r[3] for r in tail]),
+            }  # fmt: skip
+            busy = sum(r[3] - r[0] for r in code) / 1e3
+            rec["slot_busy_frac"] = busy / (max(r[3] for r in blocks) / 1e3 * 132 * kdecode.MMA_TUNING["MINB"])
+            out.append(rec)
+            print(f"timeline B={b} T={t} {var}: " + " ".join(f"{s['kernel'][:14]} {s['start_us']:.1f}-{s['end_us']:.1f}"
+                                                      for s in spans), flush=True)  # fmt: skip
+            print({k: v for k, v in rec.items() if k not in ("blocks", "kernels")}, flush=True)
+            stack.close()
         del pk, pv
         torch.cuda.empty_cache()
     return out
@@ -797,6 +904,9 @@ def main() -> None:
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
         res["overhead"] = overhead(dev, args.overhead_modules.split(","), cells, out_dir)
+    if "timeline" in phases:
+        cells = [tuple(int(v) for v in c.split("x")) for c in args.overhead_cells.split(",")]
+        res["timeline"] = timeline(dev, cells, json.loads(args.tune_cuda))
     if "encode" in phases:
         dims = [int(v) for v in args.encode_dims.split(",")]
         res["encode"] = encode_bench(dev, copy_bw, json.loads(args.tune_encode), dims, json.loads(args.tune_had))

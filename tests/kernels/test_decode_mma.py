@@ -70,12 +70,12 @@ def test_compiles(cfg, arch):
 @needs_nvrtc
 @pytest.mark.parametrize("uc,minb,nwarps,ring,vpair", [(1, 3, 4, 4, 1), (2, 1, 8, 0, 1), (2, 2, 4, 0, 0)])
 def test_tuning_variants_compile(uc, minb, nwarps, ring, vpair):
-    opts = _options(*CONFIGS[0], UC=uc, MINB=minb, NWARPS=nwarps, RING=ring, VPAIR=vpair)
+    opts = _options(*CONFIGS[0], UC=uc, MINB=minb, NWARPS=nwarps, RING=ring, VPAIR=vpair, PERSIST=int(ring > 0))
     assert NAMES[0] in cuda.compile_cubin(kdecode._MMA_SOURCE, "sm_90", opts)
 
 
 @needs_nvrtc
-@pytest.mark.parametrize("dbg", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("dbg", [1, 2, 3, 4, 5, 6, 7])
 def test_timing_experiments_compile(dbg):
     """The DBG builds behind the report's subtractive timings (wrong results on purpose) still compile."""
     assert NAMES[0] in cuda.compile_cubin(kdecode._MMA_SOURCE, "sm_90", _options(*CONFIGS[0], DBG=dbg))
@@ -241,11 +241,12 @@ def test_mma_groups(dim, bits, ok):
 
 
 def test_params_struct_matches_the_c_layout():
-    """14 pointers, 9 int64, 5 int32, 2 float32, four 8-word tables: 340 bytes, padded to 344 (8-byte alignment)."""
+    """14 pointers, 9 int64, 9 int32, 2 float32, four 8-word tables, the trace pointer (8-byte aligned): 368 bytes."""
     fields = dict(kdecode._MmaParams._fields_)
-    assert ctypes.sizeof(kdecode._MmaParams) == 344
-    assert kdecode._MmaParams.ktab.offset == 14 * 8 + 9 * 8 + 5 * 4 + 2 * 4
+    assert ctypes.sizeof(kdecode._MmaParams) == 368
+    assert kdecode._MmaParams.ktab.offset == 14 * 8 + 9 * 8 + 9 * 4 + 2 * 4
     assert kdecode._MmaParams.vtab.offset == kdecode._MmaParams.ktab.offset + 64
+    assert kdecode._MmaParams.trace.offset == 360
     assert fields["scaling"] is ctypes.c_float and list(itertools.islice(fields, 2)) == ["ws", "part"]
 
 
@@ -278,3 +279,23 @@ def test_cuda_splits_fill_the_last_wave(n, bh, slots, want):
     assert got == want
     lo = kdecode.default_splits(n, bh, 1024, torch.device("cpu"), max_splits=32)
     assert lo <= got <= max(lo, min(lo + lo // 4, 32, -(-n // 1024)))
+
+
+@pytest.mark.parametrize("frac,div,grow", [(0.0, 4, 1.0), (0.25, 4, 1.0), (0.3, 3, 1.5), (0.9, 8, 2.0)])
+@pytest.mark.parametrize("n", [20, 1000, 8064, 32640, 130944])
+def test_guided_pieces_cover_the_codes(monkeypatch, n, frac, div, grow):
+    """Long pieces then short ones tile [0, n) in whole units, none empty; without guidance (frac 0) they are the
+    splits."""
+    monkeypatch.setitem(kdecode.MMA_GUIDE, "frac", frac)
+    monkeypatch.setitem(kdecode.MMA_GUIDE, "div", div)
+    monkeypatch.setitem(kdecode.MMA_GUIDE, "grow", grow)
+    split_len = -(-n // (18 * 32)) * 32
+    n_long, long_len, n_short, short_len = kdecode.guided_pieces(n, split_len, 32)
+    assert long_len % 32 == 0 and short_len % 32 == 0 and n_long >= 0 and n_short >= 0
+    last = n_long * long_len + (n_short - 1) * short_len if n_short else (n_long - 1) * long_len
+    assert n_long * long_len + n_short * short_len >= n > last  # covered, and the last piece not empty
+    if frac == 0:
+        assert (n_long, long_len, n_short) == (-(-n // split_len), split_len, 0)
+    else:
+        assert n_short >= 1 and short_len <= max(32, split_len // div + 32)
+        assert n_long * long_len <= n * (1 - frac)

@@ -319,12 +319,13 @@ if HAS_TRITON:
     def _combine(
         ws, pid_bh, h, n0, S, BH, rv_ptr, rv_sh, vmean_ptr, vscale_ptr, out_ptr,
         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-        HAS_VMEAN: tl.constexpr, HAS_VSCALE: tl.constexpr,
+        HAS_VMEAN: tl.constexpr, HAS_VSCALE: tl.constexpr, PDL: tl.constexpr = False, STEP: tl.constexpr = 4,
     ):  # fmt: skip
         """Output columns ``n0 : n0 + BN`` of (b, h): merge the S code splits and the tail split in one pass with a
-        running maximum (four splits' loads per step; H100, B = 8, T = 32k: 9.1 -> 7.0 us against a first pass for
-        the maximum, kernels_decode_ab_r8.json), one inverse rotation ``R_v[h]^T`` (3xTF32 tensor-core dot:
-        float32-accurate), then ``* s_v``, ``+ l_codes * mu_v`` and the tail, all divided by the total."""
+        running maximum
+        (four splits' loads per step; H100, B = 8, T = 32k: 9.1 -> 7.0 us against a first pass for the maximum,
+        kernels_decode_ab_r8.json), one inverse rotation ``R_v[h]^T`` (3xTF32 tensor-core dot: float32-accurate),
+        then ``* s_v``, ``+ l_codes * mu_v`` and the tail, all divided by the total."""
         PG = BH * (S + 1) * G
         m_ptr = ws + BH * G * (D + 1)
         l_ptr = m_ptr + PG
@@ -336,8 +337,12 @@ if HAS_TRITON:
         big = tl.full([BLOCK_G], -1e30, tl.float32)
         acc = tl.zeros([BLOCK_G, D], tl.float32)
         l_codes = tl.zeros([BLOCK_G], tl.float32)
-        for s0 in range(0, S, 4):
-            for j in tl.static_range(4):
+        cols = n0 + tl.arange(0, BN)
+        r = tl.load(rv_ptr + h * rv_sh + cols[:, None] * D + dd[None, :])  # R[cols, :] (coalesced rows)
+        if PDL:  # (a second launch, started before the split pass ended: R is read meanwhile) wait for the partials
+            gdc_wait()
+        for s0 in range(0, S, STEP):
+            for j in tl.static_range(STEP):
                 ok = gmask & (s0 + j < S)
                 row = (base + s0 + j) * G + g
                 m = tl.load(m_ptr + row, mask=ok, other=-1e30)
@@ -356,8 +361,6 @@ if HAS_TRITON:
         l_codes = l_codes * alpha
         w_tail = tl.exp2(m_tail - nb)
         inv = 1.0 / tl.where(gmask, l_codes + w_tail * tl.load(l_ptr + trow, mask=gmask, other=0.0), 1.0)
-        cols = n0 + tl.arange(0, BN)
-        r = tl.load(rv_ptr + h * rv_sh + cols[:, None] * D + dd[None, :])  # R[cols, :] (coalesced rows)
         o = tl.dot(acc * inv[:, None], tl.trans(r), input_precision="tf32x3")  # acc @ R^T[:, cols]
         if HAS_VSCALE:  # the codes hold (v - mu) / s: scale after the inverse rotation, then add mu
             o = o * tl.load(vscale_ptr + pid_bh * D + cols)[None, :]
@@ -603,14 +606,12 @@ if HAS_TRITON:
     def _reduce_kernel(
         ws, S, H, rv_ptr, rv_sh, vmean_ptr, vscale_ptr, out_ptr,
         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-        HAS_VMEAN: tl.constexpr, HAS_VSCALE: tl.constexpr, PDL: tl.constexpr,
+        HAS_VMEAN: tl.constexpr, HAS_VSCALE: tl.constexpr, PDL: tl.constexpr, STEP: tl.constexpr,
     ):  # fmt: skip
         """The merge as a second launch, grid ``(B * H, D / BN)``: one program per (b, h) and output column chunk."""
-        if PDL:  # launched before the split pass has finished: wait for it and its partials
-            gdc_wait()
         pid_bh = tl.program_id(0)
         _combine(ws, pid_bh, pid_bh % H, tl.program_id(1) * BN, S, tl.num_programs(0), rv_ptr, rv_sh, vmean_ptr,
-                 vscale_ptr, out_ptr, G, BLOCK_G, D, BN, HAS_VMEAN, HAS_VSCALE)  # fmt: skip
+                 vscale_ptr, out_ptr, G, BLOCK_G, D, BN, HAS_VMEAN, HAS_VSCALE, PDL, STEP)  # fmt: skip
 
 
 def _rows_layout(fields: dict[str, torch.Tensor], num_heads: int) -> tuple[dict[str, torch.Tensor], int]:
@@ -719,9 +720,10 @@ class _MmaParams(ctypes.Structure):
         [(k, ctypes.c_void_p) for k in ("ws", "part", "kc0", "kn0", "kc1", "kn1", "vc0", "vn0", "vc1", "vn1")]
         + [(k, ctypes.c_void_p) for k in ("q", "tk", "tv", "mask")]
         + [(k, ctypes.c_longlong) for k in ("k_alloc", "v_alloc", "sqb", "sqh", "stb", "sth", "stt", "smb", "smt")]
-        + [(k, ctypes.c_int) for k in ("n", "t_len", "split_len", "S", "H")]
+        + [(k, ctypes.c_int) for k in ("n", "t_len", "n_long", "long_len", "n_short", "short_len", "S", "H", "BH")]
         + [("scaling", ctypes.c_float), ("softcap", ctypes.c_float)]
         + [("ktab", (ctypes.c_uint32 * 8) * 2), ("vtab", (ctypes.c_uint32 * 8) * 2)]
+        + [("trace", ctypes.c_void_p)]  # DBG = 7 timing builds only
     )
 
 
@@ -775,6 +777,22 @@ MMA_TUNING = {"NWARPS": 4, "UC": 2, "MINB": 3, "RING": 2}
 # Its splits per (b, h): at least min_tokens each, at most max_splits (H100, kernels_tune_splits.json: fewer, longer
 # splits cut the per-block setup and the merge where there is little work, e.g. B = 1, T = 8k: 50 -> 37 us)
 MMA_SPLITS = {"min_tokens": 1024, "max_splits": 32}
+# Guided pieces (decode_mma.cu's Params): the last ``frac`` of each (b, h)'s codes in pieces ``div`` times shorter than
+# the splits, started last, and the splits before them ``grow`` times longer (0: the splits as they are); the merge
+# combines ``merge_step`` partials per step.
+MMA_GUIDE = {"frac": 0.0, "div": 4, "grow": 1.0, "merge_step": 4}
+
+
+def guided_pieces(n: int, split_len: int, unit: int) -> tuple[int, int, int, int]:
+    """(long pieces, their tokens, short pieces, their tokens) per (b, h) of n codes, from splits of ``split_len``
+    tokens and MMA_GUIDE (all lengths whole ``unit``s)."""
+    frac = MMA_GUIDE["frac"]
+    if frac <= 0:
+        return -(-n // split_len), split_len, 0, unit
+    long_len = -(-int(split_len * MMA_GUIDE["grow"]) // unit) * unit
+    short_len = max(unit, -(-split_len // (MMA_GUIDE["div"] * unit)) * unit)
+    n_long = int(n * (1 - frac)) // long_len
+    return n_long, long_len, -(-(n - n_long * long_len) // short_len), short_len
 
 
 _MMA_KERNELS: dict[tuple, tuple] = {}
@@ -936,11 +954,14 @@ def decode_attention(
     gran = 16 * MMA_TUNING["UC"] if use_mma else block_t  # split_len: whole units (CUDA) or blocks (Triton)
     split_len = math.ceil(math.ceil(n / splits) / gran) * gran
     splits = math.ceil(n / split_len)
+    pieces = guided_pieces(n, split_len, gran) if use_mma and num_splits is None else (splits, split_len, 0, gran)
     # The split pass starts while the query kernel runs (the query kernel triggers it at once), except for a grid of
     # long splits under one wave: there it was paced by blocks that started early (H100, B = 1, T = 128k: 82 ->
     # 103 us, likely uneven placement on the SMs the query kernel held; 4k-token splits, 264 blocks of 396 slots),
     # while every other cell measured gained 1-13 us (kernels_decode_pdl_r8.json).
     early = pdl and use_mma and ((splits + 1) * bh >= slots or split_len <= 2048)
+    if use_mma:
+        splits = pieces[0] + pieces[2]
     block_g = max(16, triton.next_power_of_2(groups))
     bn = min(dim, 8192 // dim)  # inverse-rotation columns per program: a (BN, D) float32 tile of R_v
     qoff = bh * groups * (dim + 1) + bh * (splits + 1) * groups * (dim + 2)  # (q_qjl of QJL keys after the partials)
@@ -961,10 +982,10 @@ def decode_attention(
             ws.data_ptr(), ws.data_ptr() + 4 * bh * groups * (dim + 1), *(f.data_ptr() for f in fields),
             query.data_ptr(), tk.data_ptr() if t_len else 0, tv.data_ptr() if t_len else 0,
             0 if mask is None else mask.data_ptr(), k_alloc, v_alloc, query.stride(0), query.stride(1),
-            tk.stride(0), tk.stride(1), tk.stride(2), stride_mb, stride_mt, n, t_len, split_len, splits, num_kv,
+            tk.stride(0), tk.stride(1), tk.stride(2), stride_mb, stride_mt, n, t_len, *pieces, splits, num_kv, bh,
             float(scaling), float(softcap or 1.0), ks.mma_tab, vs.mma_tab,
         )  # fmt: skip
-        kern((splits + 1, bh, 1), block, prm, cuda.stream(dev), smem, pdl=pdl)
+        kern((bh * (splits + 1), 1, 1), block, prm, cuda.stream(dev), smem, pdl=pdl)
     else:
         cnt = _counters(dev, bh) if fused_reduce else ws
         _decode_kernel[(splits + 1, bh)](
@@ -987,6 +1008,6 @@ def decode_attention(
             ws, splits, num_kv, vs.rot, vs.rot_sh, ws if vs.mean is None else vs.mean,
             ws if vs.scale is None else vs.scale, out,
             G=groups, BLOCK_G=block_g, D=dim, BN=bn, HAS_VMEAN=vs.mean is not None,
-            HAS_VSCALE=vs.scale is not None, PDL=pdl, num_warps=4, launch_pdl=pdl,
+            HAS_VSCALE=vs.scale is not None, PDL=pdl, STEP=MMA_GUIDE["merge_step"], num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
     return out

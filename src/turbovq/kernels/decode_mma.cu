@@ -31,7 +31,7 @@
 // per warp in shared memory, 0 = register prefetch), VPAIR (token-pair value decode); DBG (timing experiments only,
 // wrong results on purpose: 1 = no decode, 2 = no code loads, 3 = no code copies into the ring, 4 = 3-bit codes
 // spread to nibbles by one mask, as a nibble-aligned layout would allow, 5 = 4-bit key codes in sign-magnitude form
-// (no index flip), 6 = 4 and 5).
+// (no index flip), 6 = 4 and 5, 7 = correct results and a per-block timeline in p.trace).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -53,10 +53,14 @@ struct Params {
     const void* mask;  // (B, n + t_len) with strides smb, smt
     long long k_alloc, v_alloc;
     long long sqb, sqh, stb, sth, stt, smb, smt;
-    int n, t_len, split_len, S, H;
+    // Pieces of each (b, h)'s n codes: n_long of long_len tokens, then n_short of short_len (partials 0 .. S - 1, S =
+    // n_long + n_short; the tail's is S). The grid is 1-D: the BH tails, then every (b, h)'s long pieces, then the
+    // short ones, so the blocks that start last are short and the grid drains quickly.
+    int n, t_len, n_long, long_len, n_short, short_len, S, H, BH;
     float scaling, softcap;
     u32 ktab[2][8];  // PRMT tables per group: low bytes, then high bytes, of the float16 centroids
     u32 vtab[2][8];
+    unsigned long long* trace;  // DBG 7: per block (start, query read, first unit in, end, SM | units << 16) in ns
 };
 
 // Channel groups (outliers + the rest for fractional widths; KD1 = VD1 = 0 for one group). Per group: words per
@@ -537,8 +541,7 @@ struct Smem {
 
 __device__ __forceinline__ void merge_and_store(const Params& p, Smem& sm, int part_idx) {
     __syncthreads();
-    const int BH = gridDim.y;
-    const long long PG = (long long)BH * (p.S + 1) * G;
+    const long long PG = (long long)p.BH * (p.S + 1) * G;
     float* mo = p.part + (long long)part_idx * G;
     float* lo = p.part + PG + (long long)part_idx * G;
     float* ao = p.part + 2 * PG + (long long)part_idx * G * D;
@@ -616,13 +619,154 @@ __device__ void tail_split(const Params& p, Smem& sm, int pid_bh, int b, int h) 
 }
 
 
+// The full-precision tail on tensor cores (float16 / bfloat16 queries): each warp takes 16-token chunks; scores
+// S^T (16 tokens x 8 heads) = K Q^T with A fragments straight from the tail keys, values O^T += V^T P^T with A
+// fragments of token pairs and the probabilities moved into the B fragment as in the code path (H100, B = 8, T = 32k:
+// 32 us per tail block before, with one token per warp step and shuffle reductions per head).
+template <int QT>
+__device__ __forceinline__ void mma_tail(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    if (QT == 1)
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    else
+        mma16816(c, a0, a1, a2, a3, b0, b1);
+}
+
+template <int QT>
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    if (QT == 0) return pack_h2(lo, hi);
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ u32 ld2(const u16* p, long long i, long long j) {  // two 16-bit values as one operand
+    return (u32)p[i] | ((u32)p[j] << 16);
+}
+
+__device__ void tail_mma(const Params& p, Smem& sm, int pid_bh, int b, int h) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
+    const u16* q = (const u16*)p.q + b * p.sqb + (h * G + min(g, G - 1)) * p.sqh;
+    const u16* tk = (const u16*)p.tk + b * p.stb + h * p.sth;
+    const u16* tv = (const u16*)p.tv + b * p.stb + h * p.sth;
+    u32 qf[D / 16][2];  // B fragments: head g at coordinates 16 kt + 2 t4 + {0, 1} and + 8
+#pragma unroll
+    for (int kt = 0; kt < D / 16; kt++) {
+        const int d = 16 * kt + 2 * t4;
+        qf[kt][0] = g < G ? ld2(q, d, d + 1) : 0u;
+        qf[kt][1] = g < G ? ld2(q, d + 8, d + 9) : 0u;
+    }
+    float acc[D / 16][4], m[2] = {NEG_BIG, NEG_BIG}, l[2] = {0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < D / 16; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    const int sel = (g & 1) ? 0x7632 : 0x5410, src0 = (2 * t4) * 4 + (g >> 1), last = p.t_len - 1;
+    for (int c0 = 16 * warp; c0 < p.t_len; c0 += 16 * NWARPS) {
+        const long long r0 = (long long)min(c0 + g, last) * p.stt, r1 = (long long)min(c0 + g + 8, last) * p.stt;
+        float s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int kt = 0; kt < D / 16; kt++) {
+            const int d = 16 * kt + 2 * t4;
+            mma_tail<QTYPE>(s, ld2(tk, r0 + d, r0 + d + 1), ld2(tk, r1 + d, r1 + d + 1), ld2(tk, r0 + d + 8, r0 + d + 9),
+                            ld2(tk, r1 + d + 8, r1 + d + 9), qf[kt][0], qf[kt][1]);
+        }
+        float alpha[2];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int t = c0 + g + 8 * (i >> 1);
+            s[i] = finish_score(p, s[i], b, p.n + t, t < p.t_len);
+        }
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            float mx = fmaxf(s[j], s[j + 2]);
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+            const float mn = fmaxf(m[j], mx);
+            alpha[j] = ex2(m[j] - mn);
+            m[j] = mn;
+            l[j] *= alpha[j];
+        }
+        float pr[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) pr[i] = ex2(s[i] - m[i & 1]), l[i & 1] += pr[i];
+        const u32 x01 = pack2<QTYPE>(pr[0], pr[1]), x23 = pack2<QTYPE>(pr[2], pr[3]);
+        const u32 pb0 = __byte_perm(__shfl_sync(0xffffffffu, x01, src0), __shfl_sync(0xffffffffu, x01, src0 + 4), sel);
+        const u32 pb1 = __byte_perm(__shfl_sync(0xffffffffu, x23, src0), __shfl_sync(0xffffffffu, x23, src0 + 4), sel);
+        const long long v0 = (long long)min(c0 + 2 * t4, last) * p.stt, v1 = (long long)min(c0 + 2 * t4 + 1, last) * p.stt;
+        const long long v8 = (long long)min(c0 + 2 * t4 + 8, last) * p.stt;
+        const long long v9 = (long long)min(c0 + 2 * t4 + 9, last) * p.stt;
+#pragma unroll
+        for (int mt = 0; mt < D / 16; mt++) {
+            const int d = 16 * mt + g;
+            acc[mt][0] *= alpha[0], acc[mt][1] *= alpha[1], acc[mt][2] *= alpha[0], acc[mt][3] *= alpha[1];
+            mma_tail<QTYPE>(acc[mt], ld2(tv, v0 + d, v1 + d), ld2(tv, v0 + d + 8, v1 + d + 8), ld2(tv, v8 + d, v9 + d),
+                            ld2(tv, v8 + d + 8, v9 + d + 8), pb0, pb1);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        l[j] += __shfl_xor_sync(0xffffffffu, l[j], 4);
+        l[j] += __shfl_xor_sync(0xffffffffu, l[j], 8);
+        l[j] += __shfl_xor_sync(0xffffffffu, l[j], 16);
+        const int hh = 2 * t4 + j;
+        if (hh < G) {
+            if (g == 0) sm.m[warp][hh] = m[j], sm.l[warp][hh] = l[j];
+#pragma unroll
+            for (int mt = 0; mt < D / 16; mt++)
+                sm.acc[warp][hh][16 * mt + g] = acc[mt][j], sm.acc[warp][hh][16 * mt + g + 8] = acc[mt][j + 2];
+        }
+    }
+    merge_and_store(p, sm, pid_bh * (p.S + 1) + p.S);
+}
+
+#ifndef TAILMMA
+#define TAILMMA 1  // the tail on tensor cores (float16 / bfloat16 queries); 0: tail_split
+#endif
+
+__device__ __forceinline__ void tail(const Params& p, Smem& sm, int pid_bh) {
+    if (TAILMMA && QTYPE != 2) tail_mma(p, sm, pid_bh, pid_bh / p.H, pid_bh % p.H);
+    else tail_split(p, sm, pid_bh, pid_bh / p.H, pid_bh % p.H);
+}
+
+#if DBG == 7
+__device__ __forceinline__ unsigned long long gtime() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+#define TRACE(i, v) \
+    if (threadIdx.x == 0) p.trace[5 * (blockIdx.y * gridDim.x + blockIdx.x) + (i)] = (v)
+#else
+#define TRACE(i, v)
+#endif
+
 extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(const Params p) {
     __shared__ Smem sm;
-    const int pid_s = blockIdx.x, pid_bh = blockIdx.y, b = pid_bh / p.H, h = pid_bh % p.H;
-    if (pid_s == p.S) {
-        tail_split(p, sm, pid_bh, b, h);
+    TRACE(0, gtime());
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");  // (PDL) the merge may launch once every block has started
+#endif
+    // the block's piece: tails first, then the long pieces, then the short ones (see Params)
+    int j = blockIdx.x;
+    if (j < p.BH) {
+        tail(p, sm, j);
+        TRACE(3, gtime());
+#if DBG == 7
+        u32 smid;
+        asm("mov.u32 %0, %%smid;" : "=r"(smid));
+        TRACE(4, smid);
+#endif
         return;
     }
+    j -= p.BH;
+    const bool is_long = j < p.BH * p.n_long;
+    if (!is_long) j -= p.BH * p.n_long;
+    const int per = is_long ? p.n_long : p.n_short, pid_bh = j / per, k = j - pid_bh * per;
+    const int pid_s = is_long ? k : p.n_long + k;
+    const int lo = min(p.n, is_long ? k * p.long_len : p.n_long * p.long_len + k * p.short_len);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
     u32 ktab0[8], ktab1[8], vtab0[8], vtab1[8];
 #pragma unroll
@@ -631,18 +775,54 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
     u32 qb0[KD0 / 16][2], qb1[KDG1 / 16][2];  // query fragments and <q, mu_k> of heads 2 t4, 2 t4 + 1: from the
     float qm[2] = {0.f, 0.f};                  // query kernel, read once the first units' copies are under way
 
-    const Rows rows = head_rows(p, pid_bh);
-    const int lo = pid_s * p.split_len, hi = min(p.n, lo + p.split_len);
-    const int units = (hi - lo + UT - 1) / UT;
-
     // O^T fragments per value group: rows (coords g * D_i / 8 + 2 mt, + 1), columns (heads 2 t4, 2 t4 + 1)
     float acc0[VD0 / 16][4], acc1[VDG1 / 16][4];
+    float m[2], l[2];
+    const auto reset = [&]() {
 #pragma unroll
-    for (int i = 0; i < VD0 / 16; i++) acc0[i][0] = acc0[i][1] = acc0[i][2] = acc0[i][3] = 0.f;
+        for (int i = 0; i < VD0 / 16; i++) acc0[i][0] = acc0[i][1] = acc0[i][2] = acc0[i][3] = 0.f;
 #pragma unroll
-    for (int i = 0; i < VDG1 / 16; i++) acc1[i][0] = acc1[i][1] = acc1[i][2] = acc1[i][3] = 0.f;
-    float m[2] = {NEG_BIG, NEG_BIG}, l[2] = {0.f, 0.f};
+        for (int i = 0; i < VDG1 / 16; i++) acc1[i][0] = acc1[i][1] = acc1[i][2] = acc1[i][3] = 0.f;
+        m[0] = m[1] = NEG_BIG, l[0] = l[1] = 0.f;
+    };
+    // the rotated query of (b, h) (written by the query kernel)
+    const auto read_query = [&](int bh) {
+        const float* qr = p.ws + ((long long)bh * G + g) * D;
+        query_fragments<KD0>(qb0, qr + t4 * (KD0 / 4), g < G);
+        if (KD1 > 0) query_fragments<KDG1>(qb1, qr + KD0 + t4 * (KD1 / 4), g < G);
+#if HAS_KMEAN
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+            if (2 * t4 + j < G) qm[j] = p.ws[(long long)p.BH * G * D + (long long)bh * G + 2 * t4 + j];
+#endif
+    };
+    // this warp's state -> shared memory -> one merged partial of the block
+    const auto store_partial = [&](int part_idx) {
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            l[j] += __shfl_xor_sync(0xffffffffu, l[j], 4);
+            l[j] += __shfl_xor_sync(0xffffffffu, l[j], 8);
+            l[j] += __shfl_xor_sync(0xffffffffu, l[j], 16);
+            const int hh = 2 * t4 + j;
+            if (hh < G) {
+                if (g == 0) sm.m[warp][hh] = m[j], sm.l[warp][hh] = l[j];
+#pragma unroll
+                for (int mt = 0; mt < VD0 / 16; mt++) {
+                    sm.acc[warp][hh][g * (VD0 / 8) + vslot<VB0, VD0 / 8>(2 * mt)] = acc0[mt][j];
+                    sm.acc[warp][hh][g * (VD0 / 8) + vslot<VB0, VD0 / 8>(2 * mt + 1)] = acc0[mt][j + 2];
+                }
+#pragma unroll
+                for (int mt = 0; mt < (VD1 > 0 ? VD1 / 16 : 0); mt++) {
+                    sm.acc[warp][hh][VD0 + g * (VD1 / 8) + vslot<VB1, VD1 / 8>(2 * mt)] = acc1[mt][j];
+                    sm.acc[warp][hh][VD0 + g * (VD1 / 8) + vslot<VB1, VD1 / 8>(2 * mt + 1)] = acc1[mt][j + 2];
+                }
+            }
+        }
+        merge_and_store(p, sm, part_idx);
+    };
+    reset();
 
+    int b, hi;  // the current (b, h)'s batch row (masks) and the end of the valid tokens
     const int sel = (g & 1) ? 0x7632 : 0x5410;  // this lane's head (g) half of a shuffled half2
     const int src0 = (2 * t4) * 4 + (g >> 1);
     // bit of a slice's first code in its first word
@@ -703,6 +883,10 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
             }
         }
     };
+    b = pid_bh / p.H;
+    const Rows rows = head_rows(p, pid_bh);
+    hi = min(p.n, lo + (is_long ? p.long_len : p.short_len));
+    const int units = (hi - lo + UT - 1) / UT;
 #if RING
     // ring of RING unit slots per warp (see copy_unit); unit i goes to slot i % RING, one commit group per unit (empty
     // past the warp's last unit, so "all but the newest RING - 1 groups" is always unit i)
@@ -730,14 +914,8 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");  // (launched early, PDL) the query kernel's results are in
 #endif
-    const float* qr = p.ws + ((long long)pid_bh * G + g) * D;
-    query_fragments<KD0>(qb0, qr + t4 * (KD0 / 4), g < G);
-    if (KD1 > 0) query_fragments<KDG1>(qb1, qr + KD0 + t4 * (KD1 / 4), g < G);
-#if HAS_KMEAN
-#pragma unroll
-    for (int j = 0; j < 2; j++)
-        if (2 * t4 + j < G) qm[j] = p.ws[(long long)gridDim.y * G * D + (long long)pid_bh * G + 2 * t4 + j];
-#endif
+    TRACE(1, gtime());
+    read_query(pid_bh);
 #if RING
     for (int i = 0; i < mine; i++) {
         const int slot = i % RING;
@@ -750,6 +928,9 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
         }
         asm volatile("cp.async.wait_group %0;" ::"n"(RING - 1) : "memory");
         __syncwarp();  // every lane's copies of unit i visible to the warp
+#if DBG == 7
+        if (i == 0) TRACE(2, gtime());
+#endif
         Unit cur;
         load_unit(slot_rows(ring + slot * SLOT, rows), cur, 0, UT - 1, g, t4);
         step(cur, lo + UT * (warp + NWARPS * i));
@@ -762,25 +943,12 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
         cur = nxt;
     }
 #endif
-#pragma unroll
-    for (int j = 0; j < 2; j++) {
-        l[j] += __shfl_xor_sync(0xffffffffu, l[j], 4);
-        l[j] += __shfl_xor_sync(0xffffffffu, l[j], 8);
-        l[j] += __shfl_xor_sync(0xffffffffu, l[j], 16);
-        const int hh = 2 * t4 + j;
-        if (hh < G) {
-            if (g == 0) sm.m[warp][hh] = m[j], sm.l[warp][hh] = l[j];
-#pragma unroll
-            for (int mt = 0; mt < VD0 / 16; mt++) {
-                sm.acc[warp][hh][g * (VD0 / 8) + vslot<VB0, VD0 / 8>(2 * mt)] = acc0[mt][j];
-                sm.acc[warp][hh][g * (VD0 / 8) + vslot<VB0, VD0 / 8>(2 * mt + 1)] = acc0[mt][j + 2];
-            }
-#pragma unroll
-            for (int mt = 0; mt < (VD1 > 0 ? VD1 / 16 : 0); mt++) {
-                sm.acc[warp][hh][VD0 + g * (VD1 / 8) + vslot<VB1, VD1 / 8>(2 * mt)] = acc1[mt][j];
-                sm.acc[warp][hh][VD0 + g * (VD1 / 8) + vslot<VB1, VD1 / 8>(2 * mt + 1)] = acc1[mt][j + 2];
-            }
-        }
-    }
-    merge_and_store(p, sm, pid_bh * (p.S + 1) + pid_s);
+    store_partial(pid_bh * (p.S + 1) + pid_s);
+#if DBG == 7
+    __syncthreads();
+    u32 smid;
+    asm("mov.u32 %0, %%smid;" : "=r"(smid));
+    TRACE(3, gtime());
+    TRACE(4, smid | (u32)units << 16);
+#endif
 }
