@@ -12,6 +12,8 @@ Everything in one run on one card, so the numbers are ratios measured side by si
   ``RowCodec.encode``;
 * ``overhead`` phase: one K4/V3 call timed as a whole (do_bench), as a replayed CUDA graph (GPU only), as host
   enqueue time, per kernel (torch profiler tables in ``profile.txt``) and checked for host syncs;
+* ``timeline`` phase: where one K4/V3 call's time goes, per ``--tune-cuda`` variant: the three kernels' spans and
+  every split-pass block's start / first unit / end and SM (a ``DBG = 7`` build of decode_mma.cu);
 * ``prefill`` phase: a multi-token step (128-2048 new tokens) over a 32k compressed cache: ``dequantize_attention``
   (the CUDA path of q_len > 1) and the ``attend_codes`` reference vs bf16 SDPA;
 * ``e2e`` phase: greedy decode of a randomly initialised Llama-3.1-8B-shape model (32 layers by default) at 32k

@@ -22,8 +22,10 @@ Algorithm (the torch twin is :func:`turbovq.kernels.reference.split_decode_refer
    below takes splits of at least 1024 tokens, at most 32: ``MMA_SPLITS``, and up to a quarter more where that fills
    more of the last wave: :func:`mma_splits`).
    Where it applies (2-, 3- and 4-bit groups of 32, 64, 128 or 256 channels, head_dim 64/128/256, G <= 8) this step
-   runs the CUDA kernel in ``decode_mma.cu`` instead (same grid and workspace; the whole call is 1.7x faster at
-   B = 8, T = 32k on an H100; that file says why), compiled once per process by NVRTC (:mod:`turbovq.kernels.cuda`).
+   runs the CUDA kernel in ``decode_mma.cu`` instead (the same programs in a 1-D grid, tails first, and the same
+   workspace; the whole call is 1.7x faster at B = 8, T = 32k on an H100; that file says why), compiled once per
+   process by NVRTC (:mod:`turbovq.kernels.cuda`). Its tail programs use tensor cores (H100: 14 instead of 32 us
+   each, B = 1, T = 8k: 32 -> 24 us per call, kernels_timeline_r11.json, kernels.json).
    TurboQuant_prod keys (Triton only) add ``sqrt(pi/2) / m * ||r|| * <q_qjl, signs>`` to each score, with
    ``q_qjl = (q * s_k) @ S^T`` from the query kernel and the 1-bit signs unpacked to +-1 in registers.
 3. Merge kernel, grid ``(B * H, D / BN)``: combine the ``S + 1`` partials with ``exp2(m_s - M)`` (4 splits'
@@ -35,7 +37,8 @@ Algorithm (the torch twin is :func:`turbovq.kernels.reference.split_decode_refer
 Per call the host only builds a few Python values, allocates the workspace and the output and launches three
 kernels (no other torch op, no host synchronisation). On sm_90 they are chained by programmatic dependent launch
 (``PDL``): the CUDA split pass starts while the query kernel runs (its first copies under way, it waits before
-reading the rotated query) and the merge launches as the split pass ends. Float32
+reading the rotated query) and the merge launches as the split pass's last blocks start (it reads ``R_v``, then
+waits for the partials). Float32
 ``tl.dot(..., input_precision="ieee")`` is avoided: Triton lowers it to a slow FMA loop (~20-30 us per 16 x 128 x 64
 product on an H200), which was most of the former fixed per-call cost.
 
@@ -779,7 +782,9 @@ MMA_TUNING = {"NWARPS": 4, "UC": 2, "MINB": 3, "RING": 2}
 MMA_SPLITS = {"min_tokens": 1024, "max_splits": 32}
 # Guided pieces (decode_mma.cu's Params): the last ``frac`` of each (b, h)'s codes in pieces ``div`` times shorter than
 # the splits, started last, and the splits before them ``grow`` times longer (0: the splits as they are); the merge
-# combines ``merge_step`` partials per step.
+# combines ``merge_step`` partials per step. Off by default: H100, K4/V3 (kernels_guide_r11.json), frac 0.2 took B = 8,
+# T = 128k from 446 to 436 us but B = 8, T = 32k from 134.5 to 136.7 us (short blocks pay the ring fill again and run
+# at ~75% of the long ones' throughput); 8 partials per merge step measured the same as 4.
 MMA_GUIDE = {"frac": 0.0, "div": 4, "grow": 1.0, "merge_step": 4}
 
 

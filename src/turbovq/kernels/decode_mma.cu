@@ -8,11 +8,12 @@
 // order (a sum over coordinates does not care, and the value accumulator is written back through the same map), so
 // every lane reads contiguous code slices.
 //
-// One program (block of NWARPS warps) per (code split s < S, batch row b, KV head h); program s = S does the
-// full-precision tail window. Each warp streams units of UC 16-token chunks of its split (through a shared-memory
-// ring that its lanes fill with asynchronous copies, RING; with RING 0 the next unit is prefetched into registers),
-// and keeps its own online softmax; the warps merge through shared memory and write (m, l, acc) into the workspace
-// that the Triton merge kernel reads (layout in decode.py).
+// A 1-D grid (see Params): one program (block of NWARPS warps) per (b, h) tail window first (on tensor cores, in the
+// query's dtype), then one per code piece (split) of each (b, h); every block triggers the merge's early launch.
+// Each warp streams units of UC 16-token chunks of its split (through a shared-memory ring that its lanes fill with
+// asynchronous copies, RING; with RING 0 the next unit is prefetched into registers), and keeps its own online
+// softmax; the warps merge through shared memory and write (m, l, acc) into the workspace that the Triton merge kernel
+// reads (layout in decode.py).
 //
 // Per 16-token chunk and warp (G <= 8 query heads of one KV head, padded to the mma's N = 8), for each channel
 // group i of D_i coordinates (one, or two for fractional widths, each with its own codes, norms and table):
@@ -619,6 +620,17 @@ __device__ void tail_split(const Params& p, Smem& sm, int pid_bh, int b, int h) 
 }
 
 
+// A warp's l summed over its tokens (the lanes of one t4), then its (m, l) of heads 2 t4, 2 t4 + 1 -> shared memory.
+__device__ __forceinline__ void store_ml(Smem& sm, const float (&m)[2], float (&l)[2], int warp, int g, int t4) {
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        l[j] += __shfl_xor_sync(0xffffffffu, l[j], 4);
+        l[j] += __shfl_xor_sync(0xffffffffu, l[j], 8);
+        l[j] += __shfl_xor_sync(0xffffffffu, l[j], 16);
+        if (2 * t4 + j < G && g == 0) sm.m[warp][2 * t4 + j] = m[j], sm.l[warp][2 * t4 + j] = l[j];
+    }
+}
+
 // The full-precision tail on tensor cores (float16 / bfloat16 queries): each warp takes 16-token chunks; scores
 // S^T (16 tokens x 8 heads) = K Q^T with A fragments straight from the tail keys, values O^T += V^T P^T with A
 // fragments of token pairs and the probabilities moved into the B fragment as in the code path (H100, B = 8, T = 32k:
@@ -669,8 +681,8 @@ __device__ void tail_mma(const Params& p, Smem& sm, int pid_bh, int b, int h) {
 #pragma unroll
         for (int kt = 0; kt < D / 16; kt++) {
             const int d = 16 * kt + 2 * t4;
-            mma_tail<QTYPE>(s, ld2(tk, r0 + d, r0 + d + 1), ld2(tk, r1 + d, r1 + d + 1), ld2(tk, r0 + d + 8, r0 + d + 9),
-                            ld2(tk, r1 + d + 8, r1 + d + 9), qf[kt][0], qf[kt][1]);
+            mma_tail<QTYPE>(s, ld2(tk, r0 + d, r0 + d + 1), ld2(tk, r1 + d, r1 + d + 1),
+                            ld2(tk, r0 + d + 8, r0 + d + 9), ld2(tk, r1 + d + 8, r1 + d + 9), qf[kt][0], qf[kt][1]);
         }
         float alpha[2];
 #pragma unroll
@@ -695,7 +707,8 @@ __device__ void tail_mma(const Params& p, Smem& sm, int pid_bh, int b, int h) {
         const u32 x01 = pack2<QTYPE>(pr[0], pr[1]), x23 = pack2<QTYPE>(pr[2], pr[3]);
         const u32 pb0 = __byte_perm(__shfl_sync(0xffffffffu, x01, src0), __shfl_sync(0xffffffffu, x01, src0 + 4), sel);
         const u32 pb1 = __byte_perm(__shfl_sync(0xffffffffu, x23, src0), __shfl_sync(0xffffffffu, x23, src0 + 4), sel);
-        const long long v0 = (long long)min(c0 + 2 * t4, last) * p.stt, v1 = (long long)min(c0 + 2 * t4 + 1, last) * p.stt;
+        const long long v0 = (long long)min(c0 + 2 * t4, last) * p.stt;
+        const long long v1 = (long long)min(c0 + 2 * t4 + 1, last) * p.stt;
         const long long v8 = (long long)min(c0 + 2 * t4 + 8, last) * p.stt;
         const long long v9 = (long long)min(c0 + 2 * t4 + 9, last) * p.stt;
 #pragma unroll
@@ -706,19 +719,14 @@ __device__ void tail_mma(const Params& p, Smem& sm, int pid_bh, int b, int h) {
                             ld2(tv, v8 + d + 8, v9 + d + 8), pb0, pb1);
         }
     }
+    store_ml(sm, m, l, warp, g, t4);
 #pragma unroll
-    for (int j = 0; j < 2; j++) {
-        l[j] += __shfl_xor_sync(0xffffffffu, l[j], 4);
-        l[j] += __shfl_xor_sync(0xffffffffu, l[j], 8);
-        l[j] += __shfl_xor_sync(0xffffffffu, l[j], 16);
-        const int hh = 2 * t4 + j;
-        if (hh < G) {
-            if (g == 0) sm.m[warp][hh] = m[j], sm.l[warp][hh] = l[j];
+    for (int j = 0; j < 2; j++)
+        if (2 * t4 + j < G)
 #pragma unroll
             for (int mt = 0; mt < D / 16; mt++)
-                sm.acc[warp][hh][16 * mt + g] = acc[mt][j], sm.acc[warp][hh][16 * mt + g + 8] = acc[mt][j + 2];
-        }
-    }
+                sm.acc[warp][2 * t4 + j][16 * mt + g] = acc[mt][j],
+                sm.acc[warp][2 * t4 + j][16 * mt + g + 8] = acc[mt][j + 2];
     merge_and_store(p, sm, pid_bh * (p.S + 1) + p.S);
 }
 
@@ -798,14 +806,11 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
     };
     // this warp's state -> shared memory -> one merged partial of the block
     const auto store_partial = [&](int part_idx) {
+        store_ml(sm, m, l, warp, g, t4);
 #pragma unroll
         for (int j = 0; j < 2; j++) {
-            l[j] += __shfl_xor_sync(0xffffffffu, l[j], 4);
-            l[j] += __shfl_xor_sync(0xffffffffu, l[j], 8);
-            l[j] += __shfl_xor_sync(0xffffffffu, l[j], 16);
             const int hh = 2 * t4 + j;
             if (hh < G) {
-                if (g == 0) sm.m[warp][hh] = m[j], sm.l[warp][hh] = l[j];
 #pragma unroll
                 for (int mt = 0; mt < VD0 / 16; mt++) {
                     sm.acc[warp][hh][g * (VD0 / 8) + vslot<VB0, VD0 / 8>(2 * mt)] = acc0[mt][j];
