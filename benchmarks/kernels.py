@@ -471,73 +471,72 @@ def timeline(dev, cells: list[tuple[int, int]], variants: list[dict]) -> list[di
         pk, pv = synthetic_rows(kc, b, t - TAIL, dev, 1), synthetic_rows(vc, b, t - TAIL, dev, 2)
 
         for var in variants:
-            stack = contextlib.ExitStack()
-            stack.enter_context(tuned(var))
+            with tuned(var):
 
-            def call(q=q, pk=pk, pv=pv, tk=tk):
-                return decode_attention(q, pk, pv, tk, tk, None, D**-0.5)
+                def call(q=q, pk=pk, pv=pv, tk=tk):
+                    return decode_attention(q, pk, pv, tk, tk, None, D**-0.5)
 
-            call()
-            torch.cuda.synchronize(dev)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    flush.zero_()
-                    call()
-                torch.cuda.synchronize(dev)
-            kern = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                          if e.device_type.name == "CUDA" and "elementwise" not in e.name and "fill" not in e.name)
-            first = [i for i, k in enumerate(kern) if k[2].startswith("_prep")][-1]
-            t0 = kern[first][0]
-            spans = [{"kernel": k[2][:40], "start_us": k[0] - t0, "end_us": k[1] - t0} for k in kern[first:]]
-            buf = torch.zeros(5 << 18, dtype=torch.int64, device=dev)
-            base = kdecode._MmaParams
-
-            class Traced(base):
-                def __init__(self, *a, ptr=buf.data_ptr()):
-                    super().__init__(*a)
-                    self.trace = ptr
-
-            kdecode._MmaParams, kdecode.MMA_TUNING["DBG"] = Traced, 7
-            try:
                 call()
-                for _ in range(2):
-                    torch.cuda.synchronize(dev)
-                    buf.zero_()
-                    flush.zero_()
-                    call()
                 torch.cuda.synchronize(dev)
-            finally:
-                kdecode._MmaParams = base
-                del kdecode.MMA_TUNING["DBG"]
-            tr = buf.view(-1, 5)
-            tr = tr[tr[:, 0] > 0].cpu()
-            start = tr[:, 0].min()
-            blocks = [[int(x - start) if j < 4 and x else int(x) for j, x in enumerate(r)] for r in tr.tolist()]
-            code = [r for r in blocks if r[4] >> 16]
-            tail = [r for r in blocks if not r[4] >> 16]
-            qs = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(3):
+                        flush.zero_()
+                        call()
+                    torch.cuda.synchronize(dev)
+                kern = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                              if e.device_type.name == "CUDA" and "elementwise" not in e.name and "fill" not in e.name)
+                first = [i for i, k in enumerate(kern) if k[2].startswith("_prep")][-1]
+                t0 = kern[first][0]
+                spans = [{"kernel": k[2][:40], "start_us": k[0] - t0, "end_us": k[1] - t0} for k in kern[first:]]
+                buf = torch.zeros(5 << 18, dtype=torch.int64, device=dev)
+                base = kdecode._MmaParams
 
-            def q_(xs, qs=qs):  # min, 10%, median, 90%, max in us
-                if not xs:
-                    return []
-                return [round(float(v) / 1e3, 2) for v in torch.tensor(xs, dtype=torch.float64).quantile(qs)]
+                class Traced(base):
+                    def __init__(self, *a, ptr=buf.data_ptr()):
+                        super().__init__(*a)
+                        self.trace = ptr
 
-            rec = {
-                "B": b, "T": t, "variant": var, "kernels": spans, "blocks": blocks,
-                "code_blocks": len(code), "tail_blocks": len(tail), "sms": len({r[4] & 0xFFFF for r in blocks}),
-                "start_us_q": q_([r[0] for r in code]), "query_wait_us_q": q_([r[1] - r[0] for r in code]),
-                "first_unit_us_q": q_([r[2] - r[1] for r in code if r[2]]),
-                "duration_us_q": q_([r[3] - r[0] for r in code]),
-                "end_us_q": q_([r[3] for r in code]), "tail_duration_us_q": q_([r[3] - r[0] for r in tail]),
-                "tail_end_us_q": q_([r[3] for r in tail]),
-            }  # fmt: skip
-            busy = sum(r[3] - r[0] for r in code) / 1e3
-            rec["slot_busy_frac"] = busy / (max(r[3] for r in blocks) / 1e3 * 132 * kdecode.MMA_TUNING["MINB"])
-            out.append(rec)
-            print(f"timeline B={b} T={t} {var}: " + " ".join(f"{s['kernel'][:14]} {s['start_us']:.1f}-{s['end_us']:.1f}"
-                                                      for s in spans), flush=True)  # fmt: skip
-            print({k: v for k, v in rec.items() if k not in ("blocks", "kernels")}, flush=True)
-            stack.close()
+                kdecode._MmaParams, kdecode.MMA_TUNING["DBG"] = Traced, 7
+                try:
+                    call()
+                    for _ in range(2):
+                        torch.cuda.synchronize(dev)
+                        buf.zero_()
+                        flush.zero_()
+                        call()
+                    torch.cuda.synchronize(dev)
+                finally:
+                    kdecode._MmaParams = base
+                    del kdecode.MMA_TUNING["DBG"]
+                tr = buf.view(-1, 5)
+                tr = tr[tr[:, 0] > 0].cpu()
+                start = tr[:, 0].min()
+                blocks = [[int(x - start) if j < 4 and x else int(x) for j, x in enumerate(r)] for r in tr.tolist()]
+                code = [r for r in blocks if r[4] >> 16]
+                tail = [r for r in blocks if not r[4] >> 16]
+                qs = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
+
+                def q_(xs, qs=qs):  # min, 10%, median, 90%, max in us
+                    if not xs:
+                        return []
+                    return [round(float(v) / 1e3, 2) for v in torch.tensor(xs, dtype=torch.float64).quantile(qs)]
+
+                rec = {
+                    "B": b, "T": t, "variant": var, "kernels": spans, "blocks": blocks,
+                    "code_blocks": len(code), "tail_blocks": len(tail), "sms": len({r[4] & 0xFFFF for r in blocks}),
+                    "start_us_q": q_([r[0] for r in code]), "query_wait_us_q": q_([r[1] - r[0] for r in code]),
+                    "first_unit_us_q": q_([r[2] - r[1] for r in code if r[2]]),
+                    "duration_us_q": q_([r[3] - r[0] for r in code]),
+                    "end_us_q": q_([r[3] for r in code]), "tail_duration_us_q": q_([r[3] - r[0] for r in tail]),
+                    "tail_end_us_q": q_([r[3] for r in tail]),
+                }  # fmt: skip
+                busy = sum(r[3] - r[0] for r in code) / 1e3
+                slots = kdecode.sm_count(dev) * kdecode.MMA_TUNING["MINB"]
+                rec["slot_busy_frac"] = busy / (max(r[3] for r in blocks) / 1e3 * slots)
+                out.append(rec)
+                span_text = " ".join(f"{s['kernel'][:14]} {s['start_us']:.1f}-{s['end_us']:.1f}" for s in spans)
+                print(f"timeline B={b} T={t} {var}: {span_text}", flush=True)
+                print({k: v for k, v in rec.items() if k not in ("blocks", "kernels")}, flush=True)
         del pk, pv
         torch.cuda.empty_cache()
     return out

@@ -70,7 +70,7 @@ def test_compiles(cfg, arch):
 @needs_nvrtc
 @pytest.mark.parametrize("uc,minb,nwarps,ring,vpair", [(1, 3, 4, 4, 1), (2, 1, 8, 0, 1), (2, 2, 4, 0, 0)])
 def test_tuning_variants_compile(uc, minb, nwarps, ring, vpair):
-    opts = _options(*CONFIGS[0], UC=uc, MINB=minb, NWARPS=nwarps, RING=ring, VPAIR=vpair, PERSIST=int(ring > 0))
+    opts = _options(*CONFIGS[0], UC=uc, MINB=minb, NWARPS=nwarps, RING=ring, VPAIR=vpair)
     assert NAMES[0] in cuda.compile_cubin(kdecode._MMA_SOURCE, "sm_90", opts)
 
 

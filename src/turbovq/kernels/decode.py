@@ -325,10 +325,9 @@ if HAS_TRITON:
         HAS_VMEAN: tl.constexpr, HAS_VSCALE: tl.constexpr, PDL: tl.constexpr = False, STEP: tl.constexpr = 4,
     ):  # fmt: skip
         """Output columns ``n0 : n0 + BN`` of (b, h): merge the S code splits and the tail split in one pass with a
-        running maximum
-        (four splits' loads per step; H100, B = 8, T = 32k: 9.1 -> 7.0 us against a first pass for the maximum,
-        kernels_decode_ab_r8.json), one inverse rotation ``R_v[h]^T`` (3xTF32 tensor-core dot: float32-accurate),
-        then ``* s_v``, ``+ l_codes * mu_v`` and the tail, all divided by the total."""
+        running maximum (STEP splits' loads per step; H100, B = 8, T = 32k: 9.1 -> 7.0 us against a first pass for
+        the maximum, kernels_decode_ab_r8.json), one inverse rotation ``R_v[h]^T`` (3xTF32 tensor-core dot:
+        float32-accurate), then ``* s_v``, ``+ l_codes * mu_v`` and the tail, all divided by the total."""
         PG = BH * (S + 1) * G
         m_ptr = ws + BH * G * (D + 1)
         l_ptr = m_ptr + PG
@@ -959,13 +958,13 @@ def decode_attention(
     gran = 16 * MMA_TUNING["UC"] if use_mma else block_t  # split_len: whole units (CUDA) or blocks (Triton)
     split_len = math.ceil(math.ceil(n / splits) / gran) * gran
     splits = math.ceil(n / split_len)
-    pieces = guided_pieces(n, split_len, gran) if use_mma and num_splits is None else (splits, split_len, 0, gran)
     # The split pass starts while the query kernel runs (the query kernel triggers it at once), except for a grid of
     # long splits under one wave: there it was paced by blocks that started early (H100, B = 1, T = 128k: 82 ->
     # 103 us, likely uneven placement on the SMs the query kernel held; 4k-token splits, 264 blocks of 396 slots),
     # while every other cell measured gained 1-13 us (kernels_decode_pdl_r8.json).
     early = pdl and use_mma and ((splits + 1) * bh >= slots or split_len <= 2048)
-    if use_mma:
+    if use_mma:  # (n_long, long_len, n_short, short_len): decode_mma.cu's pieces
+        pieces = guided_pieces(n, split_len, gran) if num_splits is None else (splits, split_len, 0, gran)
         splits = pieces[0] + pieces[2]
     block_g = max(16, triton.next_power_of_2(groups))
     bn = min(dim, 8192 // dim)  # inverse-rotation columns per program: a (BN, D) float32 tile of R_v

@@ -510,11 +510,21 @@ __device__ __forceinline__ void value_group(float (&acc)[DG / 16][4], const u32 
                  __byte_perm(v[2][mt], v[3][mt], 0x5410), __byte_perm(v[2][mt], v[3][mt], 0x7632), pb0, pb1);
 }
 
+// Two floats as a float16 (QT 0) or bfloat16 (QT 1) pair.
+template <int QT>
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    if (QT == 0) return pack_h2(lo, hi);
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
 // The B fragment of (p * ||v||)^T for one value group: lane (g, t4) needs head g at tokens 2 t4, 2 t4 + 1 (b0) and
-// + 8 (b1); pr[i] is (token g + 8 (i >> 1), head 2 t4 + (i & 1)).
+// + 8 (b1); pr[i] is (token g + 8 (i >> 1), head 2 t4 + (i & 1)); QT: the pair type (the A operand's).
+template <int QT = 0>
 __device__ __forceinline__ void prob_fragment(const float (&pr)[4], float vn0, float vn1, int src0, int sel, u32& pb0,
                                               u32& pb1) {
-    const u32 x01 = pack_h2(pr[0] * vn0, pr[1] * vn0), x23 = pack_h2(pr[2] * vn1, pr[3] * vn1);
+    const u32 x01 = pack2<QT>(pr[0] * vn0, pr[1] * vn0), x23 = pack2<QT>(pr[2] * vn1, pr[3] * vn1);
     const u32 y0 = __shfl_sync(0xffffffffu, x01, src0), y1 = __shfl_sync(0xffffffffu, x01, src0 + 4);
     const u32 y2 = __shfl_sync(0xffffffffu, x23, src0), y3 = __shfl_sync(0xffffffffu, x23, src0 + 4);
     pb0 = __byte_perm(y0, y1, sel);
@@ -647,14 +657,6 @@ __device__ __forceinline__ void mma_tail(float (&c)[4], u32 a0, u32 a1, u32 a2, 
         mma16816(c, a0, a1, a2, a3, b0, b1);
 }
 
-template <int QT>
-__device__ __forceinline__ u32 pack2(float lo, float hi) {
-    if (QT == 0) return pack_h2(lo, hi);
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
 __device__ __forceinline__ u32 ld2(const u16* p, long long i, long long j) {  // two 16-bit values as one operand
     return (u32)p[i] | ((u32)p[j] << 16);
 }
@@ -704,9 +706,8 @@ __device__ void tail_mma(const Params& p, Smem& sm, int pid_bh, int b, int h) {
         float pr[4];
 #pragma unroll
         for (int i = 0; i < 4; i++) pr[i] = ex2(s[i] - m[i & 1]), l[i & 1] += pr[i];
-        const u32 x01 = pack2<QTYPE>(pr[0], pr[1]), x23 = pack2<QTYPE>(pr[2], pr[3]);
-        const u32 pb0 = __byte_perm(__shfl_sync(0xffffffffu, x01, src0), __shfl_sync(0xffffffffu, x01, src0 + 4), sel);
-        const u32 pb1 = __byte_perm(__shfl_sync(0xffffffffu, x23, src0), __shfl_sync(0xffffffffu, x23, src0 + 4), sel);
+        u32 pb0, pb1;
+        prob_fragment<QTYPE>(pr, 1.f, 1.f, src0, sel, pb0, pb1);
         const long long v0 = (long long)min(c0 + 2 * t4, last) * p.stt;
         const long long v1 = (long long)min(c0 + 2 * t4 + 1, last) * p.stt;
         const long long v8 = (long long)min(c0 + 2 * t4 + 8, last) * p.stt;
@@ -775,6 +776,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
     const int per = is_long ? p.n_long : p.n_short, pid_bh = j / per, k = j - pid_bh * per;
     const int pid_s = is_long ? k : p.n_long + k;
     const int lo = min(p.n, is_long ? k * p.long_len : p.n_long * p.long_len + k * p.short_len);
+    const int hi = min(p.n, lo + (is_long ? p.long_len : p.short_len)), b = pid_bh / p.H;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
     u32 ktab0[8], ktab1[8], vtab0[8], vtab1[8];
 #pragma unroll
@@ -785,14 +787,11 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
 
     // O^T fragments per value group: rows (coords g * D_i / 8 + 2 mt, + 1), columns (heads 2 t4, 2 t4 + 1)
     float acc0[VD0 / 16][4], acc1[VDG1 / 16][4];
-    float m[2], l[2];
-    const auto reset = [&]() {
 #pragma unroll
-        for (int i = 0; i < VD0 / 16; i++) acc0[i][0] = acc0[i][1] = acc0[i][2] = acc0[i][3] = 0.f;
+    for (int i = 0; i < VD0 / 16; i++) acc0[i][0] = acc0[i][1] = acc0[i][2] = acc0[i][3] = 0.f;
 #pragma unroll
-        for (int i = 0; i < VDG1 / 16; i++) acc1[i][0] = acc1[i][1] = acc1[i][2] = acc1[i][3] = 0.f;
-        m[0] = m[1] = NEG_BIG, l[0] = l[1] = 0.f;
-    };
+    for (int i = 0; i < VDG1 / 16; i++) acc1[i][0] = acc1[i][1] = acc1[i][2] = acc1[i][3] = 0.f;
+    float m[2] = {NEG_BIG, NEG_BIG}, l[2] = {0.f, 0.f};
     // the rotated query of (b, h) (written by the query kernel)
     const auto read_query = [&](int bh) {
         const float* qr = p.ws + ((long long)bh * G + g) * D;
@@ -825,9 +824,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
         }
         merge_and_store(p, sm, part_idx);
     };
-    reset();
 
-    int b, hi;  // the current (b, h)'s batch row (masks) and the end of the valid tokens
     const int sel = (g & 1) ? 0x7632 : 0x5410;  // this lane's head (g) half of a shuffled half2
     const int src0 = (2 * t4) * 4 + (g >> 1);
     // bit of a slice's first code in its first word
@@ -888,9 +885,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
             }
         }
     };
-    b = pid_bh / p.H;
     const Rows rows = head_rows(p, pid_bh);
-    hi = min(p.n, lo + (is_long ? p.long_len : p.short_len));
     const int units = (hi - lo + UT - 1) / UT;
 #if RING
     // ring of RING unit slots per warp (see copy_unit); unit i goes to slot i % RING, one commit group per unit (empty
