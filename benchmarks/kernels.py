@@ -55,8 +55,9 @@ CONFIGS = {
     "2.5": (2.5, 2.5, "auto"),
     "K4/V3 triton": (4, 3, "triton"),
     "3.5 triton": (3.5, 3.5, "triton"),
-    # TurboQuant_prod keys (3 mse bits + QJL): the Triton split pass, and the torch attend_codes they used before
+    # TurboQuant_prod keys (3 mse bits + QJL): the CUDA split pass, the Triton one, and the torch attend_codes
     "K4 prod/V3": (4, 3, "auto", True),
+    "K4 prod/V3 triton": (4, 3, "triton", True),
     "K4 prod/V3 reference": (4, 3, "reference", True),
 }
 DEFAULT_CONFIGS = ("K4/V3", "K4/V4", "3.5", "2.5", "K4/V3 triton", "3.5 triton")

@@ -10,6 +10,7 @@ import itertools
 import pytest
 import torch
 
+from turbovq import packing
 from turbovq.kernels import cuda
 from turbovq.kernels import decode as kdecode
 from turbovq.kv.cache import RowCodec
@@ -18,7 +19,7 @@ needs_nvrtc = pytest.mark.skipif(not cuda.nvrtc_available(), reason="libnvrtc no
 
 NAMES = (b"tq_decode_split",)
 # (D, G, key groups, value groups, symmetric 4-bit tables, norm dtype, query dtype, mask dtype, mask, k mean,
-# softcap); groups are (bits, channels), outliers first
+# softcap[, QJL keys: (sketch rows, residual norm dtype)]); groups are (bits, channels), outliers first
 CONFIGS = [
     (128, 4, [(4, 128)], [(3, 128)], 1, 0, 1, 3, 1, 1, 0),  # Llama-3.1-8B, K4/V3, bool mask, centered keys
     (128, 4, [(4, 128)], [(4, 128)], 1, 1, 0, 0, 1, 1, 0),  # K4/V4, additive float16 mask
@@ -33,20 +34,24 @@ CONFIGS = [
     (256, 2, [(2, 256)], [(3, 128), (2, 128)], 0, 0, 1, 3, 1, 0, 0),
     (64, 3, [(4, 32), (3, 32)], [(4, 32), (3, 32)], 1, 0, 1, 3, 1, 1, 0),  # 3.5 bits at d 64: 4-code value slices
     (64, 8, [(3, 32), (2, 32)], [(3, 32), (2, 32)], 0, 1, 0, 1, 1, 0, 1),
+    (128, 4, [(3, 128)], [(3, 128)], 0, 0, 1, 3, 1, 1, 0, (128, 0)),  # prod K4 (3 mse bits + QJL), Llama shape
+    (64, 3, [(3, 32), (2, 32)], [(3, 64)], 0, 1, 0, 3, 0, 0, 1, (64, 1)),  # prod keys, two mse groups
+    (256, 8, [(3, 256)], [(4, 256)], 0, 2, 1, 3, 0, 0, 0, (256, 2)),
+    (64, 2, [(2, 64)], [(2, 64)], 0, 0, 0, 3, 0, 0, 0, (32, 0)),
 ]
 
 
 DTYPES = {code: dtype for dtype, code in kdecode._DTYPE_CODE.items()}
 
 
-def _options(d, g, kg, vg, sym, norm, qt, mt, mask, kmean, softcap, **tune):
+def _options(d, g, kg, vg, sym, norm, qt, mt, mask, kmean, softcap, qjl=None, **tune):
     """decode.py's macros for a CONFIGS row (dtype codes as in _DTYPE_CODE; ``tune`` overrides MMA_TUNING)."""
     sides = []
     for groups in (kg, vg):
         (b0, d0), (b1, d1) = groups[0], (groups[1] if len(groups) > 1 else (groups[0][0], 0))
         sides.append(((b0, d0, b1, d1), (bool(sym and b0 == 4), bool(sym and b1 == 4))))
     opts = kdecode._mma_options(d, g, *sides, DTYPES[norm], DTYPES[norm], DTYPES[qt], DTYPES[mt] if mask else None,
-                                kmean, softcap)  # fmt: skip
+                                kmean, softcap, None, qjl and (qjl[0], DTYPES[qjl[1]]))  # fmt: skip
     return tuple(o for o in opts if o.split("=")[0][2:] not in tune) + tuple(f"-D{k}={v}" for k, v in tune.items())
 
 
@@ -60,7 +65,8 @@ def test_mask_macros(mask):
 
 
 @needs_nvrtc
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"d{c[0]}-g{c[1]}-k{len(c[2])}x{c[2][0][0]}-v{c[3][0][0]}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"d{c[0]}-g{c[1]}-k{len(c[2])}x{c[2][0][0]}-v{c[3][0][0]}"
+                         + (f"-qjl{c[11][0]}" if c[11:] else ""))  # fmt: skip
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_compiles(cfg, arch):
     cubin = cuda.compile_cubin(kdecode._MMA_SOURCE, arch, _options(*cfg))
@@ -136,6 +142,33 @@ def _dec2(w: int, hb: int, t: list[int]) -> list[int]:
     y = (y & 0x000F000F) | ((y << 4) & 0x0F000F00)
     y = (y & 0x03030303) | ((y << 2) & 0x30303030)
     return _lookup8(y, t)
+
+
+def _dec1(b: int) -> list[int]:  # transcribed from decode_mma.cu, with QJL's table (float16 -1, +1)
+    y = (b & 0xF) | ((b & 0xF0) << 12)
+    y = (y | (y << 6)) & 0x03030303
+    return _lookup8((y | (y << 3)) & 0x11111111, [0, 0, 0x3CBC, 0])
+
+
+@pytest.mark.parametrize("rows", [32, 64, 128, 256])
+def test_sign_slices_decode_to_plus_minus_one(rows):
+    """QJL keys: decode_slice's 1-bit path (lane t4's RQ / 4 signs, from the bytes of its raw words as it selects
+    them) gives +-1 in coordinate pairs, bit set = +1, for the bits as QJL.sketch packs them."""
+    g = torch.Generator().manual_seed(rows)
+    bits = torch.randint(0, 2, (rows,), generator=g)
+    words = packing.pack(bits.to(torch.uint8), 1).view(torch.int32).tolist()  # the kernel's view of one row
+    nc = rows // 4
+    for t4 in range(4):
+        c0 = t4 * nc
+        raw = [words[(c0 >> 5) + i] & 0xFFFFFFFF for i in range(max(1, nc // 32))]
+        sh = c0 & 31
+        out = []
+        for j in range(nc // 8):
+            src = raw[0] >> sh if nc in (8, 16) else raw[j // 4]
+            out += _dec1((src >> (8 * (j % 4))) & 0xFF)
+        pairs = torch.tensor([[w & 0xFFFF, w >> 16] for w in out], dtype=torch.int32).reshape(-1)
+        got = pairs.to(torch.int16).view(torch.float16).float()
+        assert torch.equal(got, bits[c0 : c0 + nc].float() * 2 - 1), t4
 
 
 def _funnel_r(lo: int, hi: int, sh: int) -> int:
@@ -228,6 +261,9 @@ def test_ring_bytes():
     assert two == 4 * 2 * (2 * ((1024 + 16) + (768 + 16)) + 2 * (128 + 16) + 2 * (64 + 16))
     assert kdecode._ring_bytes({**tuning, "RING": 0}, (4, 128, 4, 0), (3, 128, 3, 0), torch.float16,
                                torch.float16) == 0  # fmt: skip
+    prod = kdecode._ring_bytes(tuning, (3, 128, 3, 0), (3, 128, 3, 0), torch.float16, torch.float16,
+                               (128, torch.bfloat16))  # fmt: skip
+    assert prod == 4 * 2 * (2 * ((1536 + 16) + (64 + 16)) + (512 + 16) + (64 + 16))  # + signs and residual norms
 
 
 @pytest.mark.parametrize(
@@ -241,12 +277,12 @@ def test_mma_groups(dim, bits, ok):
 
 
 def test_params_struct_matches_the_c_layout():
-    """14 pointers, 9 int64, 9 int32, 2 float32, four 8-word tables, the trace pointer (8-byte aligned): 368 bytes."""
+    """17 pointers, 9 int64, 9 int32, 3 float32, four 8-word tables, the trace pointer (8-byte aligned): 392 bytes."""
     fields = dict(kdecode._MmaParams._fields_)
-    assert ctypes.sizeof(kdecode._MmaParams) == 368
-    assert kdecode._MmaParams.ktab.offset == 14 * 8 + 9 * 8 + 9 * 4 + 2 * 4
+    assert ctypes.sizeof(kdecode._MmaParams) == 392
+    assert kdecode._MmaParams.ktab.offset == 17 * 8 + 9 * 8 + 9 * 4 + 3 * 4
     assert kdecode._MmaParams.vtab.offset == kdecode._MmaParams.ktab.offset + 64
-    assert kdecode._MmaParams.trace.offset == 360
+    assert kdecode._MmaParams.trace.offset == 384
     assert fields["scaling"] is ctypes.c_float and list(itertools.islice(fields, 2)) == ["ws", "part"]
 
 

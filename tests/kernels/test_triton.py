@@ -75,9 +75,9 @@ DECODE_CASES = [
     (128, 32, 8, 2, 1000, 50, 2, 2, torch.bfloat16, "scaled", True, None),  # CUDA split: 2-bit slices
     (64, 16, 2, 2, 333, 9, 2.5, 2, torch.float16, False, False, None),  # 2-bit value slices of half a word
     (64, 16, 2, 2, 700, 12, 3.5, 3.5, torch.float16, True, False, None),  # CUDA split: 32-channel groups, G = 8
-    (128, 32, 8, 2, 1000, 130, 4, 3, torch.bfloat16, "scaled", True, None, True),  # QJL keys (Triton only)
+    (128, 32, 8, 2, 1000, 130, 4, 3, torch.bfloat16, "scaled", True, None, True),  # QJL keys
     (64, 12, 4, 2, 450, 5, 3.5, 3, torch.float16, True, False, 30.0, True),  # QJL keys, two mse groups, soft-capping
-    (256, 8, 2, 1, 300, 20, 2, 4, torch.float16, False, True, None, True),  # QJL keys with 1-bit mse codes
+    (256, 8, 2, 1, 300, 20, 2, 4, torch.float16, False, True, None, True),  # QJL keys with 1-bit mse codes (Triton)
 ]
 
 
@@ -114,8 +114,10 @@ def test_decode_matches_reference(cuda, case, backend):
 
 
 def _cuda_split_applies(q, pk, pv, groups) -> bool:
-    """decode_mma.cu's scope: its channel groups (mma_groups_ok), no QJL keys, head_dim 64/128/256, G <= 8."""
-    ok = mma_groups_ok(pk.codec) and mma_groups_ok(pv.codec) and not pk.codec.qjl
+    """decode_mma.cu's scope: its channel groups (mma_groups_ok), QJL sketches of 32-256 rows, head_dim 64/128/256,
+    G <= 8."""
+    rows = pk.codec.quantizer.qjl.rows if pk.codec.qjl else 32
+    ok = mma_groups_ok(pk.codec) and mma_groups_ok(pv.codec) and rows in (32, 64, 128, 256)
     return ok and q.shape[-1] in (64, 128, 256) and groups <= 8
 
 
@@ -297,7 +299,7 @@ def test_cache_uses_kernel_and_matches_reference(cuda, monkeypatch, head_dim, ke
 
 def test_qjl_key_cache_runs_on_the_kernels(cuda, monkeypatch):
     """TurboQuant_prod keys (qjl_keys=True): flushes encode through the fused kernel (mse codes and QJL signs in one
-    pass), decode steps run the Triton split pass with the QJL score term, logits match TURBOVQ_KERNELS=0."""
+    pass), decode steps run the split pass with the QJL score term, logits match TURBOVQ_KERNELS=0."""
     from turbovq.kernels import decode as kdecode
 
     model = _tiny_llama(cuda)

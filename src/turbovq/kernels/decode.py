@@ -26,8 +26,10 @@ Algorithm (the torch twin is :func:`turbovq.kernels.reference.split_decode_refer
    workspace; the whole call is 1.7x faster at B = 8, T = 32k on an H100; that file says why), compiled once per
    process by NVRTC (:mod:`turbovq.kernels.cuda`). Its tail programs use tensor cores (H100: 14 instead of 32 us
    each, B = 1, T = 8k: 32 -> 24 us per call, kernels_timeline_r11.json, kernels.json).
-   TurboQuant_prod keys (Triton only) add ``sqrt(pi/2) / m * ||r|| * <q_qjl, signs>`` to each score, with
-   ``q_qjl = (q * s_k) @ S^T`` from the query kernel and the 1-bit signs unpacked to +-1 in registers.
+   TurboQuant_prod keys add ``sqrt(pi/2) / m * ||r|| * <q_qjl, signs>`` to each score, with ``q_qjl = (q * s_k) @
+   S^T`` from the query kernel and the 1-bit signs unpacked to +-1 in registers (in the CUDA kernel a third key
+   group on tensor cores, for sketches of 32-256 rows: H100, B = 8, T = 32k, K4 prod/V3: 526 -> 179 us,
+   kernels_qjl_r12.json).
 3. Merge kernel, grid ``(B * H, D / BN)``: combine the ``S + 1`` partials with ``exp2(m_s - M)`` (4 splits'
    loads in flight at a time), rotate the code part of ``BN`` output columns back with ``R_v[h]^T`` (3xTF32 dot),
    multiply by ``s_v``, add ``(sum_codes p) * mu_v`` and the tail part, divide by the total. With
@@ -720,10 +722,10 @@ class _MmaParams(ctypes.Structure):
 
     _fields_ = (
         [(k, ctypes.c_void_p) for k in ("ws", "part", "kc0", "kn0", "kc1", "kn1", "vc0", "vn0", "vc1", "vn1")]
-        + [(k, ctypes.c_void_p) for k in ("q", "tk", "tv", "mask")]
+        + [(k, ctypes.c_void_p) for k in ("q", "tk", "tv", "mask", "kq", "kqn", "qq")]
         + [(k, ctypes.c_longlong) for k in ("k_alloc", "v_alloc", "sqb", "sqh", "stb", "sth", "stt", "smb", "smt")]
         + [(k, ctypes.c_int) for k in ("n", "t_len", "n_long", "long_len", "n_short", "short_len", "S", "H", "BH")]
-        + [("scaling", ctypes.c_float), ("softcap", ctypes.c_float)]
+        + [(k, ctypes.c_float) for k in ("scaling", "softcap", "qjl_scale")]
         + [("ktab", (ctypes.c_uint32 * 8) * 2), ("vtab", (ctypes.c_uint32 * 8) * 2)]
         + [("trace", ctypes.c_void_p)]  # DBG = 7 timing builds only
     )
@@ -735,19 +737,23 @@ def mma_groups_ok(codec: RowCodec) -> bool:
     return all(bits in (2, 3, 4) and d in (32, 64, 128, 256) for bits, d, _ in codec.groups)
 
 
-def _mma_ok(query, ks: _Side, vs: _Side, groups: int, fields, mask) -> bool:
+def _mma_ok(query, ks: _Side, vs: _Side, groups: int, fields, mask, kf: dict) -> bool:
     """The CUDA split pass handles 2-, 3- and 4-bit groups of 32-256 channels (one, or two for fractional widths), the
-    same norm dtype in both groups, head_dim 64/128/256 and G <= 8."""
+    same norm dtype in both groups, head_dim 64/128/256, G <= 8, and QJL keys (prod) with 32-256 sketch rows."""
     if not query.is_cuda or not _PRMT or not cuda.enabled():  # _PRMT: not the interpreter
         return False
     if groups > 8 or query.shape[-1] not in (64, 128, 256):
         return False
-    if not (ks.mma_groups and vs.mma_groups) or ks.qjl:
+    if not (ks.mma_groups and vs.mma_groups):
         return False
     if mask is not None and mask.dtype not in _DTYPE_CODE:
         return False
     codes, norms = fields[0::2], fields[1::2]
     floats = (torch.float16, torch.bfloat16, torch.float32)
+    if ks.qjl:
+        if ks.qjl_rows not in (32, 64, 128, 256) or kf["rnorms"].dtype not in floats:
+            return False
+        codes += (kf["qjl"],)
     aligned = all(c.data_ptr() % 16 == 0 for c in codes)  # 16-byte code loads
     same = norms[0].dtype == norms[1].dtype and norms[2].dtype == norms[3].dtype
     return aligned and same and norms[0].dtype in floats and norms[2].dtype in floats
@@ -802,35 +808,38 @@ def guided_pieces(n: int, split_len: int, unit: int) -> tuple[int, int, int, int
 _MMA_KERNELS: dict[tuple, tuple] = {}
 
 
-def _ring_bytes(tuning: dict, kside: tuple, vside: tuple, knorm: torch.dtype, vnorm: torch.dtype) -> int:
+def _ring_bytes(tuning: dict, kside: tuple, vside: tuple, knorm: torch.dtype, vnorm: torch.dtype, qjl=None) -> int:
     """Dynamic shared memory of decode_mma.cu's ring (its RING_BYTES): per warp RING slots of one unit of every
-    array (+16 bytes each for the alignment slack); ``kside``/``vside`` as in ``_Side.consts``."""
+    array (+16 bytes each for the alignment slack); ``kside``/``vside`` as in ``_Side.consts``, ``qjl``: (sketch
+    rows, residual norm dtype) of QJL keys."""
     ut, slot = 16 * tuning["UC"], 0
     for (b0, d0, b1, d1), nb in ((kside, knorm.itemsize), (vside, vnorm.itemsize)):
         for bits, d in ((b0, d0), (b1, d1)):
             slot += (ut * d * bits // 8 + 16) + (ut * nb + 16) if d else 0
+    if qjl:
+        slot += (ut * qjl[0] // 8 + 16) + (ut * qjl[1].itemsize + 16)
     return tuning["NWARPS"] * tuning["RING"] * slot
 
 
-def _mma_kernel(dim, groups, ks, vs, knorm, vnorm, qtype, mask, has_kmean, softcap, device) -> tuple:
+def _mma_kernel(dim, groups, ks, vs, knorm, vnorm, qtype, mask, has_kmean, softcap, qjl, device) -> tuple:
     """(kernel, threads per block, dynamic shared memory) of the split pass for this call's configuration, looked up
-    by the raw values (no option strings per call)."""
+    by the raw values (no option strings per call); ``qjl`` as in _ring_bytes."""
     mdtype, tuning = None if mask is None else mask.dtype, MMA_TUNING
     key = (dim, groups, ks.consts, ks.mma_sym, vs.consts, vs.mma_sym, knorm, vnorm, qtype, mdtype, has_kmean,
-           softcap is None, device, tuple(tuning.items()), id(_MMA_SOURCE))  # fmt: skip
+           softcap is None, qjl, device, tuple(tuning.items()), id(_MMA_SOURCE))  # fmt: skip
     found = _MMA_KERNELS.get(key)
     if found is None:
         opts = _mma_options(dim, groups, (ks.consts, ks.mma_sym), (vs.consts, vs.mma_sym), knorm, vnorm, qtype,
-                            mdtype, has_kmean, softcap is not None, tuning)  # fmt: skip
+                            mdtype, has_kmean, softcap is not None, tuning, qjl)  # fmt: skip
         found = _MMA_KERNELS[key] = (cuda.kernel(_MMA_SOURCE, "tq_decode_split", device, opts), 32 * tuning["NWARPS"],
-                                     _ring_bytes(tuning, ks.consts, vs.consts, knorm, vnorm))  # fmt: skip
+                                     _ring_bytes(tuning, ks.consts, vs.consts, knorm, vnorm, qjl))  # fmt: skip
     return found
 
 
 def _mma_options(dim, groups, kside, vside, knorm, vnorm, qtype, mdtype, has_kmean, has_softcap,
-                 tuning=None) -> tuple[str, ...]:  # fmt: skip
+                 tuning=None, qjl=None) -> tuple[str, ...]:  # fmt: skip
     """decode_mma.cu's macros; ``kside``/``vside``: ((bits0, channels0, bits1, channels1), (symmetric0, symmetric1));
-    ``tuning``: MMA_TUNING by default."""
+    ``tuning``: MMA_TUNING by default; ``qjl`` as in _ring_bytes."""
     mtype = 3 if mdtype is None else _DTYPE_CODE[mdtype]  # (3 is also bool: HAS_MASK tells the two apart)
     opts = dict(MMA_TUNING if tuning is None else tuning, D=dim, G=groups, KNORM=_DTYPE_CODE[knorm],
                 VNORM=_DTYPE_CODE[vnorm], QTYPE=_DTYPE_CODE[qtype], MTYPE=mtype, HAS_MASK=int(mdtype is not None),
@@ -838,6 +847,8 @@ def _mma_options(dim, groups, kside, vside, knorm, vnorm, qtype, mdtype, has_kme
     for side, ((b0, d0, b1, d1), sym) in (("K", kside), ("V", vside)):
         opts.update({f"{side}B0": b0, f"{side}D0": d0, f"{side}B1": b1, f"{side}D1": d1,
                      f"{side}SYM0": int(sym[0]), f"{side}SYM1": int(sym[1])})  # fmt: skip
+    if qjl:
+        opts.update(QJL=1, RQ=qjl[0], QNORM=_DTYPE_CODE[qjl[1]])
     return tuple(f"-D{k}={v}" for k, v in opts.items())
 
 
@@ -943,14 +954,15 @@ def decode_attention(
 
     k1, v1 = min(1, len(keys.codec.groups) - 1), min(1, len(values.codec.groups) - 1)
     fields = tuple(f[f"{k}{i}"] for f, i in ((kf, 0), (kf, k1), (vf, 0), (vf, v1)) for k in ("codes", "norms"))
-    use_mma = backend != "triton" and _mma_ok(query, ks, vs, groups, fields, mask)
+    use_mma = backend != "triton" and _mma_ok(query, ks, vs, groups, fields, mask, kf)
     if backend == "cuda" and not use_mma:
         raise ValueError("the CUDA split pass does not handle this call (see decode_attention's backend)")
     bh = bsz * num_kv
     pdl = PDL and dev.type == "cuda" and _device(dev)[1] >= (9, 0)
     if use_mma:
+        qjl = (ks.qjl_rows, kf["rnorms"].dtype) if ks.qjl else None
         kern, block, smem = _mma_kernel(dim, groups, ks, vs, kf["norms0"].dtype, vf["norms0"].dtype, query.dtype,
-                                        mask, ks.mean is not None, softcap, dev)  # fmt: skip
+                                        mask, ks.mean is not None, softcap, qjl, dev)  # fmt: skip
         slots = kern.blocks_per_sm(block, smem) * sm_count(dev)
         splits = num_splits or mma_splits(n, bh, slots, dev, waves)
     else:
@@ -985,9 +997,10 @@ def decode_attention(
         prm = _MmaParams(
             ws.data_ptr(), ws.data_ptr() + 4 * bh * groups * (dim + 1), *(f.data_ptr() for f in fields),
             query.data_ptr(), tk.data_ptr() if t_len else 0, tv.data_ptr() if t_len else 0,
-            0 if mask is None else mask.data_ptr(), k_alloc, v_alloc, query.stride(0), query.stride(1),
-            tk.stride(0), tk.stride(1), tk.stride(2), stride_mb, stride_mt, n, t_len, *pieces, splits, num_kv, bh,
-            float(scaling), float(softcap or 1.0), ks.mma_tab, vs.mma_tab,
+            0 if mask is None else mask.data_ptr(), kf["qjl"].data_ptr() if qjl else 0,
+            kf["rnorms"].data_ptr() if qjl else 0, ws.data_ptr() + 4 * qoff, k_alloc, v_alloc, query.stride(0),
+            query.stride(1), tk.stride(0), tk.stride(1), tk.stride(2), stride_mb, stride_mt, n, t_len, *pieces, splits,
+            num_kv, bh, float(scaling), float(softcap or 1.0), ks.qjl_scale, ks.mma_tab, vs.mma_tab,
         )  # fmt: skip
         kern((bh * (splits + 1), 1, 1), block, prm, cuda.stream(dev), smem, pdl=pdl)
     else:

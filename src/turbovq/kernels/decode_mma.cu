@@ -23,11 +23,14 @@
 //           (token pairs), B = probabilities moved into the B fragment by 4 shuffles. Lane (g, t4) decodes tokens
 //           2 t4, 2 t4 + 1, 2 t4 + 8, 2 t4 + 9 at coordinates [g D_i/8, +D_i/8) and owns those accumulator rows.
 // Centroids come from byte-permute (PRMT) lookups in tables held in registers: no memory access per code.
+// TurboQuant_prod keys (QJL) add a third key "group": the RQ sign bits of the residual's sketch, decoded to +-1 float16
+// through the same lookups, against the query's sketch q_qjl = (q s_k) S^T, times sqrt(pi/2) / RQ ||r||.
 //
 // Configuration macros (set by decode.py): D, G, NWARPS; per side and channel group i (fractional widths have two:
 // outliers first) KB_i / VB_i (2, 3 or 4 bits), KD_i / VD_i (channels: 32, 64, 128 or 256; KD1 = VD1 = 0 for one
 // group), KSYM_i / VSYM_i (symmetric 4-bit table); KNORM / VNORM / QTYPE / MTYPE (0 float16, 1 bfloat16, 2 float32,
-// 3 bool), HAS_MASK, HAS_KMEAN, SOFTCAP;
+// 3 bool), HAS_MASK, HAS_KMEAN, SOFTCAP; QJL (prod keys), RQ (sketch rows: 32, 64, 128 or 256), QNORM (their
+// residual norms' dtype);
 // tuning: UC (16-token chunks per unit), MINB (blocks per SM the register allocation must allow), RING (unit slots
 // per warp in shared memory, 0 = register prefetch), VPAIR (token-pair value decode); DBG (timing experiments only,
 // wrong results on purpose: 1 = no decode, 2 = no code loads, 3 = no code copies into the ring, 4 = 3-bit codes
@@ -52,13 +55,16 @@ struct Params {
     const void* tk;    // tail keys / values (B, H, t_len, D), query dtype
     const void* tv;
     const void* mask;  // (B, n + t_len) with strides smb, smt
+    const u32* kq;     // QJL: sign words (BH, k_alloc, RQ / 32), residual norms (BH, k_alloc), and the query's
+    const void* kqn;   // sketch q_qjl (BH, G, RQ) float32
+    const float* qq;
     long long k_alloc, v_alloc;
     long long sqb, sqh, stb, sth, stt, smb, smt;
     // Pieces of each (b, h)'s n codes: n_long of long_len tokens, then n_short of short_len (partials 0 .. S - 1, S =
     // n_long + n_short; the tail's is S). The grid is 1-D: the BH tails, then every (b, h)'s long pieces, then the
     // short ones, so the blocks that start last are short and the grid drains quickly.
     int n, t_len, n_long, long_len, n_short, short_len, S, H, BH;
-    float scaling, softcap;
+    float scaling, softcap, qjl_scale;  // (qjl_scale: sqrt(pi/2) / RQ)
     u32 ktab[2][8];  // PRMT tables per group: low bytes, then high bytes, of the float16 centroids
     u32 vtab[2][8];
     unsigned long long* trace;  // DBG 7: per block (start, query read, first unit in, end, SM | units << 16) in ns
@@ -80,6 +86,18 @@ struct Params {
 #define KW1 RAW(KB1, KDG1 / 4)
 #define VW0 RAW(VB0, VD0 / 8)
 #define VW1 RAW(VB1, VDG1 / 8)
+#ifndef QJL
+#define QJL 0
+#endif
+#ifndef QNORM
+#define QNORM 0
+#endif
+#ifndef RQ
+#define RQ 32  // (sizes the unused QJL arrays)
+#endif
+#define QROW (RQ / 32)             // sign words per row
+#define QW RAW(1, RQ / 4)          // raw words per lane slice (RQ / 4 signs: a byte, a half word, 1 or 2 words)
+#define QNB (QNORM == 2 ? 4 : 2)  // residual norm bytes
 #define LOG2E 1.4426950408889634f
 #define NEG_BIG -1e30f
 
@@ -205,6 +223,13 @@ __device__ __forceinline__ void dec2(u32 w, int hb, const u32 (&t)[8], u32* out)
     lookup8(y, t, out);
 }
 
+// 8 sign bits (the low byte of b) -> 4 half2 (+-1 from the table's entries 0 and 1): each bit to its own nibble.
+__device__ __forceinline__ void dec1(u32 b, const u32 (&t)[8], u32* out) {
+    u32 y = (b & 0xFu) | ((b & 0xF0u) << 12);  // bits 0-3 at 0-3, 4-7 at 16-19
+    y = (y | (y << 6)) & 0x03030303u;
+    lookup8((y | (y << 3)) & 0x11111111u, t, out);
+}
+
 // Raw words of the NC codes starting at code c0 of a row (bit stream, LSB first); sh = the first code's bit in w[0].
 // Loads are issued here and only consumed in decode_slice, so a unit's loads stay in flight while another decodes.
 template <int BITS, int NC, int NW>
@@ -246,7 +271,10 @@ __device__ __forceinline__ void decode_slice(const u32 (&raw)[NW], int sh, const
     for (int j = 0; j < NC / 2; j++) out[j] = (raw[j % NW] & 0x3BFF3BFFu) ^ (j << 4);
     return;
 #endif
-    if (NC == 4) {  // a value slice of a 32-channel group: decode 8 codes from the slice's first bit, keep 4
+    if (BITS == 1) {  // QJL signs (8, 16, 32 or 64 per slice): 8 at a time
+#pragma unroll
+        for (int j = 0; j < NC / 8; j++) dec1((NC == 8 || NC == 16 ? raw[0] >> sh : raw[j / 4]) >> (8 * (j % 4)), t, out + 4 * j);
+    } else if (NC == 4) {  // a value slice of a 32-channel group: decode 8 codes from the slice's first bit, keep 4
         u32 tmp[4];
         if (BITS == 4) dec4<SYM>(raw[0] >> sh, t, tmp);
         else if (BITS == 2) dec2(raw[0] >> sh, 0, t, tmp);
@@ -296,6 +324,7 @@ struct Unit {  // raw data of one unit for one lane: per chunk, keys of tokens g
     u32 k0[UC][2][KW0], k1[UC][2][KW1];
     u32 v0[UC][4][VW0], v1[UC][4][VW1];
     u32 kn[UC][2][2], vn[UC][2][2];  // [chunk][token g, g + 8][group]
+    u32 kq[UC][2][QW], qn[UC][2];     // QJL: sign slices and residual norms of tokens g, g + 8
 };
 
 #define KNB (KNORM == 2 ? 4 : 2)  // norm bytes
@@ -303,15 +332,15 @@ struct Unit {  // raw data of one unit for one lane: per chunk, keys of tokens g
 
 // The arrays of one (b, h): its first row of codes and norms (rows below are 32-bit offsets from here).
 struct Rows {
-    const u32 *k0, *k1, *v0, *v1;
-    const char *kn0, *kn1, *vn0, *vn1;
+    const u32 *k0, *k1, *v0, *v1, *kq;
+    const char *kn0, *kn1, *vn0, *vn1, *kqn;
 };
 
 __device__ __forceinline__ Rows head_rows(const Params& p, int pid_bh) {
     const long long rk = (long long)pid_bh * p.k_alloc, rv = (long long)pid_bh * p.v_alloc;
-    return {p.kc0 + rk * KROW0, p.kc1 + rk * KROW1, p.vc0 + rv * VROW0, p.vc1 + rv * VROW1,
+    return {p.kc0 + rk * KROW0, p.kc1 + rk * KROW1, p.vc0 + rv * VROW0, p.vc1 + rv * VROW1, p.kq + rk * QROW,
             (const char*)p.kn0 + rk * KNB, (const char*)p.kn1 + rk * KNB, (const char*)p.vn0 + rv * VNB,
-            (const char*)p.vn1 + rv * VNB};
+            (const char*)p.vn1 + rv * VNB, (const char*)p.kqn + rk * QNB};
 }
 
 // Codes and norms of the unit starting at row t0 of r; rows past `last` read that row instead.
@@ -329,6 +358,10 @@ __device__ __forceinline__ void load_unit(const Rows& r, Unit& u, int t0, int la
                 u.kn[c][j][1] = load_raw<KNORM>(r.kn1, t);
             }
             if (VD1 > 0) u.vn[c][j][1] = load_raw<VNORM>(r.vn1, t);
+            if (QJL) {
+                load_slice<1, RQ / 4, QW>(r.kq + t * QROW, t4 * (RQ / 4), u.kq[c][j]);
+                u.qn[c][j] = load_raw<QNORM>(r.kqn, t);
+            }
         }
 #pragma unroll
         for (int j = 0; j < 4; j++) {
@@ -361,7 +394,9 @@ __device__ __forceinline__ void load_unit(const Rows& r, Unit& u, int t0, int la
 #define O_KN1 (O_KN0 + UT * KNB + 16)
 #define O_VN0 (O_KN1 + S_KN1)
 #define O_VN1 (O_VN0 + UT * VNB + 16)
-#define SLOT (O_VN1 + S_VN1)
+#define O_KQ (O_VN1 + S_VN1)
+#define O_KQN (O_KQ + (QJL ? UT * QROW * 4 + 16 : 0))
+#define SLOT (O_KQN + (QJL ? UT * QNB + 16 : 0))
 #define RING_BYTES (NWARPS * RING * SLOT)
 
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
@@ -399,7 +434,7 @@ __device__ __forceinline__ void copy_rows(u32 dst, Src s, int t0, int rows, int 
 
 // Every array of the unit at t0 into the slot at dst (this lane's share of the copies).
 struct Srcs {
-    Src k0, k1, v0, v1, kn0, kn1, vn0, vn1;
+    Src k0, k1, v0, v1, kn0, kn1, vn0, vn1, kq, kqn;
 };
 
 __device__ __forceinline__ void copy_unit(const Srcs& r, u32 dst, int t0, int n, int lane) {
@@ -415,6 +450,8 @@ __device__ __forceinline__ void copy_unit(const Srcs& r, u32 dst, int t0, int n,
     if (KD1 > 0) copy_rows<KNB>(dst + O_KN1, r.kn1, t0, rows, lane);
     copy_rows<VNB>(dst + O_VN0, r.vn0, t0, rows, lane);
     if (VD1 > 0) copy_rows<VNB>(dst + O_VN1, r.vn1, t0, rows, lane);
+    if (QJL) copy_rows<QROW * 4>(dst + O_KQ, r.kq, t0, rows, lane);
+    if (QJL) copy_rows<QNB>(dst + O_KQN, r.kqn, t0, rows, lane);
 }
 
 __device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
@@ -422,8 +459,10 @@ __device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;"
 // A slot's arrays as Rows (the first row of the unit in each), so load_unit reads them like global rows.
 __device__ __forceinline__ Rows slot_rows(const char* slot, const Rows& r) {
     const auto at = [slot](int region, const void* a) { return slot + region + (int)((size_t)a & 15); };
-    return {(const u32*)at(0, r.k0), (const u32*)at(O_KC1, r.k1), (const u32*)at(O_VC0, r.v0),
-            (const u32*)at(O_VC1, r.v1), at(O_KN0, r.kn0), at(O_KN1, r.kn1), at(O_VN0, r.vn0), at(O_VN1, r.vn1)};
+    return {(const u32*)at(0, r.k0),     (const u32*)at(O_KC1, r.k1), (const u32*)at(O_VC0, r.v0),
+            (const u32*)at(O_VC1, r.v1), (const u32*)at(O_KQ, r.kq),  at(O_KN0, r.kn0),
+            at(O_KN1, r.kn1),            at(O_VN0, r.vn0),            at(O_VN1, r.vn1),
+            at(O_KQN, r.kqn)};
 }
 #endif
 
@@ -784,6 +823,8 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
                                 vtab1[i] = p.vtab[1][i];
     u32 qb0[KD0 / 16][2], qb1[KDG1 / 16][2];  // query fragments and <q, mu_k> of heads 2 t4, 2 t4 + 1: from the
     float qm[2] = {0.f, 0.f};                  // query kernel, read once the first units' copies are under way
+    u32 qbq[RQ / 16][2];                       // QJL: q_qjl's fragments
+    const u32 qtab[8] = {0u, 0u, 0x3CBCu, 0u, 0u, 0u, 0u, 0u};  // QJL: float16 -1, +1 (entries 0, 1)
 
     // O^T fragments per value group: rows (coords g * D_i / 8 + 2 mt, + 1), columns (heads 2 t4, 2 t4 + 1)
     float acc0[VD0 / 16][4], acc1[VDG1 / 16][4];
@@ -797,6 +838,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
         const float* qr = p.ws + ((long long)bh * G + g) * D;
         query_fragments<KD0>(qb0, qr + t4 * (KD0 / 4), g < G);
         if (KD1 > 0) query_fragments<KDG1>(qb1, qr + KD0 + t4 * (KD1 / 4), g < G);
+        if (QJL) query_fragments<RQ>(qbq, p.qq + ((long long)bh * G + g) * RQ + t4 * (RQ / 4), g < G);
 #if HAS_KMEAN
 #pragma unroll
         for (int j = 0; j < 2; j++)
@@ -828,7 +870,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
     const int sel = (g & 1) ? 0x7632 : 0x5410;  // this lane's head (g) half of a shuffled half2
     const int src0 = (2 * t4) * 4 + (g >> 1);
     // bit of a slice's first code in its first word
-    const int ksh0 = (KB0 * t4 * (KD0 / 4)) & 31, ksh1 = (KB1 * t4 * (KD1 / 4)) & 31;
+    const int ksh0 = (KB0 * t4 * (KD0 / 4)) & 31, ksh1 = (KB1 * t4 * (KD1 / 4)) & 31, qsh = (t4 * (RQ / 4)) & 31;
     const int vsh0 = (VB0 * g * (VD0 / 8)) & 31, vsh1 = (VB1 * g * (VD1 / 8)) & 31;
     // one unit of this warp (its raw data in cur) into the online softmax and the accumulators
     const auto step = [&](const Unit& cur, int t0) {
@@ -838,11 +880,14 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
             float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
             score_group<KB0, KD0, KW0, KSYM0>(s0, cur.k0[c][0], cur.k0[c][1], ksh0, ktab0, qb0);
             if (KD1 > 0) score_group<KB1, KDG1, KW1, KSYM1>(s1, cur.k1[c][0], cur.k1[c][1], ksh1, ktab1, qb1);
+            float sq[4] = {0.f, 0.f, 0.f, 0.f};
+            if (QJL) score_group<1, RQ, QW, false>(sq, cur.kq[c][0], cur.kq[c][1], qsh, qtab, qbq);
 #pragma unroll
             for (int i = 0; i < 4; i++) {  // i: (token g + 8 (i >> 1), head 2 t4 + (i & 1))
                 const int t = t0 + 16 * c + g + 8 * (i >> 1);
                 float x = s0[i] * raw_f<KNORM>(cur.kn[c][i >> 1][0]) + qm[i & 1];
                 if (KD1 > 0) x += s1[i] * raw_f<KNORM>(cur.kn[c][i >> 1][1]);
+                if (QJL) x += sq[i] * raw_f<QNORM>(cur.qn[c][i >> 1]) * p.qjl_scale;
                 s[c][i] = finish_score(p, x, b, t, t < hi);
             }
         }
@@ -893,8 +938,8 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
     extern __shared__ __align__(16) char dsm[];
     char* ring = dsm + warp * RING * SLOT;
     const int mine = warp < units ? (units - warp + NWARPS - 1) / NWARPS : 0;  // units of this warp
-    const Srcs srcs = {src_of(rows.k0), src_of(rows.k1), src_of(rows.v0), src_of(rows.v1),
-                       src_of(rows.kn0), src_of(rows.kn1), src_of(rows.vn0), src_of(rows.vn1)};
+    const Srcs srcs = {src_of(rows.k0),  src_of(rows.k1),  src_of(rows.v0),  src_of(rows.v1), src_of(rows.kn0),
+                       src_of(rows.kn1), src_of(rows.vn0), src_of(rows.vn1), src_of(rows.kq), src_of(rows.kqn)};
     if (lane == 0) {
         u32 dyn;
         asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
