@@ -238,8 +238,8 @@ def tune_cuda(dev, variants: list[dict], config: str = "K4/V3", cells=((8, 32768
     from turbovq.kernels import decode as kdecode
 
     out = []
-    kb, vb, *_ = CONFIGS[config]
-    kc, vc = RowCodec(D, kb, seed=1), RowCodec(D, vb, seed=2)
+    kb, vb, _, *qjl = CONFIGS[config]
+    kc, vc = RowCodec(D, kb, seed=1, qjl=bool(qjl)), RowCodec(D, vb, seed=2)
     default_source = kdecode._MMA_SOURCE
     for b, t in cells:
         q, sdpa, sdpa_g = _sdpa_baseline(b, t, dev)

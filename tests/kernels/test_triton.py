@@ -78,6 +78,7 @@ DECODE_CASES = [
     (128, 32, 8, 2, 1000, 130, 4, 3, torch.bfloat16, "scaled", True, None, True),  # QJL keys
     (64, 12, 4, 2, 450, 5, 3.5, 3, torch.float16, True, False, 30.0, True),  # QJL keys, two mse groups, soft-capping
     (256, 8, 2, 1, 300, 20, 2, 4, torch.float16, False, True, None, True),  # QJL keys with 1-bit mse codes (Triton)
+    (256, 8, 2, 1, 300, 20, 4, 4, torch.float16, False, True, None, True),  # QJL keys, 256-row sketch (CUDA: 2 words)
 ]
 
 
