@@ -35,7 +35,7 @@
 // per warp in shared memory, 0 = register prefetch), VPAIR (token-pair value decode); DBG (timing experiments only,
 // wrong results on purpose: 1 = no decode, 2 = no code loads, 3 = no code copies into the ring, 4 = 3-bit codes
 // spread to nibbles by one mask, as a nibble-aligned layout would allow, 5 = 4-bit key codes in sign-magnitude form
-// (no index flip), 6 = 4 and 5, 7 = correct results and a per-block timeline in p.trace).
+// (no index flip), 6 = 4 and 5, 7 = correct results and a per-block timeline in p.trace, 8 = 1 and 3).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -266,7 +266,7 @@ __device__ __forceinline__ void load_slice(const u32* row, int c0, u32 (&w)[NW])
 // Raw words (first code at bit sh) -> NC / 2 half2 coordinate pairs.
 template <int BITS, int NC, int NW, bool SYM>
 __device__ __forceinline__ void decode_slice(const u32 (&raw)[NW], int sh, const u32 (&t)[8], u32* out) {
-#if DBG == 1
+#if DBG == 1 || DBG == 8
 #pragma unroll
     for (int j = 0; j < NC / 2; j++) out[j] = (raw[j % NW] & 0x3BFF3BFFu) ^ (j << 4);
     return;
@@ -438,7 +438,7 @@ struct Srcs {
 };
 
 __device__ __forceinline__ void copy_unit(const Srcs& r, u32 dst, int t0, int n, int lane) {
-#if DBG == 3
+#if DBG == 3 || DBG == 8
     return;
 #endif
     const int rows = min(UT, n - t0);  // never past the last code
@@ -514,7 +514,7 @@ __device__ __forceinline__ void value_group(float (&acc)[DG / 16][4], const u32 
                                             const u32 (&tab)[8], u32 pb0, u32 pb1) {
     if (vpair<BITS, DG / 8>()) {
         u32 r[2][DG / 8];  // per token pair (2 t4 + {0, 1}, 2 t4 + {8, 9}): one register per coordinate (vslot order)
-#if DBG == 1
+#if DBG == 1 || DBG == 8
 #pragma unroll
         for (int pr = 0; pr < 2; pr++)
 #pragma unroll
