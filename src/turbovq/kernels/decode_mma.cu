@@ -271,9 +271,10 @@ __device__ __forceinline__ void decode_slice(const u32 (&raw)[NW], int sh, const
     for (int j = 0; j < NC / 2; j++) out[j] = (raw[j % NW] & 0x3BFF3BFFu) ^ (j << 4);
     return;
 #endif
-    if (BITS == 1) {  // QJL signs (8, 16, 32 or 64 per slice): 8 at a time
+    if (BITS == 1) {  // QJL signs (8, 16, 32 or 64 per slice): 8 at a time (slices under a word start at bit sh)
 #pragma unroll
-        for (int j = 0; j < NC / 8; j++) dec1((NC == 8 || NC == 16 ? raw[0] >> sh : raw[j / 4]) >> (8 * (j % 4)), t, out + 4 * j);
+        for (int j = 0; j < NC / 8; j++)
+            dec1((NC == 8 || NC == 16 ? raw[0] >> sh : raw[j / 4]) >> (8 * (j % 4)), t, out + 4 * j);
     } else if (NC == 4) {  // a value slice of a 32-channel group: decode 8 codes from the slice's first bit, keep 4
         u32 tmp[4];
         if (BITS == 4) dec4<SYM>(raw[0] >> sh, t, tmp);
