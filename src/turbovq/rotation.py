@@ -53,14 +53,18 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(*lead, n) / math.sqrt(n)
 
 
+def _draw_signs(gen: torch.Generator, dim: int) -> torch.Tensor:
+    """``dim`` random +-1 (int64) from ``gen``: one round's signs of the rotation ``"hadamard"``."""
+    return torch.randint(0, 2, (dim,), generator=gen, dtype=torch.int64) * 2 - 1
+
+
 def hadamard_signs(dim: int, seed: int) -> torch.Tensor:
     """``(HADAMARD_ROUNDS, dim)`` int64 signs of the rotation ``"hadamard"`` for a power-of-two ``dim``: round k maps
     ``x -> fwht(signs[k] * x)``. The GPU encode applies the rotation in this factored form."""
     if dim < 2 or dim & (dim - 1):
         raise ValueError(f"hadamard_signs needs a power-of-two dim >= 2, got {dim}")
     gen = generator(seed, f"hadamard:{dim}")
-    return torch.stack([torch.randint(0, 2, (dim,), generator=gen, dtype=torch.int64) * 2 - 1
-                        for _ in range(HADAMARD_ROUNDS)])  # fmt: skip
+    return torch.stack([_draw_signs(gen, dim) for _ in range(HADAMARD_ROUNDS)])
 
 
 def _hadamard_transform(x: torch.Tensor, seed: int) -> torch.Tensor:
@@ -74,7 +78,7 @@ def _hadamard_transform(x: torch.Tensor, seed: int) -> torch.Tensor:
     gen = generator(seed, f"hadamard:{d}")
 
     def random_signs(x: torch.Tensor) -> torch.Tensor:
-        return x * (torch.randint(0, 2, (d,), generator=gen, dtype=torch.int64).to(x.dtype) * 2 - 1)
+        return x * _draw_signs(gen, d).to(x.dtype)
 
     for _ in range(HADAMARD_ROUNDS):
         x = random_signs(x)

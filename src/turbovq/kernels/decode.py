@@ -812,12 +812,11 @@ def _ring_bytes(tuning: dict, kside: tuple, vside: tuple, knorm: torch.dtype, vn
     """Dynamic shared memory of decode_mma.cu's ring (its RING_BYTES): per warp RING slots of one unit of every
     array (+16 bytes each for the alignment slack); ``kside``/``vside`` as in ``_Side.consts``, ``qjl``: (sketch
     rows, residual norm dtype) of QJL keys."""
-    ut, slot = 16 * tuning["UC"], 0
-    for (b0, d0, b1, d1), nb in ((kside, knorm.itemsize), (vside, vnorm.itemsize)):
-        for bits, d in ((b0, d0), (b1, d1)):
-            slot += (ut * d * bits // 8 + 16) + (ut * nb + 16) if d else 0
-    if qjl:
-        slot += (ut * qjl[0] // 8 + 16) + (ut * qjl[1].itemsize + 16)
+    (kb0, kd0, kb1, kd1), (vb0, vd0, vb1, vd1) = kside, vside
+    arrays = [(kb0, kd0, knorm), (kb1, kd1, knorm), (vb0, vd0, vnorm), (vb1, vd1, vnorm)]
+    arrays += [(1, qjl[0], qjl[1])] if qjl else []  # (QJL: the signs as 1-bit codes of RQ channels)
+    ut = 16 * tuning["UC"]
+    slot = sum((ut * d * bits // 8 + 16) + (ut * nd.itemsize + 16) for bits, d, nd in arrays if d)
     return tuning["NWARPS"] * tuning["RING"] * slot
 
 

@@ -787,7 +787,7 @@ __device__ __forceinline__ unsigned long long gtime() {
     return t;
 }
 #define TRACE(i, v) \
-    if (threadIdx.x == 0) p.trace[5 * (blockIdx.y * gridDim.x + blockIdx.x) + (i)] = (v)
+    if (threadIdx.x == 0) p.trace[5 * blockIdx.x + (i)] = (v)
 #else
 #define TRACE(i, v)
 #endif
