@@ -221,28 +221,23 @@ def _vslot(i: int) -> int:
 
 def test_value_pairs_give_token_pairs_per_coordinate():
     """VPAIR (value_group): the 3-bit value slices of two tokens (16 codes each, lane g's slice starts at bit 48 g of
-    a 128-channel row), read with ``nibbles``' funnel shifts, nibble-interleaved and looked up, give one half2 per
-    coordinate holding (token a, token b) at that coordinate, in ``vslot`` order."""
+    a 128-channel row), read as three half words (``halfw3``), spread, nibble-interleaved and looked up, give one half2
+    per coordinate holding (token a, token b) at that coordinate, in ``vslot`` order."""
     half = RowCodec(128, 3, seed=0).tensors(0, "cpu")[1].half()
     t = kdecode._byte_tables(half)
     g = torch.Generator().manual_seed(0)
     for lane in range(8):
         rows = [torch.randint(0, 8, (128,), generator=g).tolist() for _ in range(2)]  # tokens a, b
         packed = [sum(c << (3 * i) for i, c in enumerate(r)) for r in rows]
-        bit = 48 * lane
-        raws = [[(p >> (32 * (bit // 32 + k))) & 0xFFFFFFFF for k in range(2)] for p in packed]
-        sh = bit % 32
+        raws = []
+        for p in packed:  # load_slice<3, 16, 2>: half words 3 g .. 3 g + 2, each block's 24 bits in a word
+            h0, h1, h2 = ((p >> (16 * (3 * lane + k))) & 0xFFFF for k in range(3))
+            raws.append([(h1 * 0x10000 + h0) & 0xFFFFFFFF, (h2 * 0x100 + (h1 >> 8)) & 0xFFFFFFFF])
         regs = []
-        for j in range(2):  # nibbles<3, 16, 2>(raw, sh, j)
-            ys = []
-            for raw in raws:  # nibbles<3, 16, 2>
-                w0, w1 = _funnel_r(raw[0], raw[1], sh), _funnel_r(raw[1], 0, sh)
-                s_ = (24 * j) & 31
-                y = _spread3_pairs(_funnel_r(w0, w1, s_) if s_ else w0)
-                ys.append((y & 0x07070707) | ((y << 1) & 0x70707070))
-            ya, yb = ys
-            ze = (ya & 0x0F0F0F0F) | ((yb << 4) & 0xF0F0F0F0)
-            zo = ((ya >> 4) & 0x0F0F0F0F) | (yb & 0xF0F0F0F0)
+        for j in range(2):
+            ya, yb = (_spread3_pairs(raw[j]) for raw in raws)  # code_block<3, 16, 2>
+            ze = (ya & 0x07070707) | ((yb << 4) & 0x70707070)
+            zo = ((ya >> 3) & 0x07070707) | ((yb << 1) & 0x70707070)
             regs += _lookup8(ze, t) + _lookup8(zo, t)
         for i, w in enumerate(regs):
             c = 16 * lane + _vslot(i)

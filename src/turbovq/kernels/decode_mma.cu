@@ -95,6 +95,15 @@ struct Params {
 #ifndef RQ
 #define RQ 32  // (sizes the unused QJL arrays)
 #endif
+#ifndef FULLCOPY
+#define FULLCOPY 1  // whole units copied without per-chunk tests (copy_rows_full)
+#endif
+#ifndef LAZYMAX
+#define LAZYMAX 1  // the softmax's max reduced across lanes only when a lane's scores pass the running max
+#endif
+#ifndef VU16
+#define VU16 1  // 3-bit slices of 16 codes read as three half words (halfw3)
+#endif
 #define QROW (RQ / 32)             // sign words per row
 #define QW RAW(1, RQ / 4)          // raw words per lane slice (RQ / 4 signs: a byte, a half word, 1 or 2 words)
 #define QNB (QNORM == 2 ? 4 : 2)  // residual norm bytes
@@ -140,6 +149,14 @@ __device__ __forceinline__ void mma16816(float (&c)[4], u32 a0, u32 a1, u32 a2, 
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
     u32 r;
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+    return r;
+}
+
+// a * M + b as an IMAD (ptxas would make a byte permute of a * 2^16 + b, on the integer pipe).
+template <u32 M>
+__device__ __forceinline__ u32 mad_fma(u32 a, u32 b) {
+    u32 r;
+    asm("mad.lo.u32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "n"(M), "r"(b));
     return r;
 }
 
@@ -203,12 +220,17 @@ __device__ __forceinline__ void lookup8(u32 y, const u32 (&t)[8], u32* out) {
 // 8 codes of 3 bits (low 24 bits of u; the others are ignored) -> the codes in nibbles 0-7. The first two steps keep
 // bits that the next step's masks drop (one logic op each instead of two; checked over every input in the CPU
 // tests); the last must clear each nibble's top bit (PRMT's sign-replicate flag).
+// spread3_pairs: the first two steps, codes 2k, 2k + 1 in bits 8k .. 8k + 5 of y.
+__device__ __forceinline__ u32 spread3_pairs(u32 u) {
+    const u32 y = blend<0xFFFu>(u, u << 4);
+    return blend<0x3F003Fu>(y, y << 2);
+}
+
 __device__ __forceinline__ u32 spread3(u32 u) {
 #if DBG == 4 || DBG == 6
     return u & 0x77777777u;
 #endif
-    u32 y = blend<0xFFFu>(u, u << 4);
-    y = blend<0x3F003Fu>(y, y << 2);
+    const u32 y = spread3_pairs(u);
     return (y & 0x07070707u) | ((y << 1) & 0x70707070u);
 }
 
@@ -229,6 +251,11 @@ __device__ __forceinline__ void dec1(u32 b, const u32 (&t)[8], u32* out) {
     y = (y | (y << 6)) & 0x03030303u;
     lookup8((y | (y << 3)) & 0x11111111u, t, out);
 }
+
+// A 3-bit slice of 16 codes (48 bits) starts at a 16-bit boundary and straddles a word: read as three half words and
+// put together with multiply-adds (FMA pipe), its two 8-code blocks need no funnel shifts (integer pipe) at decode.
+template <int BITS, int NC>
+__device__ __forceinline__ constexpr bool halfw3() { return VU16 && BITS == 3 && NC == 16; }
 
 // Raw words of the NC codes starting at code c0 of a row (bit stream, LSB first); sh = the first code's bit in w[0].
 // Loads are issued here and only consumed in decode_slice, so a unit's loads stay in flight while another decodes.
@@ -256,6 +283,11 @@ __device__ __forceinline__ void load_slice(const u32* row, int c0, u32 (&w)[NW])
     } else if (BITS != 3 || (3 * NC) % 32 == 0) {  // includes a 2-bit half word (its half chosen at decode)
 #pragma unroll
         for (int i = 0; i < NW; i++) w[i] = p[i];
+    } else if (halfw3<BITS, NC>()) {  // its two 8-code blocks' 24 bits, each in a word of its own
+        const u16* h = (const u16*)row + ((3 * c0) >> 4);
+        const u32 h0 = h[0], h1 = h[1], h2 = h[2];
+        w[0] = mad_fma<0x10000u>(h1, h0);
+        w[NW - 1] = mad_fma<0x100u>(h2, h1 >> 8);
     } else {  // 3-bit slice of 4, 8 or 16 codes: the second word only where the slice reaches into it
         const int sh = (3 * c0) & 31;
         w[0] = p[0];
@@ -287,6 +319,8 @@ __device__ __forceinline__ void decode_slice(const u32 (&raw)[NW], int sh, const
     } else if (BITS == 2) {  // sh is 0 or 16 (a slice of 8 codes in the high half of its word)
 #pragma unroll
         for (int j = 0; j < NC / 8; j++) dec2(raw[j / 2], NC == 8 ? sh >> 4 : j & 1, t, out + 4 * j);
+    } else if (halfw3<BITS, NC>()) {
+        dec3(raw[0], t, out), dec3(raw[NW - 1], t, out + 4);
     } else {
         u32 w[NW + 1];
 #pragma unroll
@@ -418,7 +452,7 @@ __device__ __forceinline__ Src src_of(const void* row0) {
 template <int J, int NJ>
 __device__ __forceinline__ void copy_chunks(u32 dst, const char* src, int lane, int chunks) {
     if constexpr (J < NJ) {
-        if (lane + 32 * J < chunks)
+        if (lane + 32 * J < chunks)  // (always true for chunks = 2^30: no test)
             asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%2], 16;" ::"r"(dst), "l"(src), "n"(512 * J)
                          : "memory");  // fmt: skip
         copy_chunks<J + 1, NJ>(dst, src, lane, chunks);
@@ -438,9 +472,35 @@ struct Srcs {
     Src k0, k1, v0, v1, kn0, kn1, vn0, vn1, kq, kqn;
 };
 
+// A whole unit's rows (t0 + UT <= n): every lane copies the unit's first UT * RB / 512 chunk rows without a test (the
+// integer pipe bounds this kernel); the rest, the alignment slack included, as copy_rows.
+template <int RB>
+__device__ __forceinline__ void copy_rows_full(u32 dst, Src s, int t0, int lane) {
+    constexpr int NJ = ((UT * RB + 15) / 16 + 32) / 32, SURE = UT * RB / 512;
+    const char* src;  // s.p + t0 RB + 16 lane, with a 64-bit multiply-add (FMA pipe) instead of 64-bit adds
+    asm("mad.wide.u32 %0, %1, 1, %2;" : "=l"(src) : "r"((u32)(t0 * RB + 16 * lane)), "l"(s.p));
+    copy_chunks<0, SURE>(dst + 16 * lane, src, lane, 1 << 30);
+    copy_chunks<SURE, NJ>(dst + 16 * lane, src, lane, (s.off + UT * RB + 15) >> 4);
+}
+
 __device__ __forceinline__ void copy_unit(const Srcs& r, u32 dst, int t0, int n, int lane) {
 #if DBG == 3 || DBG == 8
     return;
+#endif
+#if FULLCOPY
+    if (t0 + UT <= n) {
+        copy_rows_full<KROW0 * 4>(dst, r.k0, t0, lane);
+        if (KD1 > 0) copy_rows_full<KROW1 * 4>(dst + O_KC1, r.k1, t0, lane);
+        copy_rows_full<VROW0 * 4>(dst + O_VC0, r.v0, t0, lane);
+        if (VD1 > 0) copy_rows_full<VROW1 * 4>(dst + O_VC1, r.v1, t0, lane);
+        copy_rows_full<KNB>(dst + O_KN0, r.kn0, t0, lane);
+        if (KD1 > 0) copy_rows_full<KNB>(dst + O_KN1, r.kn1, t0, lane);
+        copy_rows_full<VNB>(dst + O_VN0, r.vn0, t0, lane);
+        if (VD1 > 0) copy_rows_full<VNB>(dst + O_VN1, r.vn1, t0, lane);
+        if (QJL) copy_rows_full<QROW * 4>(dst + O_KQ, r.kq, t0, lane);
+        if (QJL) copy_rows_full<QNB>(dst + O_KQN, r.kqn, t0, lane);
+        return;
+    }
 #endif
     const int rows = min(UT, n - t0);  // never past the last code
     copy_rows<KROW0 * 4>(dst, r.k0, t0, rows, lane);
@@ -498,14 +558,16 @@ __device__ __forceinline__ constexpr int vslot(int i) {
     return vpair<BITS, NC>() ? 8 * (i / 8) + (i % 8 < 4 ? 2 * (i % 8) : 2 * (i % 8) - 7) : i;
 }
 
-// The j-th 8 codes of a 3- or 4-bit slice (raw words, first code at bit sh) in nibbles 0-7 (as decode_slice reads).
+// The j-th 8 codes of a 3- or 4-bit slice (raw words, first code at bit sh): 4 bits in nibbles 0-7 (as decode_slice
+// reads them), 3 bits as spread3_pairs leaves them.
 template <int BITS, int NC, int NW>
-__device__ __forceinline__ u32 nibbles(const u32 (&raw)[NW], int sh, int j) {
+__device__ __forceinline__ u32 code_block(const u32 (&raw)[NW], int sh, int j) {
     if (BITS == 4) return raw[j];
+    if (halfw3<BITS, NC>()) return spread3_pairs(raw[j]);
     const int b = 24 * j, i = b >> 5, s = b & 31;
     u32 w0 = raw[i], w1 = i + 1 < NW ? raw[i + 1] : 0u;
     if ((3 * NC) % 32) w0 = __funnelshift_r(w0, w1, sh), w1 = __funnelshift_r(w1, i + 2 < NW ? raw[i + 2] : 0u, sh);
-    return spread3(s ? __funnelshift_r(w0, w1, s) : w0);
+    return spread3_pairs(s ? __funnelshift_r(w0, w1, s) : w0);
 }
 
 // Values of one group for a chunk: acc += V_i^T (D_i x 16 tokens) . (p ||v||_i)^T. Without VPAIR, one byte permute per
@@ -529,12 +591,21 @@ __device__ __forceinline__ void value_group(float (&acc)[DG / 16][4], const u32 
         for (int pr = 0; pr < 2; pr++)
 #pragma unroll
             for (int j = 0; j < DG / 64; j++) {
-                const u32 ya = nibbles<BITS, DG / 8, W>(vw[2 * pr], sh, j);
-                const u32 yb = nibbles<BITS, DG / 8, W>(vw[2 * pr + 1], sh, j);
-                const u32 ze = (ya & 0x0F0F0F0Fu) | ((yb << 4) & 0xF0F0F0F0u);  // even coordinates, tokens a, b
-                const u32 zo = ((ya >> 4) & 0x0F0F0F0Fu) | (yb & 0xF0F0F0F0u);  // odd coordinates
-                if (BITS == 4) dec4<SYM>(ze, tab, r[pr] + 8 * j), dec4<SYM>(zo, tab, r[pr] + 8 * j + 4);
-                else lookup8(ze, tab, r[pr] + 8 * j), lookup8(zo, tab, r[pr] + 8 * j + 4);
+                const u32 ya = code_block<BITS, DG / 8, W>(vw[2 * pr], sh, j);
+                const u32 yb = code_block<BITS, DG / 8, W>(vw[2 * pr + 1], sh, j);
+                if (BITS == 4) {
+                    const u32 ze = (ya & 0x0F0F0F0Fu) | ((yb << 4) & 0xF0F0F0F0u);  // even coordinates, tokens a, b
+                    const u32 zo = ((ya >> 4) & 0x0F0F0F0Fu) | (yb & 0xF0F0F0F0u);  // odd coordinates
+                    dec4<SYM>(ze, tab, r[pr] + 8 * j), dec4<SYM>(zo, tab, r[pr] + 8 * j + 4);
+                } else {  // the same from spread3_pairs' layout (codes 2k, 2k + 1 at bits 8k, 8k + 3)
+#if DBG == 4 || DBG == 6
+                    const u32 ze = (ya & 0x07070707u) | ((yb << 4) & 0x70707070u), zo = ze ^ 0x11111111u;
+#else
+                    const u32 ze = (ya & 0x07070707u) | ((yb << 4) & 0x70707070u);
+                    const u32 zo = ((ya >> 3) & 0x07070707u) | ((yb << 1) & 0x70707070u);
+#endif
+                    lookup8(ze, tab, r[pr] + 8 * j), lookup8(zo, tab, r[pr] + 8 * j + 4);
+                }
             }
 #pragma unroll
         for (int mt = 0; mt < DG / 16; mt++)
@@ -574,12 +645,12 @@ __device__ __forceinline__ void prob_fragment(const float (&pr)[4], float vn0, f
 // Query B fragments of one key group: lane (g, t4) holds head g at the group's coordinates t4 * D_i / 4 + 4 kt +
 // {0, 1} (b0) and {2, 3} (b1).
 template <int DG>
-__device__ __forceinline__ void query_fragments(u32 (&qb)[DG / 16][2], const float* qr, bool valid) {
+__device__ __forceinline__ void query_fragments(u32 (&qb)[DG / 16][2], const float* qr, bool valid, float scale) {
 #pragma unroll
     for (int kt = 0; kt < DG / 16; kt++) {
         float4 x = valid ? *(const float4*)(qr + 4 * kt) : make_float4(0.f, 0.f, 0.f, 0.f);
-        qb[kt][0] = pack_h2(x.x, x.y);
-        qb[kt][1] = pack_h2(x.z, x.w);
+        qb[kt][0] = pack_h2(x.x * scale, x.y * scale);
+        qb[kt][1] = pack_h2(x.z * scale, x.w * scale);
     }
 }
 
@@ -611,6 +682,20 @@ __device__ __forceinline__ void merge_and_store(const Params& p, Smem& sm, int p
         ao[i] = a;
         if (i - h * D == 0) mo[h] = big, lo[h] = l;
     }
+}
+
+// The code path's queries carry scaling * log2(e) unless soft-capped (read_query), so a score is final after the mask;
+// tokens past the piece are set to -inf only in a warp's last unit (step).
+#ifndef PRESCALE
+#define PRESCALE 1
+#endif
+#define QSCALED (PRESCALE && !SOFTCAP)
+
+__device__ __forceinline__ float code_score(const Params& p, float x, int b, int pos) {
+#if HAS_MASK
+    x += load_f<MTYPE>(p.mask, b * p.smb + pos * p.smt) * LOG2E;
+#endif
+    return x;
 }
 
 __device__ __forceinline__ float finish_score(const Params& p, float s, int b, int pos, bool valid) {
@@ -837,13 +922,14 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
     // the rotated query of (b, h) (written by the query kernel)
     const auto read_query = [&](int bh) {
         const float* qr = p.ws + ((long long)bh * G + g) * D;
-        query_fragments<KD0>(qb0, qr + t4 * (KD0 / 4), g < G);
-        if (KD1 > 0) query_fragments<KDG1>(qb1, qr + KD0 + t4 * (KD1 / 4), g < G);
-        if (QJL) query_fragments<RQ>(qbq, p.qq + ((long long)bh * G + g) * RQ + t4 * (RQ / 4), g < G);
+        const float qs = QSCALED ? p.scaling * LOG2E : 1.f;  // (see code_score)
+        query_fragments<KD0>(qb0, qr + t4 * (KD0 / 4), g < G, qs);
+        if (KD1 > 0) query_fragments<KDG1>(qb1, qr + KD0 + t4 * (KD1 / 4), g < G, qs);
+        if (QJL) query_fragments<RQ>(qbq, p.qq + ((long long)bh * G + g) * RQ + t4 * (RQ / 4), g < G, qs);
 #if HAS_KMEAN
 #pragma unroll
         for (int j = 0; j < 2; j++)
-            if (2 * t4 + j < G) qm[j] = p.ws[(long long)p.BH * G * D + (long long)bh * G + 2 * t4 + j];
+            if (2 * t4 + j < G) qm[j] = p.ws[(long long)p.BH * G * D + (long long)bh * G + 2 * t4 + j] * qs;
 #endif
     };
     // this warp's state -> shared memory -> one merged partial of the block
@@ -889,23 +975,38 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
                 float x = s0[i] * raw_f<KNORM>(cur.kn[c][i >> 1][0]) + qm[i & 1];
                 if (KD1 > 0) x += s1[i] * raw_f<KNORM>(cur.kn[c][i >> 1][1]);
                 if (QJL) x += sq[i] * raw_f<QNORM>(cur.qn[c][i >> 1]) * p.qjl_scale;
-                s[c][i] = finish_score(p, x, b, t, t < hi);
+                s[c][i] = QSCALED ? code_score(p, x, b, HAS_MASK ? min(t, hi - 1) : t) : finish_score(p, x, b, t, t < hi);
             }
         }
-        float alpha[2];
+        if (QSCALED && t0 + UT > hi) {  // the warp's last unit: its tokens past the piece (a branch, not predicated)
+            asm volatile("");
+            const int lim = hi - t0 - g;
 #pragma unroll
-        for (int j = 0; j < 2; j++) {  // online softmax per head over the unit's tokens (lanes of one t4)
-            float mx = fmaxf(s[0][j], s[0][j + 2]);
+            for (int c = 0; c < UC; c++)
 #pragma unroll
-            for (int c = 1; c < UC; c++) mx = fmaxf(mx, fmaxf(s[c][j], s[c][j + 2]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-            float mn = fmaxf(m[j], mx);
-            alpha[j] = ex2(m[j] - mn);
-            m[j] = mn;
+                for (int i = 0; i < 4; i++)
+                    if (16 * c + 8 * (i >> 1) >= lim) s[c][i] = -__int_as_float(0x7f800000);
         }
-        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+        // online softmax per head over the unit's tokens (lanes of one t4): the running max m only moves when some
+        // lane's own scores pass it, after the first units rarely, so the shuffles and the rescale run only then
+        float mx[2];
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            mx[j] = fmaxf(s[0][j], s[0][j + 2]);
+#pragma unroll
+            for (int c = 1; c < UC; c++) mx[j] = fmaxf(mx[j], fmaxf(s[c][j], s[c][j + 2]));
+        }
+        if (__any_sync(0xffffffffu, !LAZYMAX || mx[0] > m[0] || mx[1] > m[1])) {
+            float alpha[2];
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], 4));
+                mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], 8));
+                mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], 16));
+                const float mn = fmaxf(m[j], mx[j]);
+                alpha[j] = ex2(m[j] - mn);
+                m[j] = mn;
+            }
 #pragma unroll
             for (int i = 0; i < VD0 / 16; i++)
                 acc0[i][0] *= alpha[0], acc0[i][1] *= alpha[1], acc0[i][2] *= alpha[0], acc0[i][3] *= alpha[1];
