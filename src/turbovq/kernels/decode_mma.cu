@@ -32,7 +32,8 @@
 // 3 bool), HAS_MASK, HAS_KMEAN, SOFTCAP; QJL (prod keys), RQ (sketch rows: 32, 64, 128 or 256), QNORM (their
 // residual norms' dtype);
 // tuning: UC (16-token chunks per unit), MINB (blocks per SM the register allocation must allow), RING (unit slots
-// per warp in shared memory, 0 = register prefetch), VPAIR (token-pair value decode); DBG (timing experiments only,
+// per warp in shared memory, 0 = register prefetch), VPAIR (token-pair value decode); A/B switches, on by default:
+// LAZYMAX, VU16, PRESCALE, FULLCOPY (round 13, each where it is defined); DBG (timing experiments only,
 // wrong results on purpose: 1 = no decode, 2 = no code loads, 3 = no code copies into the ring, 4 = 3-bit codes
 // spread to nibbles by one mask, as a nibble-aligned layout would allow, 5 = 4-bit key codes in sign-magnitude form
 // (no index flip), 6 = 4 and 5, 7 = correct results and a per-block timeline in p.trace, 8 = 1 and 3).
@@ -563,6 +564,9 @@ __device__ __forceinline__ constexpr int vslot(int i) {
 template <int BITS, int NC, int NW>
 __device__ __forceinline__ u32 code_block(const u32 (&raw)[NW], int sh, int j) {
     if (BITS == 4) return raw[j];
+#if DBG == 4 || DBG == 6
+    return spread3(raw[j]);  // (timing only: the codes as a nibble-aligned layout would give them)
+#endif
     if (halfw3<BITS, NC>()) return spread3_pairs(raw[j]);
     const int b = 24 * j, i = b >> 5, s = b & 31;
     u32 w0 = raw[i], w1 = i + 1 < NW ? raw[i + 1] : 0u;
@@ -593,17 +597,14 @@ __device__ __forceinline__ void value_group(float (&acc)[DG / 16][4], const u32 
             for (int j = 0; j < DG / 64; j++) {
                 const u32 ya = code_block<BITS, DG / 8, W>(vw[2 * pr], sh, j);
                 const u32 yb = code_block<BITS, DG / 8, W>(vw[2 * pr + 1], sh, j);
-                if (BITS == 4) {
+                if (BITS == 4 || DBG == 4 || DBG == 6) {  // codes in nibbles
                     const u32 ze = (ya & 0x0F0F0F0Fu) | ((yb << 4) & 0xF0F0F0F0u);  // even coordinates, tokens a, b
                     const u32 zo = ((ya >> 4) & 0x0F0F0F0Fu) | (yb & 0xF0F0F0F0u);  // odd coordinates
-                    dec4<SYM>(ze, tab, r[pr] + 8 * j), dec4<SYM>(zo, tab, r[pr] + 8 * j + 4);
+                    if (BITS == 4) dec4<SYM>(ze, tab, r[pr] + 8 * j), dec4<SYM>(zo, tab, r[pr] + 8 * j + 4);
+                    else lookup8(ze, tab, r[pr] + 8 * j), lookup8(zo, tab, r[pr] + 8 * j + 4);
                 } else {  // the same from spread3_pairs' layout (codes 2k, 2k + 1 at bits 8k, 8k + 3)
-#if DBG == 4 || DBG == 6
-                    const u32 ze = (ya & 0x07070707u) | ((yb << 4) & 0x70707070u), zo = ze ^ 0x11111111u;
-#else
                     const u32 ze = (ya & 0x07070707u) | ((yb << 4) & 0x70707070u);
                     const u32 zo = ((ya >> 3) & 0x07070707u) | ((yb << 1) & 0x70707070u);
-#endif
                     lookup8(ze, tab, r[pr] + 8 * j), lookup8(zo, tab, r[pr] + 8 * j + 4);
                 }
             }
