@@ -789,8 +789,10 @@ MMA_SPLITS = {"min_tokens": 1024, "max_splits": 32}
 # the splits, started last, and the splits before them ``grow`` times longer (0: the splits as they are); the merge
 # combines ``merge_step`` partials per step. Off by default: H100, K4/V3 (kernels_guide_r11.json), frac 0.2 took B = 8,
 # T = 128k from 446 to 436 us but B = 8, T = 32k from 134.5 to 136.7 us (short blocks pay the ring fill again and run
-# at ~75% of the long ones' throughput); 8 partials per merge step measured the same as 4.
-MMA_GUIDE = {"frac": 0.0, "div": 4, "grow": 1.0, "merge_step": 4}
+# at ~75% of the long ones' throughput); 8 partials per merge step measured the same as 4. The merge's output columns
+# per program (0: 8192 / head_dim) and warps: at head_dim 128 the defaults (64, 4) are the fastest of 16-128 columns
+# and 2-8 warps (H100, kernels_merge_r13.json).
+MMA_GUIDE = {"frac": 0.0, "div": 4, "grow": 1.0, "merge_step": 4, "merge_cols": 0, "merge_warps": 4}
 
 
 def guided_pieces(n: int, split_len: int, unit: int) -> tuple[int, int, int, int]:
@@ -978,7 +980,8 @@ def decode_attention(
         pieces = guided_pieces(n, split_len, gran) if num_splits is None else (splits, split_len, 0, gran)
         splits = pieces[0] + pieces[2]
     block_g = max(16, triton.next_power_of_2(groups))
-    bn = min(dim, 8192 // dim)  # inverse-rotation columns per program: a (BN, D) float32 tile of R_v
+    # inverse-rotation columns per merge program: a (BN, D) float32 tile of R_v
+    bn = min(dim, (MMA_GUIDE["merge_cols"] if use_mma else 0) or 8192 // dim)
     qoff = bh * groups * (dim + 1) + bh * (splits + 1) * groups * (dim + 2)  # (q_qjl of QJL keys after the partials)
     ws = torch.empty(qoff + (bh * groups * ks.qjl_rows if ks.qjl else 0), device=dev, dtype=torch.float32)
     out = torch.empty(bsz, 1, num_heads, dim, device=dev, dtype=query.dtype)
@@ -1024,6 +1027,7 @@ def decode_attention(
             ws, splits, num_kv, vs.rot, vs.rot_sh, ws if vs.mean is None else vs.mean,
             ws if vs.scale is None else vs.scale, out,
             G=groups, BLOCK_G=block_g, D=dim, BN=bn, HAS_VMEAN=vs.mean is not None,
-            HAS_VSCALE=vs.scale is not None, PDL=pdl, STEP=MMA_GUIDE["merge_step"], num_warps=4, launch_pdl=pdl,
+            HAS_VSCALE=vs.scale is not None, PDL=pdl, STEP=MMA_GUIDE["merge_step"],
+            num_warps=MMA_GUIDE["merge_warps"] if use_mma else 4, launch_pdl=pdl,
         )  # fmt: skip
     return out
