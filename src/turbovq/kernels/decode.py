@@ -290,12 +290,16 @@ if HAS_TRITON:
         ws, q_ptr, stride_qb, stride_qh, kscale_ptr, kmean_ptr, rk_ptr, rk_sh, H, sk_ptr, qoff,
         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
         HAS_KSCALE: tl.constexpr, HAS_KMEAN: tl.constexpr, PDL: tl.constexpr, QJL: tl.constexpr, RQ: tl.constexpr,
+        SPLIT: tl.constexpr = False,
     ):  # fmt: skip
         """Per (b, h): ``q_rot = (q * s_k) @ R_k[h]`` (3xTF32 dot) and ``<q, mu_k>`` into the workspace; with QJL
-        keys also ``q_qjl = (q * s_k) @ S^T`` (at word ``qoff``, after the partials)."""
+        keys also ``q_qjl = (q * s_k) @ S^T`` (at word ``qoff``, after the partials). With SPLIT, program (pid_bh, c)
+        computes only output column block c (of D / BN, then RQ / BN for q_qjl): the split pass waits for this
+        kernel, so its latency, not its work, is what counts."""
         if PDL:  # the split pass may start now: its prologue overlaps this kernel, it waits before reading q_rot
             gdc_launch_dependents()
         pid_bh = tl.program_id(0)
+        pid_c = tl.program_id(1)
         BH = tl.num_programs(0)
         b = pid_bh // H
         h = pid_bh % H
@@ -304,21 +308,23 @@ if HAS_TRITON:
         dd = tl.arange(0, D)
         q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + dd[None, :], mask=gmask[:, None],
                     other=0.0).to(tl.float32)  # fmt: skip
-        if HAS_KMEAN:
+        if HAS_KMEAN and pid_c == 0:
             qm = tl.sum(q * tl.load(kmean_ptr + pid_bh * D + dd)[None, :], axis=1)
             tl.store(ws + BH * G * D + pid_bh * G + g, qm, mask=gmask)
         if HAS_KSCALE:
             q = q * tl.load(kscale_ptr + pid_bh * D + dd)[None, :]
         for n0 in tl.static_range(0, D, BN):
-            cols = n0 + tl.arange(0, BN)
-            r = tl.load(rk_ptr + h * rk_sh + dd[:, None] * D + cols[None, :])
-            o = tl.dot(q, r, input_precision="tf32x3")  # float32-accurate on tensor cores (ieee is ~20x slower)
-            tl.store(ws + (pid_bh * G + g)[:, None] * D + cols[None, :], o, mask=gmask[:, None])
+            if not SPLIT or pid_c == n0 // BN:
+                cols = n0 + tl.arange(0, BN)
+                r = tl.load(rk_ptr + h * rk_sh + dd[:, None] * D + cols[None, :])
+                o = tl.dot(q, r, input_precision="tf32x3")  # float32-accurate on tensor cores (ieee is ~20x slower)
+                tl.store(ws + (pid_bh * G + g)[:, None] * D + cols[None, :], o, mask=gmask[:, None])
         if QJL:
             for n0 in tl.static_range(0, RQ, BN):
-                cols = n0 + tl.arange(0, BN)
-                o = tl.dot(q, tl.load(sk_ptr + dd[:, None] * RQ + cols[None, :]), input_precision="tf32x3")
-                tl.store(ws + qoff + (pid_bh * G + g)[:, None] * RQ + cols[None, :], o, mask=gmask[:, None])
+                if not SPLIT or pid_c == D // BN + n0 // BN:
+                    cols = n0 + tl.arange(0, BN)
+                    o = tl.dot(q, tl.load(sk_ptr + dd[:, None] * RQ + cols[None, :]), input_precision="tf32x3")
+                    tl.store(ws + qoff + (pid_bh * G + g)[:, None] * RQ + cols[None, :], o, mask=gmask[:, None])
 
     @triton.jit
     def _combine(
@@ -791,8 +797,11 @@ MMA_SPLITS = {"min_tokens": 1024, "max_splits": 32}
 # T = 128k from 446 to 436 us but B = 8, T = 32k from 134.5 to 136.7 us (short blocks pay the ring fill again and run
 # at ~75% of the long ones' throughput); 8 partials per merge step measured the same as 4. The merge's output columns
 # per program (0: 8192 / head_dim) and warps: at head_dim 128 the defaults (64, 4) are the fastest of 16-128 columns
-# and 2-8 warps (H100, kernels_merge_r13.json).
-MMA_GUIDE = {"frac": 0.0, "div": 4, "grow": 1.0, "merge_step": 4, "merge_cols": 0, "merge_warps": 4}
+# and 2-8 warps (H100, kernels_merge_r13.json). The query kernel runs one program per output column block (instead
+# of per (b, h)) where that makes at most ``prep_split`` x the SM count programs: its latency is on the call's
+# critical path (H100, kernels_prep_r13.json: B = 1, T = 8k 23.2 -> 21.5 us, 32k 40.2 -> 38.2 us; at B = 8, T = 8k,
+# 128 programs, 50.3 -> 51.9 us, so not there).
+MMA_GUIDE = {"frac": 0.0, "div": 4, "grow": 1.0, "merge_step": 4, "merge_cols": 0, "merge_warps": 4, "prep_split": 0.5}
 
 
 def guided_pieces(n: int, split_len: int, unit: int) -> tuple[int, int, int, int]:
@@ -988,11 +997,13 @@ def decode_attention(
     kb0, kd0, kb1, kd1 = ks.consts
     vb0, vd0, vb1, vd1 = vs.consts
     prmt = _PRMT and ks.prmt and vs.prmt
-    _prep_kernel[(bh,)](
+    prep_cols = (dim + (ks.qjl_rows if ks.qjl else 0)) // bn
+    split_prep = bh * prep_cols <= MMA_GUIDE["prep_split"] * sm_count(dev)
+    _prep_kernel[(bh, prep_cols if split_prep else 1)](
         ws, query, query.stride(0), query.stride(1), ks.scale if ks.scale is not None else ws,
         ks.mean if ks.mean is not None else ws, ks.rot, ks.rot_sh, num_kv, ks.sk if ks.qjl else ws, qoff,
         G=groups, BLOCK_G=block_g, D=dim, BN=bn, HAS_KSCALE=ks.scale is not None,
-        HAS_KMEAN=ks.mean is not None, PDL=early, QJL=ks.qjl, RQ=ks.qjl_rows, num_warps=4,
+        HAS_KMEAN=ks.mean is not None, PDL=early, QJL=ks.qjl, RQ=ks.qjl_rows, SPLIT=split_prep, num_warps=4,
     )  # fmt: skip
     if use_mma:
         fused_reduce = False  # the CUDA split pass always leaves the merge to _reduce_kernel
