@@ -231,10 +231,19 @@ def tuned(var: dict):
             d.update(old)
 
 
+class _NoLaunch:
+    """Stands in for a Triton kernel that a timing variant leaves out (``tune_cuda``'s "skip")."""
+
+    def __getitem__(self, grid):
+        return lambda *a, **k: None
+
+
 def tune_cuda(dev, variants: list[dict], config: str = "K4/V3", cells=((8, 32768), (32, 32768))) -> list[dict]:
     """decode_mma.cu tuning (``decode.MMA_TUNING``: warps per block, 16-token chunks per unit, blocks per SM; or
     ``"splits"``) at ``cells`` (B, T), one width (``config``), against bf16 SDPA in the same run. A variant's
-    ``"source"`` names another version of decode_mma.cu to time instead (an A/B of two kernel versions in one run)."""
+    ``"source"`` names another version of decode_mma.cu to time instead (an A/B of two kernel versions in one run);
+    its ``"skip"`` (``["reduce"]``, ``["prep"]`` or both) leaves the merge or the query kernel out (timing only: the
+    output is wrong)."""
     from turbovq.kernels import decode as kdecode
 
     out = []
@@ -247,8 +256,11 @@ def tune_cuda(dev, variants: list[dict], config: str = "K4/V3", cells=((8, 32768
         pk, pv = synthetic_rows(kc, b, t - TAIL, dev, 1), synthetic_rows(vc, b, t - TAIL, dev, 2)
         for var in variants:
             var = dict(var)
-            splits, source = var.pop("splits", None), var.pop("source", None)
+            splits, source, skip = var.pop("splits", None), var.pop("source", None), var.pop("skip", ())
             kdecode._MMA_SOURCE = Path(source).read_text() if source else default_source
+            saved = {k: getattr(kdecode, f"_{k}_kernel") for k in skip}  # timing only: that kernel not launched
+            for k in skip:
+                setattr(kdecode, f"_{k}_kernel", _NoLaunch())
 
             def call(q=q, pk=pk, pv=pv, tk=tk, s=splits):
                 return decode_attention(q, pk, pv, tk, tk, None, D**-0.5, num_splits=s)
@@ -262,8 +274,10 @@ def tune_cuda(dev, variants: list[dict], config: str = "K4/V3", cells=((8, 32768
             finally:
                 kdecode.mma_splits = auto
                 kdecode._MMA_SOURCE = default_source
+                for k, v in saved.items():
+                    setattr(kdecode, f"_{k}_kernel", v)
             splits = splits or chosen[-1]
-            out.append({"B": b, "T": t, "config": config, **setting, "splits": splits, "source": source,
+            out.append({"B": b, "T": t, "config": config, **setting, "splits": splits, "source": source, "skip": skip,
                         "ms": ms, "graph_ms": gms, "sdpa_ms": sdpa, "sdpa_graph_ms": sdpa_g})  # fmt: skip
             print(f"tune-cuda {config} B={b} T={t} {setting} splits={splits} source={source}: "
                   f"{ms * 1e3:.1f} us ({sdpa / ms:.2f}x sdpa), graph {gms * 1e3:.1f} us ({sdpa_g / gms:.2f}x)",
@@ -458,8 +472,8 @@ def overhead(dev, modules: list[str], cells: list[tuple[int, int]], log_dir: Pat
 def timeline(dev, cells: list[tuple[int, int]], variants: list[dict]) -> list[dict]:
     """Where one K4/V3 call's time goes: the three kernels' spans (torch profiler, the last of 3 calls, L2 cleared
     before each) and, from a ``DBG = 7`` build of decode_mma.cu (same code, plus timestamps), every split-pass
-    block's start, query read, first unit in, end (ns from the call's first block) and SM; per ``MMA_TUNING``
-    variant."""
+    block's start, setup done, first copies issued, query kernel waited for, first unit in, warp 0's last unit begun,
+    end (ns from the call's first block) and SM | units << 16; per ``MMA_TUNING`` variant."""
     from torch.profiler import ProfilerActivity, profile
 
     from turbovq.kernels import decode as kdecode
@@ -489,7 +503,7 @@ def timeline(dev, cells: list[tuple[int, int]], variants: list[dict]) -> list[di
                 first = [i for i, k in enumerate(kern) if k[2].startswith("_prep")][-1]
                 t0 = kern[first][0]
                 spans = [{"kernel": k[2][:40], "start_us": k[0] - t0, "end_us": k[1] - t0} for k in kern[first:]]
-                buf = torch.zeros(5 << 18, dtype=torch.int64, device=dev)
+                buf = torch.zeros(8 << 18, dtype=torch.int64, device=dev)
                 base = kdecode._MmaParams
 
                 class Traced(base):
@@ -509,12 +523,12 @@ def timeline(dev, cells: list[tuple[int, int]], variants: list[dict]) -> list[di
                 finally:
                     kdecode._MmaParams = base
                     del kdecode.MMA_TUNING["DBG"]
-                tr = buf.view(-1, 5)
+                tr = buf.view(-1, 8)
                 tr = tr[tr[:, 0] > 0].cpu()
                 start = tr[:, 0].min()
-                blocks = [[int(x - start) if j < 4 and x else int(x) for j, x in enumerate(r)] for r in tr.tolist()]
-                code = [r for r in blocks if r[4] >> 16]
-                tail = [r for r in blocks if not r[4] >> 16]
+                blocks = [[int(x - start) if j < 7 and x else int(x) for j, x in enumerate(r)] for r in tr.tolist()]
+                code = [r for r in blocks if r[7] >> 16]
+                tail = [r for r in blocks if not r[7] >> 16]
                 qs = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
 
                 def q_(xs, qs=qs):  # min, 10%, median, 90%, max in us
@@ -524,16 +538,18 @@ def timeline(dev, cells: list[tuple[int, int]], variants: list[dict]) -> list[di
 
                 rec = {
                     "B": b, "T": t, "variant": var, "kernels": spans, "blocks": blocks,
-                    "code_blocks": len(code), "tail_blocks": len(tail), "sms": len({r[4] & 0xFFFF for r in blocks}),
-                    "start_us_q": q_([r[0] for r in code]), "query_wait_us_q": q_([r[1] - r[0] for r in code]),
-                    "first_unit_us_q": q_([r[2] - r[1] for r in code if r[2]]),
-                    "duration_us_q": q_([r[3] - r[0] for r in code]),
-                    "end_us_q": q_([r[3] for r in code]), "tail_duration_us_q": q_([r[3] - r[0] for r in tail]),
-                    "tail_end_us_q": q_([r[3] for r in tail]),
+                    "code_blocks": len(code), "tail_blocks": len(tail), "sms": len({r[7] & 0xFFFF for r in blocks}),
+                    "start_us_q": q_([r[0] for r in code]), "setup_us_q": q_([r[1] - r[0] for r in code]),
+                    "copies_us_q": q_([r[2] - r[1] for r in code]), "query_wait_us_q": q_([r[3] - r[2] for r in code]),
+                    "first_unit_us_q": q_([r[4] - r[3] for r in code if r[4]]),
+                    "last_unit_to_end_us_q": q_([r[6] - r[5] for r in code if r[5]]),
+                    "duration_us_q": q_([r[6] - r[0] for r in code]),
+                    "end_us_q": q_([r[6] for r in code]), "tail_duration_us_q": q_([r[6] - r[0] for r in tail]),
+                    "tail_end_us_q": q_([r[6] for r in tail]),
                 }  # fmt: skip
-                busy = sum(r[3] - r[0] for r in code) / 1e3
+                busy = sum(r[6] - r[0] for r in code) / 1e3
                 slots = kdecode.sm_count(dev) * kdecode.MMA_TUNING["MINB"]
-                rec["slot_busy_frac"] = busy / (max(r[3] for r in blocks) / 1e3 * slots)
+                rec["slot_busy_frac"] = busy / (max(r[6] for r in blocks) / 1e3 * slots)
                 out.append(rec)
                 span_text = " ".join(f"{s['kernel'][:14]} {s['start_us']:.1f}-{s['end_us']:.1f}" for s in spans)
                 print(f"timeline B={b} T={t} {var}: {span_text}", flush=True)

@@ -81,7 +81,7 @@ def test_tuning_variants_compile(uc, minb, nwarps, ring, vpair):
 
 
 @needs_nvrtc
-@pytest.mark.parametrize("dbg", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("dbg", [1, 2, 3, 4, 5, 6, 7, 8, 9])
 def test_timing_experiments_compile(dbg):
     """The DBG builds behind the report's subtractive timings (wrong results on purpose) still compile."""
     assert NAMES[0] in cuda.compile_cubin(kdecode._MMA_SOURCE, "sm_90", _options(*CONFIGS[0], DBG=dbg))

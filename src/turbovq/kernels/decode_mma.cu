@@ -36,7 +36,8 @@
 // LAZYMAX, VU16, PRESCALE, FULLCOPY (round 13, each where it is defined); DBG (timing experiments only,
 // wrong results on purpose: 1 = no decode, 2 = no code loads, 3 = no code copies into the ring, 4 = 3-bit codes
 // spread to nibbles by one mask, as a nibble-aligned layout would allow, 5 = 4-bit key codes in sign-magnitude form
-// (no index flip), 6 = 4 and 5, 7 = correct results and a per-block timeline in p.trace, 8 = 1 and 3).
+// (no index flip), 6 = 4 and 5, 7 = correct results and a per-block timeline in p.trace, 8 = 1 and 3, 9 = no wait
+// for the query kernel: its results are read as they stand, which in a replayed graph are the last call's).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -68,7 +69,8 @@ struct Params {
     float scaling, softcap, qjl_scale;  // (qjl_scale: sqrt(pi/2) / RQ)
     u32 ktab[2][8];  // PRMT tables per group: low bytes, then high bytes, of the float16 centroids
     u32 vtab[2][8];
-    unsigned long long* trace;  // DBG 7: per block (start, query read, first unit in, end, SM | units << 16) in ns
+    unsigned long long* trace;  // DBG 7: per block, in ns: start, setup done, first copies issued, query kernel
+                                // waited for, first unit in, warp 0's last unit begun, end; then SM | units << 16
 };
 
 // Channel groups (outliers + the rest for fractional widths; KD1 = VD1 = 0 for one group). Per group: words per
@@ -473,6 +475,11 @@ struct Srcs {
     Src k0, k1, v0, v1, kn0, kn1, vn0, vn1, kq, kqn;
 };
 
+__device__ __forceinline__ Srcs srcs_of(const Rows& r) {
+    return {src_of(r.k0),  src_of(r.k1),  src_of(r.v0),  src_of(r.v1), src_of(r.kn0),
+            src_of(r.kn1), src_of(r.vn0), src_of(r.vn1), src_of(r.kq), src_of(r.kqn)};
+}
+
 // A whole unit's rows (t0 + UT <= n): every lane copies the unit's first UT * RB / 512 chunk rows without a test; the
 // rest, the alignment slack included, as copy_rows (H100, round 13: 2-3% fewer us per call than testing every chunk).
 template <int RB>
@@ -661,6 +668,7 @@ struct Smem {
     float m[NWARPS][8], l[NWARPS][8];
     float acc[NWARPS][G][D];
 };
+
 
 __device__ __forceinline__ void merge_and_store(const Params& p, Smem& sm, int part_idx) {
     __syncthreads();
@@ -873,9 +881,27 @@ __device__ __forceinline__ unsigned long long gtime() {
     return t;
 }
 #define TRACE(i, v) \
-    if (threadIdx.x == 0) p.trace[5 * blockIdx.x + (i)] = (v)
+    if (threadIdx.x == 0) p.trace[8 * blockIdx.x + (i)] = (v)
 #else
 #define TRACE(i, v)
+#endif
+
+// The code piece of block j >= BH (see Params): its (b, h), partial index and tokens [lo, hi).
+struct Piece {
+    int bh, s, lo, hi;
+};
+
+__device__ __forceinline__ Piece piece_of(const Params& p, int j) {
+    j -= p.BH;
+    const bool is_long = j < p.BH * p.n_long;
+    if (!is_long) j -= p.BH * p.n_long;
+    const int per = is_long ? p.n_long : p.n_short, bh = j / per, k = j - bh * per;
+    const int lo = min(p.n, is_long ? k * p.long_len : p.n_long * p.long_len + k * p.short_len);
+    return {bh, is_long ? k : p.n_long + k, lo, min(p.n, lo + (is_long ? p.long_len : p.short_len))};
+}
+
+#ifndef RZERO
+#define RZERO 1  // zero every ring slot at the block's start (0: only a partial unit's slot in its first use)
 #endif
 
 extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(const Params p) {
@@ -888,22 +914,17 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
     int j = blockIdx.x;
     if (j < p.BH) {
         tail(p, sm, j);
-        TRACE(3, gtime());
+        TRACE(6, gtime());
 #if DBG == 7
         u32 smid;
         asm("mov.u32 %0, %%smid;" : "=r"(smid));
-        TRACE(4, smid);
+        TRACE(7, smid);
 #endif
         return;
     }
-    j -= p.BH;
-    const bool is_long = j < p.BH * p.n_long;
-    if (!is_long) j -= p.BH * p.n_long;
-    const int per = is_long ? p.n_long : p.n_short, pid_bh = j / per, k = j - pid_bh * per;
-    const int pid_s = is_long ? k : p.n_long + k;
-    const int lo = min(p.n, is_long ? k * p.long_len : p.n_long * p.long_len + k * p.short_len);
-    const int hi = min(p.n, lo + (is_long ? p.long_len : p.short_len)), b = pid_bh / p.H;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
+    const Piece pc = piece_of(p, j);
+    const int pid_bh = pc.bh, pid_s = pc.s, lo = pc.lo, hi = pc.hi, b = pid_bh / p.H;
     u32 ktab0[8], ktab1[8], vtab0[8], vtab1[8];
 #pragma unroll
     for (int i = 0; i < 8; i++) ktab0[i] = p.ktab[0][i], ktab1[i] = p.ktab[1][i], vtab0[i] = p.vtab[0][i],
@@ -1041,28 +1062,40 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
     extern __shared__ __align__(16) char dsm[];
     char* ring = dsm + warp * RING * SLOT;
     const int mine = warp < units ? (units - warp + NWARPS - 1) / NWARPS : 0;  // units of this warp
-    const Srcs srcs = {src_of(rows.k0),  src_of(rows.k1),  src_of(rows.v0),  src_of(rows.v1), src_of(rows.kn0),
-                       src_of(rows.kn1), src_of(rows.vn0), src_of(rows.vn1), src_of(rows.kq), src_of(rows.kqn)};
+    const Srcs srcs = srcs_of(rows);
     if (lane == 0) {
         u32 dyn;
         asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
         if (dyn < RING_BYTES) __trap();  // the host sized the ring for another configuration
     }
+    TRACE(1, gtime());
+#if RZERO
     for (int i = lane * 16; i < RING * SLOT; i += 32 * 16) *(uint4*)(ring + i) = make_uint4(0, 0, 0, 0);
     __syncwarp();  // zeroed slots (rows past the last code read zeros or older units' rows)
+#else
+    // Rows past a partial unit keep what its slot held: older units' rows (finite), except in a slot's first use,
+    // where they would be a previous block's bytes, so only that slot is zeroed (a warp's last unit is its only
+    // partial one).
+    if (mine > 0 && mine <= RING && lo + UT * (warp + NWARPS * (mine - 1)) + UT > p.n) {
+        char* z = ring + (mine - 1) * SLOT;
+        for (int i = lane * 16; i < SLOT; i += 32 * 16) *(uint4*)(z + i) = make_uint4(0, 0, 0, 0);
+        __syncwarp();
+    }
+#endif
 #pragma unroll
     for (int i = 0; i < RING; i++) {
         if (i < mine) copy_unit(srcs, smem_addr(ring + i * SLOT), lo + UT * (warp + NWARPS * i), p.n, lane);
         commit();
     }
+    TRACE(2, gtime());
 #else
     Unit cur;
     if (warp < units) load_unit(rows, cur, lo + UT * warp, p.n - 1, g, t4);
 #endif
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && DBG != 9
     asm volatile("griddepcontrol.wait;" ::: "memory");  // (launched early, PDL) the query kernel's results are in
 #endif
-    TRACE(1, gtime());
+    TRACE(3, gtime());
     read_query(pid_bh);
 #if RING
     for (int i = 0; i < mine; i++) {
@@ -1077,7 +1110,8 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
         asm volatile("cp.async.wait_group %0;" ::"n"(RING - 1) : "memory");
         __syncwarp();  // every lane's copies of unit i visible to the warp
 #if DBG == 7
-        if (i == 0) TRACE(2, gtime());
+        if (i == 0) TRACE(4, gtime());
+        if (i == mine - 1) TRACE(5, gtime());
 #endif
         Unit cur;
         load_unit(slot_rows(ring + slot * SLOT, rows), cur, 0, UT - 1, g, t4);
@@ -1096,7 +1130,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
     __syncthreads();
     u32 smid;
     asm("mov.u32 %0, %%smid;" : "=r"(smid));
-    TRACE(3, gtime());
-    TRACE(4, smid | (u32)units << 16);
+    TRACE(6, gtime());
+    TRACE(7, smid | (u32)units << 16);
 #endif
 }
