@@ -900,10 +900,6 @@ __device__ __forceinline__ Piece piece_of(const Params& p, int j) {
     return {bh, is_long ? k : p.n_long + k, lo, min(p.n, lo + (is_long ? p.long_len : p.short_len))};
 }
 
-#ifndef RZERO
-#define RZERO 1  // zero every ring slot at the block's start (0: only a partial unit's slot in its first use)
-#endif
-
 extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(const Params p) {
     __shared__ Smem sm;
     TRACE(0, gtime());
@@ -1069,19 +1065,8 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
         if (dyn < RING_BYTES) __trap();  // the host sized the ring for another configuration
     }
     TRACE(1, gtime());
-#if RZERO
     for (int i = lane * 16; i < RING * SLOT; i += 32 * 16) *(uint4*)(ring + i) = make_uint4(0, 0, 0, 0);
     __syncwarp();  // zeroed slots (rows past the last code read zeros or older units' rows)
-#else
-    // Rows past a partial unit keep what its slot held: older units' rows (finite), except in a slot's first use,
-    // where they would be a previous block's bytes, so only that slot is zeroed (a warp's last unit is its only
-    // partial one).
-    if (mine > 0 && mine <= RING && lo + UT * (warp + NWARPS * (mine - 1)) + UT > p.n) {
-        char* z = ring + (mine - 1) * SLOT;
-        for (int i = lane * 16; i < SLOT; i += 32 * 16) *(uint4*)(z + i) = make_uint4(0, 0, 0, 0);
-        __syncwarp();
-    }
-#endif
 #pragma unroll
     for (int i = 0; i < RING; i++) {
         if (i < mine) copy_unit(srcs, smem_addr(ring + i * SLOT), lo + UT * (warp + NWARPS * i), p.n, lane);
