@@ -215,6 +215,26 @@ def _sdpa_baseline(b: int, t: int, dev) -> tuple[torch.Tensor, float, float]:
 
 
 @contextlib.contextmanager
+def traced(buf: torch.Tensor):
+    """A ``DBG = 7`` build of decode_mma.cu whose Params point its timeline at ``buf`` (int64), for a block."""
+    from turbovq.kernels import decode as kdecode
+
+    base = kdecode._MmaParams
+
+    class Traced(base):
+        def __init__(self, *a, ptr=buf.data_ptr()):
+            super().__init__(*a)
+            self.trace = ptr
+
+    kdecode._MmaParams = Traced
+    try:
+        with tuned({"DBG": 7}):
+            yield
+    finally:
+        kdecode._MmaParams = base
+
+
+@contextlib.contextmanager
 def tuned(var: dict):
     """decode.MMA_TUNING (kernel macros) and, under ``"guide"``, decode.MMA_GUIDE overridden by ``var`` for a block."""
     from turbovq.kernels import decode as kdecode
@@ -504,15 +524,7 @@ def timeline(dev, cells: list[tuple[int, int]], variants: list[dict]) -> list[di
                 t0 = kern[first][0]
                 spans = [{"kernel": k[2][:40], "start_us": k[0] - t0, "end_us": k[1] - t0} for k in kern[first:]]
                 buf = torch.zeros(8 << 18, dtype=torch.int64, device=dev)
-                base = kdecode._MmaParams
-
-                class Traced(base):
-                    def __init__(self, *a, ptr=buf.data_ptr()):
-                        super().__init__(*a)
-                        self.trace = ptr
-
-                kdecode._MmaParams, kdecode.MMA_TUNING["DBG"] = Traced, 7
-                try:
+                with traced(buf):
                     call()
                     for _ in range(2):
                         torch.cuda.synchronize(dev)
@@ -520,9 +532,6 @@ def timeline(dev, cells: list[tuple[int, int]], variants: list[dict]) -> list[di
                         flush.zero_()
                         call()
                     torch.cuda.synchronize(dev)
-                finally:
-                    kdecode._MmaParams = base
-                    del kdecode.MMA_TUNING["DBG"]
                 tr = buf.view(-1, 8)
                 tr = tr[tr[:, 0] > 0].cpu()
                 start = tr[:, 0].min()

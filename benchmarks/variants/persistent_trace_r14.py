@@ -17,8 +17,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels as kb  # noqa: E402
 
-from turbovq.kernels import decode as kd  # noqa: E402
-
 dev = torch.device("cuda")
 variants, name = json.loads(sys.argv[1]), sys.argv[2]
 b, t = 8, 32768
@@ -29,22 +27,11 @@ pk, pv = kb.synthetic_rows(kc, b, t - kb.TAIL, dev, 1), kb.synthetic_rows(vc, b,
 out = {}
 for var in variants:
     buf = torch.zeros(8 << 18, dtype=torch.int64, device=dev)
-    base = kd._MmaParams
-
-    class Traced(base):
-        def __init__(self, *a, ptr=buf.data_ptr()):
-            super().__init__(*a)
-            self.trace = ptr
-
-    with kb.tuned({**var, "DBG": 7}):
-        kd._MmaParams = Traced
-        try:
-            for _ in range(3):
-                buf.zero_()
-                kb.decode_attention(q, pk, pv, tk, tk, None, kb.D**-0.5)
-                torch.cuda.synchronize()
-        finally:
-            kd._MmaParams = base
+    with kb.tuned(var), kb.traced(buf):
+        for _ in range(3):
+            buf.zero_()
+            kb.decode_attention(q, pk, pv, tk, tk, None, kb.D**-0.5)
+            torch.cuda.synchronize()
     rows = buf.view(-1, 8)
     out[json.dumps(var)] = rows[: int((rows[:, 0] > 0).nonzero().max()) + 1].cpu().tolist()
     print(var, "rows", len(out[json.dumps(var)]), flush=True)
