@@ -800,8 +800,10 @@ MMA_SPLITS = {"min_tokens": 1024, "max_splits": 32}
 # and 2-8 warps (H100, kernels_merge_r13.json). The query kernel runs one program per output column block (instead
 # of per (b, h)) where that makes at most ``prep_split`` x the SM count programs: its latency is on the call's
 # critical path (H100, kernels_prep_r13.json: B = 1, T = 8k 23.2 -> 21.5 us, 32k 40.2 -> 38.2 us; at B = 8, T = 8k,
-# 128 programs, 50.3 -> 51.9 us, so not there).
-MMA_GUIDE = {"frac": 0.0, "div": 4, "grow": 1.0, "merge_step": 4, "merge_cols": 0, "merge_warps": 4, "prep_split": 0.5}
+# 128 programs, 50.3 -> 51.9 us, so not there; kernels_prep_r14.json: the same, and 2 or 8 warps for it instead
+# of 4 no faster).
+MMA_GUIDE = {"frac": 0.0, "div": 4, "grow": 1.0, "merge_step": 4, "merge_cols": 0, "merge_warps": 4, "prep_split": 0.5,
+             "prep_warps": 4}
 
 
 def guided_pieces(n: int, split_len: int, unit: int) -> tuple[int, int, int, int]:
@@ -1002,8 +1004,8 @@ def decode_attention(
     _prep_kernel[(bh, prep_cols if split_prep else 1)](
         ws, query, query.stride(0), query.stride(1), ks.scale if ks.scale is not None else ws,
         ks.mean if ks.mean is not None else ws, ks.rot, ks.rot_sh, num_kv, ks.sk if ks.qjl else ws, qoff,
-        G=groups, BLOCK_G=block_g, D=dim, BN=bn, HAS_KSCALE=ks.scale is not None,
-        HAS_KMEAN=ks.mean is not None, PDL=early, QJL=ks.qjl, RQ=ks.qjl_rows, SPLIT=split_prep, num_warps=4,
+        G=groups, BLOCK_G=block_g, D=dim, BN=bn, HAS_KSCALE=ks.scale is not None, HAS_KMEAN=ks.mean is not None,
+        PDL=early, QJL=ks.qjl, RQ=ks.qjl_rows, SPLIT=split_prep, num_warps=MMA_GUIDE["prep_warps"],
     )  # fmt: skip
     if use_mma:
         fused_reduce = False  # the CUDA split pass always leaves the merge to _reduce_kernel
