@@ -669,7 +669,6 @@ struct Smem {
     float acc[NWARPS][G][D];
 };
 
-
 __device__ __forceinline__ void merge_and_store(const Params& p, Smem& sm, int part_idx) {
     __syncthreads();
     const long long PG = (long long)p.BH * (p.S + 1) * G;
