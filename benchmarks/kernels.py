@@ -215,10 +215,12 @@ def _sdpa_baseline(b: int, t: int, dev) -> tuple[torch.Tensor, float, float]:
 
 
 @contextlib.contextmanager
-def traced(buf: torch.Tensor):
-    """A ``DBG = 7`` build of decode_mma.cu whose Params point its timeline at ``buf`` (int64), for a block."""
+def traced(dev):
+    """A ``DBG = 7`` build of decode_mma.cu for a block; yields the int64 buffer its Params point the timeline at (8
+    words per block or warp, zeroed)."""
     from turbovq.kernels import decode as kdecode
 
+    buf = torch.zeros(8 << 18, dtype=torch.int64, device=dev)
     base = kdecode._MmaParams
 
     class Traced(base):
@@ -229,7 +231,7 @@ def traced(buf: torch.Tensor):
     kdecode._MmaParams = Traced
     try:
         with tuned({"DBG": 7}):
-            yield
+            yield buf
     finally:
         kdecode._MmaParams = base
 
@@ -523,8 +525,7 @@ def timeline(dev, cells: list[tuple[int, int]], variants: list[dict]) -> list[di
                 first = [i for i, k in enumerate(kern) if k[2].startswith("_prep")][-1]
                 t0 = kern[first][0]
                 spans = [{"kernel": k[2][:40], "start_us": k[0] - t0, "end_us": k[1] - t0} for k in kern[first:]]
-                buf = torch.zeros(8 << 18, dtype=torch.int64, device=dev)
-                with traced(buf):
+                with traced(dev) as buf:
                     call()
                     for _ in range(2):
                         torch.cuda.synchronize(dev)

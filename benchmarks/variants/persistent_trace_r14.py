@@ -26,8 +26,7 @@ tk = torch.randn(b, kb.HKV, kb.TAIL, kb.D, device=dev, dtype=torch.bfloat16)
 pk, pv = kb.synthetic_rows(kc, b, t - kb.TAIL, dev, 1), kb.synthetic_rows(vc, b, t - kb.TAIL, dev, 2)
 out = {}
 for var in variants:
-    buf = torch.zeros(8 << 18, dtype=torch.int64, device=dev)
-    with kb.tuned(var), kb.traced(buf):
+    with kb.tuned(var), kb.traced(dev) as buf:
         for _ in range(3):
             buf.zero_()
             kb.decode_attention(q, pk, pv, tk, tk, None, kb.D**-0.5)
