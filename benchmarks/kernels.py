@@ -64,8 +64,14 @@ DEFAULT_CONFIGS = ("K4/V3", "K4/V4", "3.5", "2.5", "K4/V3 triton", "3.5 triton")
 HQ, HKV, D, TAIL = 32, 8, 128, 128
 
 
-def bench(fn, rep=100) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+def bench(fn, rep=100, warmup=25) -> float:
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+# ms of warm-up before each CUDA encode timing: the GPU idles while a row of the table is set up, and with 25 ms the
+# first timing of a row (the default path) read 1-3% slower at head_dim 256 than the same kernel timed after the slow
+# Triton kernel (kernels_encode_r15_table.json: 0.746 against 0.730 ms at 3.5 bits)
+ENCODE_WARMUP = 250
 
 
 def copy_bandwidth(dev) -> float:
@@ -344,14 +350,16 @@ def prefill(dev, q_lens=(128, 512, 2048), context: int = 32768, batch: int = 1, 
     return out
 
 
-def profile_encode(dev) -> None:
-    """Three 4-bit encodes of B = 8, H = 8, T = 32k bf16 rows (centered, channel scales, as in the encode phase), for
-    an external profiler: ``ncu -k regex:tq_encode -s 2 -c 1 python3 benchmarks/kernels.py --phases profile-encode``
+def profile_encode(dev, codec_spec: str = "4") -> None:
+    """Three encodes of B = 8, H = 8, T = 32k bf16 rows (centered, channel scales, as in the encode phase) at
+    ``codec_spec`` bits (``"4:qjl"``: TurboQuant_prod keys), for an external profiler:
+    ``ncu -k regex:tq_encode -s 2 -c 1 python3 benchmarks/kernels.py --phases profile-encode``
     (``regex:_encode_kernel`` with ``TURBOVQ_CUDA=0`` for the Triton kernel)."""
     x = torch.randn(8, HKV, 32768, D, device=dev, dtype=torch.bfloat16)
     mean = x.float().mean(2, keepdim=True)
     scale = torch.rand(8, HKV, 1, D, device=dev) + 0.5
-    codec = RowCodec(D, 4, seed=1)
+    bits, _, kind = codec_spec.partition(":")
+    codec = RowCodec(D, float(bits), seed=1, qjl=kind == "qjl")
     for _ in range(3):
         encode_rows(x, codec, None, mean, scale)
     torch.cuda.synchronize(dev)
@@ -571,16 +579,23 @@ def timeline(dev, cells: list[tuple[int, int]], variants: list[dict]) -> list[di
 
 def sweep_settings(settings: dict, grid: list[dict], fn) -> list[dict]:
     """Time ``fn`` with ``settings`` (a kernel's tuning dict, updated in place) overridden by each entry of ``grid``,
-    fastest first; the settings are restored afterwards."""
-    default, out = dict(settings), []
+    fastest first; the settings are restored afterwards. An entry's ``"source"`` (a file) replaces encode_mma.cu for
+    that entry (A/B against another version)."""
+    from turbovq.kernels import encode as kencode
+
+    default, source, out = dict(settings), kencode._MMA_SOURCE, []
     try:
         for kw in grid:
+            kw = dict(kw)
+            path = kw.pop("source", None)
+            kencode._MMA_SOURCE = Path(path).read_text() if path else source
             settings.clear()
             settings.update(default, **kw)
-            out.append({**settings, "ms": bench(fn, rep=30)})
+            out.append({**settings, **({"source": path} if path else {}), "ms": bench(fn, rep=30)})
     finally:
         settings.clear()
         settings.update(default)
+        kencode._MMA_SOURCE = source
     return sorted(out, key=lambda r: r["ms"])
 
 
@@ -592,7 +607,7 @@ def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int], had_grid
     Where the factored Hadamard kernel applies (HAD, see ``encode.hadamard_supported``), it and the dense-R kernel are
     both timed: ``cuda`` is the default choice, ``cuda_had`` / ``cuda_dense`` each kernel.
     With ``tune_grid``, a sweep of the dense kernel's tuning (MMA_TUNING) for 4, 3 and 3.5 bits; with ``had_grid``,
-    of HAD_TUNING for the integer widths."""
+    of the HAD kernel's tuning (``encode.had_tuning``)."""
     from turbovq.kernels import encode as kencode
 
     b, t = 8, 32768
@@ -611,11 +626,17 @@ def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int], had_grid
             def run(backend, codec=codec, perm=perm, x=x, mean=mean, scale=scale, **kw):
                 return encode_rows(x, codec, perm, mean, scale, backend=backend, **kw)
 
-            ms = {k: bench(lambda k=k: run(k), rep=50) for k in ("cuda", "triton")}
+            ms = {k: bench(lambda k=k: run(k), rep=50, warmup=ENCODE_WARMUP if k == "cuda" else 25)
+                  for k in ("cuda", "triton")}  # fmt: skip
             had = not qjl and kencode.hadamard_supported(codec)
             if had:
-                ms["cuda_had"] = bench(lambda: run("cuda", hadamard=True), rep=50)
-                ms["cuda_dense"] = bench(lambda: run("cuda", hadamard=False), rep=50)
+                ms["cuda_had"] = bench(lambda: run("cuda", hadamard=True), rep=50, warmup=ENCODE_WARMUP)
+                ms["cuda_dense"] = bench(lambda: run("cuda", hadamard=False), rep=50, warmup=ENCODE_WARMUP)
+                if perm is not None and dim == 256:  # calibrate's gather order against channels sorted per group
+                    n = codec.num_outliers
+                    plain = torch.cat([perm[:, :n].sort(-1).values, perm[:, n:].sort(-1).values], -1)
+                    ms["cuda_had_sorted"] = bench(lambda p=plain: run("cuda", perm=p, hadamard=True), rep=50,
+                                                  warmup=ENCODE_WARMUP)  # fmt: skip
             if dim == D:
                 xs = (x.float() - mean) / scale
                 ms["torch"] = bench(lambda c=codec, p=perm, xs=xs: c.encode(xs, p), rep=20)
@@ -640,8 +661,9 @@ def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int], had_grid
                 row["triton_sweep"] = sorted(sweep, key=lambda r: r["ms"])
                 print(f"  fastest Triton settings: {row['triton_sweep'][0]}", flush=True)
             if had and had_grid:
-                row["had_sweep"] = sweep_settings(kencode.HAD_TUNING, had_grid, lambda: run("cuda", hadamard=True))
-                print(f"  fastest HAD settings: {row['had_sweep'][0]}", flush=True)
+                row["had_sweep"] = sweep_settings(kencode.had_tuning(len(codec.groups) == 2), had_grid,
+                                                  lambda: run("cuda", hadamard=True))  # fmt: skip
+                print("  HAD settings, fastest first:\n" + "\n".join(f"    {r}" for r in row["had_sweep"]), flush=True)
             if (bits in (4, 3, 3.5) or qjl) and tune_grid and not had:  # (QJL: QJL_TUNING)
                 table = kencode.QJL_TUNING if qjl else kencode.MMA_TUNING
                 row["cuda_sweep"] = sweep_settings(table[dim], tune_grid, lambda: run("cuda"))
@@ -878,6 +900,7 @@ def main() -> None:
     ap.add_argument("--tune-cells", default="8x32768,32x32768", help="tune-cuda: BxT cells")
     ap.add_argument("--tune-encode", default="[]", help="encode: CUDA settings to sweep, e.g. '[{\"MINB\": 4}]'")
     ap.add_argument("--encode-dims", default="128", help="encode: head_dims (128 runs every width)")
+    ap.add_argument("--encode-codec", default="4", help="profile-encode: bits, '4:qjl' for TurboQuant_prod keys")
     ap.add_argument("--tune-had", default="[]", help="encode: HAD kernel settings to sweep, e.g. '[{\"TW\": 1}]'")
     ap.add_argument("--graph", action="store_true", help="decode grid: also time each call as a CUDA graph replay")
     ap.add_argument("--e2e-layers", type=int, default=32)
@@ -903,7 +926,7 @@ def main() -> None:
         profile_call(dev)
         return
     if "profile-encode" in phases:
-        profile_encode(dev)
+        profile_encode(dev, args.encode_codec)
         return
     if "prefill" in phases:
         res["prefill"] = prefill(dev)

@@ -1,4 +1,5 @@
-"""Static statistics of the split pass's unit loop (decode_mma.cu) from its SASS, on any machine (no GPU needed).
+"""Static statistics of the split pass's unit loop (decode_mma.cu) from its SASS, on any machine (no GPU needed); with
+``--kernel encode-had``, of the HAD encode kernel's tile loop (encode_mma.cu).
 
 Compiles the K4/V3 benchmark configuration (Llama-3.1-8B heads, float16 norms, bfloat16 queries, centered keys, no
 mask) for sm_90 with NVRTC, disassembles it with the ``cuobjdump`` that ships with Triton, finds the unit loop (the
@@ -13,6 +14,11 @@ A variant is decode_mma.cu macros (``MMA_TUNING`` keys and the A/B switches) and
 version of the file, e.g. from ``git show REV:src/turbovq/kernels/decode_mma.cu``.
 
     PYTHONPATH=src python3 benchmarks/sass_loop.py --variants '[{}, {"LAZYMAX": 0}]' --name sass_loop
+    PYTHONPATH=src python3 benchmarks/sass_loop.py --kernel encode-had \
+        --variants '[{}, {"G2": 0, "B0": 3, "HAS_PERM": 0}]'
+
+The encode's base configuration is 3.5 bits at head_dim 256 (two groups of 128, the outlier gather, bfloat16 rows,
+mean and scale) with its default tuning; a variant's macros override it (``B0``/``B1``: the groups' bits).
 
 Writes ``<out>/<name>.json``.
 """
@@ -33,6 +39,7 @@ import triton
 
 from turbovq.kernels import cuda
 from turbovq.kernels import decode as kdecode
+from turbovq.kernels import encode as kencode
 
 INT_PIPE = {"PRMT", "LOP3", "SHF", "ISETP", "IADD3", "FMNMX", "FSEL", "SEL", "VIADD", "LEA", "IMNMX", "VIMNMX",
             "VIADDMNMX", "FSETP"}  # fmt: skip
@@ -59,8 +66,9 @@ def opcode(text: str) -> str:
     return re.sub(r"^@!?U?P[0-9T]\s+", "", text).split()[0].split(".")[0]
 
 
-def unit_loop(sass: str) -> list[tuple[int, str]]:
-    """The shortest loop body (backward branch) that holds the ring copies (LDGSTS)."""
+def unit_loop(sass: str, marker: str = "LDGSTS") -> list[tuple[int, str]]:
+    """The shortest loop body (backward branch) that holds ``marker`` instructions (the split pass: its ring copies;
+    the encode: its tensor-core products)."""
     ins = [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
     at = {a: i for i, (a, _) in enumerate(ins)}
     best = None
@@ -68,7 +76,7 @@ def unit_loop(sass: str) -> list[tuple[int, str]]:
         target = re.search(r"BRA\s+(?:\S+\s+)?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < a and int(target.group(1), 16) in at:
             body = ins[at[int(target.group(1), 16)] : i + 1]
-            if any(opcode(t) == "LDGSTS" for _, t in body) and (best is None or len(body) < len(best)):
+            if any(opcode(t) == marker for _, t in body) and (best is None or len(body) < len(best)):
                 best = body
     if best is None:
         raise SystemExit("no unit loop found in the SASS")
@@ -97,17 +105,24 @@ def critical_path(body: list[tuple[int, str]]) -> int:
     return longest
 
 
-def stats(variant: dict) -> dict:
+def encode_had_options(tuning: dict) -> tuple[str, ...]:
+    opts = dict(kencode.had_tuning(True), HAD=1, D=256, B0=4, D0=128, B1=3, G2=1, HAS_PERM=1, XT=1, HAS_MEAN=1,
+                HAS_SCALE=1) | tuning  # fmt: skip
+    return tuple(f"-D{k}={v}" for k, v in opts.items())
+
+
+def stats(variant: dict, kernel: str = "decode") -> dict:
     var = dict(variant)
     source = var.pop("source", None)
-    text = Path(source).read_text() if source else kdecode._MMA_SOURCE
-    cubin = cuda.compile_cubin(text, "sm_90", k4v3_options(var))
+    encode = kernel == "encode-had"
+    text = Path(source).read_text() if source else (kencode._MMA_SOURCE if encode else kdecode._MMA_SOURCE)
+    cubin = cuda.compile_cubin(text, "sm_90", encode_had_options(var) if encode else k4v3_options(var))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         sass = subprocess.run([cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
         res = subprocess.run([cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    body = unit_loop(sass)
+    body = unit_loop(sass, "HMMA" if encode else "LDGSTS")
     mix = Counter(opcode(t) for _, t in body)
     usage = re.search(r"REG:(\d+) STACK:(\d+)", res)
     return {"variant": variant, "instructions": len(body), "integer_pipe": sum(mix[o] for o in INT_PIPE),
@@ -119,16 +134,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="sass_loop")
-    ap.add_argument("--variants", default="[{}]", help='JSON list of decode_mma.cu macro dicts (and "source")')
+    ap.add_argument("--kernel", default="decode", choices=("decode", "encode-had"))
+    ap.add_argument("--variants", default="[{}]", help='JSON list of the kernel\'s macro dicts (and "source")')
     args = ap.parse_args()
-    rows = [stats(v) for v in json.loads(args.variants)]
+    rows = [stats(v, args.kernel) for v in json.loads(args.variants)]
     for r in rows:
         top = ", ".join(f"{k} {v}" for k, v in list(r["mix"].items())[:6])
         print(f"{json.dumps(r['variant'])}: {r['instructions']} instructions, {r['integer_pipe']} on the integer pipe, "
               f"critical path ~{r['critical_path_cycles']} cycles, {r['registers']} registers, "
               f"{r['stack_bytes']} B stack ({top})")  # fmt: skip
     out = Path(args.out) / f"{args.name}.json"
-    out.write_text(json.dumps({"arch": "sm_90", "config": "K4/V3", "rows": rows}, indent=1))
+    config = "HAD encode, 3.5 bits at 256" if args.kernel == "encode-had" else "K4/V3"
+    out.write_text(json.dumps({"arch": "sm_90", "config": config, "rows": rows}, indent=1))
     print(f"wrote {out}")
 
 

@@ -7,6 +7,7 @@ the codes ``RowCodec.encode`` writes. The kernel itself is compared with the ref
 from __future__ import annotations
 
 import ctypes
+import math
 
 import numpy as np
 import pytest
@@ -49,10 +50,13 @@ def test_compiles(cfg, arch):
 
 
 @needs_nvrtc
-@pytest.mark.parametrize("d,bits", [(256, 4), (128, 3), (64, 2)])
+@pytest.mark.parametrize("d,bits", [(256, 4), (128, 3), (64, 2), (256, 3.5), (256, 2.5)])
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_hadamard_kernel_compiles(d, bits, arch):
-    opts = dict(kencode.HAD_TUNING, HAD=1, D=d, B0=bits, XT=1, HAS_MEAN=1, HAS_SCALE=0)
+    two = bits % 1 != 0  # (two groups of 128 with the gather, as the cache runs them)
+    b0 = math.ceil(bits)
+    groups = dict(G2=1, D0=128, B1=b0 - 1, HAS_PERM=1) if two else {}
+    opts = dict(kencode.had_tuning(two), HAD=1, D=d, B0=b0, XT=1, HAS_MEAN=1, HAS_SCALE=0, **groups)
     cubin = cuda.compile_cubin(kencode._MMA_SOURCE, arch, tuple(f"-D{k}={v}" for k, v in opts.items()))
     assert cubin[:4] == b"\x7fELF" and b"tq_encode_had" in cubin
 
@@ -301,8 +305,8 @@ def _halves(words: torch.Tensor) -> torch.Tensor:
 
 def emulate_hadamard(x, codec, perm, mean, scale) -> dict[str, torch.Tensor]:
     """What the HAD kernel computes, register for register: loads, row (group) norms, sign masks, the six mma steps
-    with float16 operands, movmatrix, the float16-pair quantizer and the reduce-scatter of the code runs. Two
-    channel groups (fractional widths at 256): the tile of a permuted row is that of two rows of 128."""
+    with float16 operands, movmatrix, the float16-pair quantizer, the reduce-scatter of the code runs and the word
+    stores. Two channel groups (fractional widths at 256): the tile of a permuted row is that of two rows of 128."""
     bsz, heads, rows, dim = x.shape
     td, groups = kencode._layout_dim(codec), len(codec.groups)
     rpt = 256 // td  # tile rows of td coordinates: rows of x, or the two groups of one row
@@ -354,13 +358,24 @@ def emulate_hadamard(x, codec, perm, mean, scale) -> dict[str, torch.Tensor]:
         t4 = lane % 4
         quad = range(lane - t4, lane - t4 + 4)
         runs[:, lane] = np.bitwise_or.reduce(out[:, list(quad), 2 * (t4 & 1) + (t4 >> 1)], axis=1)
-    ur, uo = kencode.tile_place(td, _G + 8 * (_T4 & 1), 8 * (_T4 >> 1))
     codes = [np.zeros((tiles, rpt, td * wide[i] // 8), dtype=np.uint8) for i in range(2)]
-    for lane in range(32):
-        grp = int(ur[lane]) if groups == 2 else 0
-        start = int(uo[lane]) // 8 * wide[grp]
-        for i in range(wide[grp]):
-            codes[grp][:, int(ur[lane]), start + i] = (runs[:, lane] >> np.uint32(8 * i)) & 0xFF
+    if groups == 2 or wide[0] == 3:  # (WORDS) lane l stores word l, two runs shifted together
+        sw = kencode.store_lane_constants(td, tuple(wide), groups == 2).numpy().astype(np.int64)
+        for lane in range(32):
+            (w0, mask, slot, off) = sw[lane, :4]
+            if off < 0:
+                continue
+            a, b, sa, sb = w0 & 0xFF, (w0 >> 8) & 0xFF, (w0 >> 16) & 0xFF, (w0 >> 24) & 0xFF
+            word = (runs[:, a] >> np.uint32(sa)) | ((runs[:, b] << np.uint32(sb)) & np.uint32(mask & 0xFFFFFFFF))
+            grp, row = (slot, slot) if groups == 2 else (0, slot)  # (two groups: group i is row i)
+            for i in range(4):
+                codes[grp][:, row, off + i] = (word >> np.uint32(8 * i)) & 0xFF
+    else:  # each lane stores its run
+        ur, uo = kencode.tile_place(td, _G + 8 * (_T4 & 1), 8 * (_T4 >> 1))
+        for lane in range(32):
+            start = int(uo[lane]) // 8 * wide[0]
+            for i in range(wide[0]):
+                codes[0][:, int(ur[lane]), start + i] = (runs[:, lane] >> np.uint32(8 * i)) & 0xFF
     norms = (1 / inv).reshape(-1, rpt)
     if groups == 1:
         return {"codes0": torch.from_numpy(codes[0]).reshape(bsz, heads, rows + pad, -1)[:, :, :rows],

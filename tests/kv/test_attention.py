@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 from turbovq import TurboQuantMSE  # noqa: E402
 from turbovq.kv import attention as kv_attention  # noqa: E402
 from turbovq.kv.attention import attend_codes, codes_attention, dequantize_attention  # noqa: E402
-from turbovq.kv.cache import PackedRows, RowCodec  # noqa: E402
+from turbovq.kv.cache import PackedRows, RowCodec, gather_order  # noqa: E402
 
 
 def reference_attention(query, keys, values, mask, scaling):
@@ -164,6 +164,33 @@ def test_calibration_picks_largest_channels():
     assert perm[0, :2].tolist() == [5, 9] and perm[1, :2].tolist() == [60, 61]
     assert torch.equal(perm.sort(dim=-1).values, torch.arange(64).expand(2, 64))  # a permutation per head
     assert RowCodec(64, 3).calibrate(x) is None  # integer bits: no outliers
+
+
+def _bank_passes(order: list[int]) -> list[int]:
+    """Shared-memory passes of each of the HAD kernel's 4 gather reads (read k of lane l: position 4 l + k): the
+    most distinct 4-byte words (channel // 2) any one of the 32 banks serves."""
+    passes = []
+    for k in range(4):
+        banks: dict[int, set[int]] = {}
+        for c in order[k::4]:
+            banks.setdefault((c >> 1) & 31, set()).add(c >> 1)
+        passes.append(max(len(w) for w in banks.values()))
+    return passes
+
+
+def test_two_groups_of_128_come_in_a_conflict_free_gather_order():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 200, 256, generator=g) * (torch.rand(3, 1, 256, generator=g) * 4 + 0.1)
+    perm = RowCodec(256, 3.5).calibrate(x)
+    ms = x.pow(2).mean(dim=(0, 2))
+    for h in range(3):
+        top, rest = perm[h, :128].tolist(), perm[h, 128:].tolist()
+        assert sorted(top) == sorted(torch.topk(ms[h], 128).indices.tolist())  # the same channels as before
+        assert sorted(top + rest) == list(range(256))
+        assert _bank_passes(top) == _bank_passes(rest) == [1, 1, 1, 1]
+        assert max(_bank_passes(sorted(top))) > 1  # (the ascending order has conflicts)
+    for chans in (list(range(128)), list(range(0, 256, 2)), list(range(64, 192))):  # structured groups
+        assert sorted(gather_order(chans)) == chans and _bank_passes(gather_order(chans)) == [1, 1, 1, 1]
 
 
 def test_codes_attention_context_is_reversible():

@@ -159,17 +159,28 @@ MMA_TUNING = {64: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 1}, 128: {"NWARPS": 4,
 
 
 # with TurboQuant_prod keys (QJL): the residual's fragments and the sketch product take registers, so fewer blocks
-# and no prefetch at 128 (kernels_encode_qjl_r10.json: 0.528 ms vs 0.554-0.569 for the other settings; 64 untuned)
-QJL_TUNING = {64: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 1}, 128: {"NWARPS": 4, "MT": 1, "MINB": 2, "PF": 0}}
+# and no prefetch into registers at 128 (kernels_encode_qjl_r10.json: 0.528 ms vs 0.554-0.569 for the other
+# settings), but one into shared memory (ASYNC; kernels_encode_async_r15.json: 0.511 ms with 8 warps, one block,
+# against 0.530-0.536 for the round-10 setting in the same run). 64 untuned.
+QJL_TUNING = {64: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 1},
+              128: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 0, "ASYNC": 1}}  # fmt: skip
 
 
 def mma_tuning(dim: int, qjl: bool = False) -> dict[str, int]:
     return (QJL_TUNING if qjl else MMA_TUNING)[dim]
 
 
-# the HAD kernel's tuning (benchmarks/kernels.py --phases encode --tune-had, H100; kernels_encode_had_r10b.json,
-# kernels_encode_had_sweep_r10.json): warps per block, blocks per SM the registers must allow, tiles in flight per warp
-HAD_TUNING = {"NWARPS": 4, "MINB": 4, "TW": 4}
+# the HAD kernel's tuning (benchmarks/kernels.py --phases encode --tune-had, H100): warps per block, blocks per SM
+# the registers must allow, tiles in flight per warp. One group: 8 warps, 2 blocks beat 4 warps, 4 blocks by 2-4% at
+# 4 and 3 bits in two runs (kernels_encode_r15a.json, kernels_encode_r15b.json).
+HAD_TUNING = {"NWARPS": 8, "MINB": 2, "TW": 4}
+# two channel groups (fractional widths at 256): the gather of every tile's channels at once takes registers, so 3
+# blocks of 4 warps per SM (kernels_encode_r15b.json: 0.734 ms at 3.5 bits, against 0.836 with 8 warps, 2 blocks)
+HAD_TUNING_G2 = {"NWARPS": 4, "MINB": 3, "TW": 4}
+
+
+def had_tuning(two_groups: bool) -> dict[str, int]:
+    return HAD_TUNING_G2 if two_groups else HAD_TUNING
 # where encode_rows takes the HAD kernel by default: at head_dim 256 it beats the dense-R kernel (whose R fills shared
 # memory there), at 128 and 64 the dense one is faster (kernels_encode_r10.json)
 HAD_DEFAULT_DIMS = (256,)
@@ -256,6 +267,38 @@ def hadamard_lane_constants(dim: int, signs: torch.Tensor) -> torch.Tensor:
         out.append(torch.cat([la, rb, sg], -1))
     m = torch.stack(out)
     return (m - (m >> 31 << 32)).to(torch.int32)  # uint32 words as int32
+
+
+def store_lane_constants(dim: int, wide: tuple[int, int], two: bool) -> torch.Tensor:
+    """``(32, 12)`` int32, the HAD kernel's per-lane store registers for widths with 3-bit runs or two groups.
+
+    Why: after the reduce-scatter each lane holds one 8-code run (``b`` bytes) of the tile, and storing those runs
+    (3-byte runs at odd or even offsets, two widths side by side) diverges; the branches serialise the warp and keep
+    the compiler from interleaving the tiles in flight. Instead every lane stores one aligned 4-byte word of the
+    packed output, built from the runs of at most two lanes (two shuffles): words are numbered over the tile's
+    slots (its rows, or the two groups of one row at 256), lane l takes word l. Registers: word 0 = source lanes a,
+    b and shifts (bytes a, b, c, d), word 1 the mask of lane b's part, word 2 the slot, word 3 the byte offset in
+    the slot's row (-1: no word).
+    """
+    rpt = 256 // dim
+    slots = 2 if two else rpt
+    g, t4 = torch.arange(32) // 4, torch.arange(32) % 4
+    ur, uo = tile_place(dim, g + 8 * (t4 & 1), 8 * (t4 >> 1))  # the run lane l holds: (slot, unit uo / 8)
+    holder = {(int(r), int(o) // 8): lane for lane, (r, o) in enumerate(zip(ur, uo))}
+    out = torch.zeros(32, 12, dtype=torch.int64)
+    out[:, 3] = -1
+    lane = 0
+    for slot in range(slots):
+        bits = wide[slot] if two else wide[0]
+        for j in range(dim * bits // 32):
+            a, off = divmod(4 * j, bits)
+            src_a = holder[(slot, a)]
+            spill = off + 4 > bits  # the word reaches into the next run
+            src_b = holder[(slot, a + 1)] if spill else src_a
+            out[lane, :4] = torch.tensor([src_a | src_b << 8 | 8 * off << 16 | (8 * (bits - off) if spill else 0) << 24,
+                                          -1 if spill else 0, slot, 4 * j])  # fmt: skip
+            lane += 1
+    return out.to(torch.int32)
 
 
 class _MmaParams(ctypes.Structure):
@@ -371,21 +414,22 @@ def _encode_hadamard(x, codec, perm, mean_arg, iscale, fields) -> None:
     consts, tp0, tp1 = _had_constants(codec, dev)
     (b0, d0, _), b1 = codec.groups[0], codec.groups[-1][0]
     two = len(codec.groups) == 2
+    tuning = had_tuning(two)
     # (only two groups have outlier channels to gather)
     perm_arg = None if perm is None or not two else weak_cached(
         _NORMALIZERS, (perm,), dev, lambda: perm.int().contiguous())
-    opts = dict(HAD_TUNING, HAD=1, D=dim, B0=b0, D0=d0, B1=b1, G2=int(two), HAS_PERM=int(perm_arg is not None),
+    opts = dict(HAD=1, D=dim, B0=b0, D0=d0, B1=b1, G2=int(two), HAS_PERM=int(perm_arg is not None),
                 XT=int(x.dtype == torch.bfloat16), HAS_MEAN=int(mean_arg is not None),
-                HAS_SCALE=int(iscale is not None))  # fmt: skip
+                HAS_SCALE=int(iscale is not None)) | tuning  # (the tuning last: benchmarks' A/B may override)
     kern = cuda.kernel(_MMA_SOURCE, "tq_encode_had", dev, tuple(f"-D{k}={v}" for k, v in opts.items()))
-    chunk, grid = _row_grid(kern, bsz * heads, rows, 256 // dim * HAD_TUNING["TW"], HAD_TUNING["NWARPS"], 0, dev)
+    chunk, grid = _row_grid(kern, bsz * heads, rows, 256 // dim * tuning["TW"], tuning["NWARPS"], 0, dev)
     last = "1" if two else "0"
     prm = _MmaParams(
         _ptr(x), _ptr(mean_arg), _ptr(iscale), consts.data_ptr(), fields["codes0"].data_ptr(),
         fields["norms0"].data_ptr(), fields[f"codes{last}"].data_ptr(), fields[f"norms{last}"].data_ptr(),
         x.stride(0), x.stride(1), x.stride(2), 0, rows, heads, chunk, tp0, tp1, _ptr(perm_arg),
     )  # fmt: skip
-    kern(grid, 32 * HAD_TUNING["NWARPS"], prm, cuda.stream(dev))
+    kern(grid, 32 * tuning["NWARPS"], prm, cuda.stream(dev))
 
 
 def _had_constants(codec: RowCodec, device) -> tuple:
@@ -395,7 +439,10 @@ def _had_constants(codec: RowCodec, device) -> tuple:
     def build():
         td = _layout_dim(codec)
         signs = torch.stack([hadamard_signs(td, g.seed) for g in codec.mse._groups])
-        consts = hadamard_lane_constants(td, signs[0] if len(signs) == 1 else signs).to(device)
+        two = len(signs) == 2
+        wide = (codec.groups[0][0], codec.groups[-1][0])
+        consts = torch.cat([hadamard_lane_constants(td, signs if two else signs[0]),
+                            store_lane_constants(td, wide, two)[None]]).to(device)  # fmt: skip
         tps = []
         for i in range(2):
             grp = codec.mse._groups[min(i, len(signs) - 1)]
@@ -424,7 +471,8 @@ def _encode_cuda(x, codec, perm, mean, scale, fields, hadamard: bool | None = No
     if codec.qjl:
         opts.update(QJL=1, RQ=rq)
     kern = cuda.kernel(_MMA_SOURCE, "tq_encode", dev, tuple(f"-D{k}={v}" for k, v in opts.items()))
-    smem = dim * dim * 2 + dim * rq * 2 + 2 * dim * 4
+    staging = tune.get("ASYNC", 0) * 2 * tune["NWARPS"] * 16 * tune["MT"] * dim * 2  # two tiles of rows per warp
+    smem = dim * dim * 2 + dim * rq * 2 + 2 * dim * 4 + staging
     chunk, grid = _row_grid(kern, bsz * heads, rows, 16 * tune["MT"], tune["NWARPS"], smem, dev)
     prm = _MmaParams(
         _ptr(x), _ptr(mean_arg), _ptr(iscale), frag.data_ptr(),

@@ -33,7 +33,8 @@
 // Configuration macros (set by encode.py): D (head_dim 64/128/256); per channel group i (fractional widths have
 // two, outliers first): B_i (bits 2..4), D_i (channels, D1 = 0 for one group); XT (0 float16, 1 bfloat16);
 // HAS_MEAN, HAS_SCALE; tuning: NWARPS, MT (16-row tiles per warp), MINB (blocks per SM the registers must allow),
-// PF (prefetch the next tile's rows into registers).
+// PF (prefetch the next tile's rows into registers), ASYNC (prefetch them into shared memory instead, cp.async: no
+// registers, for the QJL kernel whose registers are full).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -63,6 +64,9 @@ struct Params {
 #define RQ 32
 #endif
 
+#ifndef ASYNC
+#define ASYNC 0
+#endif
 #define NK (D / 16)        // k-steps of the rotation
 #define NQ (D / 4)         // input coordinates per lane and row
 #define NCH (D / 32)       // 16-byte chunks (8 coordinates) per lane and row
@@ -420,11 +424,48 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const 
             }
     };
     const int step = NWARPS * 16 * MT;
-#if PF
+#if ASYNC  // two staging buffers of 16 MT rows per warp after the mean and scale; a lane reads back only what it
+           // copied (no barrier), its 16-byte chunk j of tile row q at j ^ 4 (q & 1) (no bank conflicts)
+    constexpr int SROWS = 16 * MT * D / 8;  // 16-byte chunks per buffer
+    uint4* stg = smem_v + D * D / 8 + (QJL ? D * RQ / 8 : 0) + D / 2 + warp * 2 * SROWS;
+    auto slot = [&](int m, int r, int c) { return (16 * m + 8 * r + g) * (D / 8) + ((t4 + 4 * c) ^ ((g & 1) << 2)); };
+    auto issue = [&](int r0, int buf) {
+#pragma unroll
+        for (int m = 0; m < MT; m++)
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int row = r0 + 16 * m + 8 * r + g;
+                const uint4* src = (const uint4*)(xb + (long long)(row < hi ? row : lo) * p.sxt + 8 * t4);
+#pragma unroll
+                for (int c = 0; c < NCH; c++) {
+                    const u32 dst = (u32)__cvta_generic_to_shared(stg + buf * SROWS + slot(m, r, c));
+                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                                 :: "r"(dst), "l"(src + 4 * c), "r"(row < hi ? 16 : 0) : "memory");  // (0: zeros)
+                }
+            }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+    int buf = 0;
+    issue(lo + warp * 16 * MT, 0);
+#elif PF
     load_tile(lo + warp * 16 * MT);
 #endif
     for (int r0 = lo + warp * 16 * MT; r0 < hi; r0 += step) {
-#if PF
+#if ASYNC
+        if (r0 + step < hi)
+            issue(r0 + step, buf ^ 1);
+        else
+            asm volatile("cp.async.commit_group;" ::: "memory");  // (an empty group: the wait below stays one behind)
+        asm volatile("cp.async.wait_group 1;" ::: "memory");
+        uint4 cur[MT][2][NCH];
+#pragma unroll
+        for (int m = 0; m < MT; m++)
+#pragma unroll
+            for (int r = 0; r < 2; r++)
+#pragma unroll
+                for (int c = 0; c < NCH; c++) cur[m][r][c] = stg[buf * SROWS + slot(m, r, c)];
+        buf ^= 1;
+#elif PF
         uint4 cur[MT][2][NCH];
 #pragma unroll
         for (int m = 0; m < MT; m++)
@@ -476,6 +517,9 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const 
         if (D1 > 0) encode_group<B1, DG1, D0 / 8, LB1>(a, nrm, smem_v, p.tp1, c1, n1, r0, hi, lane, unused, p.tc);
 #endif
     }
+#if ASYNC
+    asm volatile("cp.async.wait_group 0;" ::: "memory");  // (no copy outlives the block)
+#endif
 }
 #else
 
@@ -498,15 +542,17 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const 
 //
 // G2 = 1: fractional widths at D = 256, two channel groups of 128 (outliers first), each with its own rotation,
 // norm and codebook: the tile is the layout of two rows of 128, group g in tile rows 8 g .. 8 g + 7; with HAS_PERM
-// each group's channels are gathered through the head's permutation (p.perm): the lanes store the row (as loaded)
-// in the warp's shared memory and read back their channels.
+// each group's channels are gathered through the head's permutation (p.perm): the lanes store the rows (as loaded)
+// of the warp's TW tiles in shared memory and read back their channels (kv.cache.gather_order orders a calibrated
+// group's channels so that these reads are free of bank conflicts).
 //
 // Lane (g, t4) loads columns 4 t4 .. 4 t4 + 3 of tile rows g and g + 8 (one 8-byte load each) into the B-fragment
 // slots 2 t4, 2 t4 + 1, 2 t4 + 8, 2 t4 + 9; the first round's L has its columns permuted to match, and round 0's
 // signs are folded into the lane's channel scales. The codes of 8 columns of a tile row (b bytes) are gathered from
-// the row's 4 lanes by a reduce-scatter of two shuffles; each lane stores one such run. Configuration macros: D, B0
+// the row's 4 lanes by a reduce-scatter of two shuffles; each lane stores one such run, or (WORDS: 3-bit runs, two
+// widths) one aligned 4-byte word of the tile's output, from the runs of two lanes. Configuration macros: D, B0
 // (2..4), G2, B1, HAS_PERM, XT, HAS_MEAN, HAS_SCALE; tuning NWARPS, MINB, TW (tiles per warp in flight). p.rfrag
-// holds the lane constants (encode.hadamard_lane_constants).
+// holds the lane constants (encode.hadamard_lane_constants, then encode.store_lane_constants).
 
 #ifndef G2  // one channel group unless told
 #define G2 0
@@ -522,6 +568,9 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const 
 #define TD D
 #endif
 #define RPT (256 / D)  // rows per tile
+// stores as aligned 4-byte words gathered from the runs (store_lane_constants) where runs alone would diverge: 3-bit
+// runs (odd or even byte offsets), or two widths side by side
+#define WORDS (G2 || B0 == 3)
 
 // One 16 x 8 x 16 product with float16 accumulation: its accumulator pairs are directly the next step's operands.
 __device__ __forceinline__ void mma16816h(u32 (&c)[2], const u32 (&a)[4], u32 b0, u32 b1) {
@@ -554,20 +603,13 @@ __device__ __forceinline__ u32 code_pair(u32 y, const u32* tp, int t4) {
     return ((q | (q >> (16 - BITS))) & ((1u << 2 * BITS) - 1)) << (2 * t4 * BITS);
 }
 
-// Store a run of 8 codes (BITS bytes) at dst; 3-bit runs start at byte 3 k, odd or even.
+// Store a run of 8 codes (BITS = 4 or 2 bytes) at dst (other widths: WORDS).
 template <int BITS>
-__device__ __forceinline__ void store_unit(unsigned char* dst, u32 run, bool odd) {
-    if (BITS == 4) {
+__device__ __forceinline__ void store_unit(unsigned char* dst, u32 run) {
+    if (BITS == 4)
         *(u32*)dst = run;
-    } else if (BITS == 2) {
+    else
         *(u16*)dst = (u16)run;
-    } else if (!odd) {
-        *(u16*)dst = (u16)run;
-        dst[2] = (unsigned char)(run >> 16);
-    } else {
-        dst[0] = (unsigned char)run;
-        *(u16*)(dst + 1) = (u16)(run >> 8);
-    }
 }
 
 extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode_had(const __grid_constant__ Params p) {
@@ -584,6 +626,12 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode_had(co
         rb[k][0][0] = r.x, rb[k][0][1] = r.y, rb[k][1][0] = r.z, rb[k][1][1] = r.w;
         sg[k][0] = m.x, sg[k][1] = m.y, sg[k][2] = m.z, sg[k][3] = m.w;
     }
+#if WORDS  // the word this lane stores: source lanes and shifts, lane b's mask, slot, byte offset (-1: none)
+    const uint4 sw = ((const uint4*)p.rfrag)[(3 * 32 + lane) * 3];
+    const int wa = sw.x & 31, wb = (sw.x >> 8) & 31, wsa = (sw.x >> 16) & 31, wsb = sw.x >> 24;
+    const u32 wmask = sw.y;
+    const int wslot = sw.z, woff = (int)sw.w;
+#endif
     // this lane's input: coordinates o[nu] .. o[nu] + 3 of row (G2: group) r[nu] of each tile (tile row g + 8 nu),
     // input channels ch[nu][i]
     int r[2], o[2], lin[2], ch[2][4];  // lin: the first of the 4 row positions the lane loads
@@ -604,19 +652,22 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode_had(co
     }
     const int lo = blockIdx.x * p.chunk, hi = min(p.T, lo + p.chunk);
     const int first = lo + warp * RPT * TW, step = NWARPS * RPT * TW;  // the warp's first row, rows per iteration
-    // the unit of codes this lane stores after the reduce-scatter: tile row g + 8 (t4 & 1), columns 8 (t4 >> 1) ..
-    int ur, uo;
-    tile_place(g + 8 * (t4 & 1), 8 * (t4 >> 1), ur, uo);
-    const int ug = G2 ? ur : 0;  // its channel group
-    if (G2) ur = 0;
-    const int ub = ug ? B1 : B0;  // its bits
     // pointers at the warp's first tile, advanced by step rows per iteration
     const u16* xp[2];
 #pragma unroll
     for (int nu = 0; nu < 2; nu++)
         xp[nu] = (const u16*)p.x + b * p.sxb + h * p.sxh + (long long)(first + r[nu]) * p.sxt + lin[nu];
-    const int rb0 = D0 * B0 / 8, rb1 = (D - D0) * B1 / 8, urb = ug ? rb1 : rb0;  // code bytes per row
-    unsigned char* cp = (ug ? p.c1 : p.c0) + ((long long)bh * p.T + first + ur) * urb + (uo / 8) * ub;
+    // where this lane's codes go: WORDS, its word (in row wrow of the tile, or group wslot); else the run it holds
+    // after the reduce-scatter, tile row g + 8 (t4 & 1), columns 8 (t4 >> 1) ..
+#if WORDS
+    const int crb = G2 && wslot ? (D - D0) * B1 / 8 : D0 * B0 / 8, wrow = G2 ? 0 : wslot;  // code bytes per row
+    unsigned char* cp = (G2 && wslot ? p.c1 : p.c0) + ((long long)bh * p.T + first + wrow) * crb + max(woff, 0);
+#else
+    int ur, uo;
+    tile_place(g + 8 * (t4 & 1), 8 * (t4 >> 1), ur, uo);
+    const int crb = D * B0 / 8;
+    unsigned char* cp = p.c0 + ((long long)bh * p.T + first + ur) * crb + (uo / 8) * B0;
+#endif
     float* np0 = p.n0 + (long long)bh * p.T + first;
     float* np1 = p.n1 + (long long)bh * p.T + first;
     const long long xstep = (long long)step * p.sxt;
@@ -633,25 +684,28 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode_had(co
 #endif
     uint2 raw[TW][2];
     load(raw, first);
-    for (int r0 = first; r0 < hi; r0 += step, cp += (long long)step * urb, np0 += step, np1 += step) {
+    for (int r0 = first; r0 < hi; r0 += step, cp += (long long)step * crb, np0 += step, np1 += step) {
         uint2 cur[TW][2];
 #pragma unroll
         for (int t = 0; t < TW; t++) cur[t][0] = raw[t][0], cur[t][1] = raw[t][1];
         xp[0] += xstep, xp[1] += xstep;
         if (r0 + step < hi) load(raw, r0 + step);
+#if HAS_PERM  // every tile's channels at once: no barrier between the tiles' work, which the compiler interleaves
+        __syncwarp();  // (the previous iteration's reads are done)
+#pragma unroll
+        for (int t = 0; t < TW; t++) stage[warp][t][lin[0] / 4] = cur[t][0], stage[warp][t][lin[1] / 4] = cur[t][1];
+        __syncwarp();
+#pragma unroll
+        for (int t = 0; t < TW; t++) {
+            const u16* row = (const u16*)stage[warp][t];
+#pragma unroll
+            for (int nu = 0; nu < 2; nu++)
+                cur[t][nu] = make_uint2(row[ch[nu][0]] | (u32)row[ch[nu][1]] << 16, row[ch[nu][2]] | (u32)row[ch[nu][3]] << 16);
+        }
+#endif
 #pragma unroll
         for (int t = 0; t < TW; t++) {
             const int rt = r0 + RPT * t;  // the tile's first row
-#if HAS_PERM
-            stage[warp][t][lin[0] / 4] = cur[t][0], stage[warp][t][lin[1] / 4] = cur[t][1];
-            __syncwarp();
-#pragma unroll
-            for (int nu = 0; nu < 2; nu++) {
-                const u16* row = (const u16*)stage[warp][t];
-                cur[t][nu] = make_uint2(row[ch[nu][0]] | (u32)row[ch[nu][1]] << 16, row[ch[nu][2]] | (u32)row[ch[nu][3]] << 16);
-            }
-            __syncwarp();
-#endif
             float v[2][4], ss[2];
 #pragma unroll
             for (int nu = 0; nu < 2; nu++) {
@@ -670,23 +724,40 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode_had(co
 #pragma unroll
             for (int m = 1; m < 32; m *= 2) ss[0] += __shfl_xor_sync(0xFFFFFFFFu, ss[0], m);
             ss[1] = ss[0];
+#elif TD == 128  // a reduce-scatter: lanes 0-15 sum row (group) 0, lanes 16-31 row 1 (6 shuffles, one rsqrt)
+            {
+                const bool up = lane & 16;
+                float s = (up ? ss[1] : ss[0]) + __shfl_xor_sync(0xFFFFFFFFu, up ? ss[0] : ss[1], 16);
+#pragma unroll
+                for (int m = 1; m < 16; m *= 2) s += __shfl_xor_sync(0xFFFFFFFFu, s, m);
+                ss[0] = ss[1] = s;
+            }
 #else
 #pragma unroll
             for (int nu = 0; nu < 2; nu++)
 #pragma unroll
                 for (int m = 1; m < 32; m *= 2)
-                    if (TD == 128 || m != 2) ss[nu] += __shfl_xor_sync(0xFFFFFFFFu, ss[nu], m);
+                    if (m != 2) ss[nu] += __shfl_xor_sync(0xFFFFFFFFu, ss[nu], m);
 #endif
             u32 z[4];  // z[2 nu + e]: float16 pairs of tile row g + 8 nu, slots (columns) 8 e + 2 t4, + 1
             float inv[2];
             inv[0] = rsqrt_nz_ftz(ss[0]);
-            inv[1] = TD == 256 ? inv[0] : rsqrt_nz_ftz(ss[1]);
+            inv[1] = TD == 64 ? rsqrt_nz_ftz(ss[1]) : inv[0];
+#if TD == 128  // (this lane's sum is its half's row; the other row's from the other half)
+            {
+                const float other = __shfl_xor_sync(0xFFFFFFFFu, inv[0], 16);
+                if (lane & 16) inv[0] = other;
+                else inv[1] = other;
+                if ((lane & 15) == 0 && rt + (G2 ? 0 : lane >> 4) < hi)
+                    (G2 && lane ? np1 : np0)[RPT * t + (G2 ? 0 : lane >> 4)] = ss[0] * (lane ? inv[1] : inv[0]);
+            }
+#endif
 #pragma unroll
             for (int nu = 0; nu < 2; nu++) {
                 z[2 * nu] = pack_h2(v[nu][0] * inv[nu], v[nu][1] * inv[nu]);
                 z[2 * nu + 1] = pack_h2(v[nu][2] * inv[nu], v[nu][3] * inv[nu]);
-                const bool mine = TD == 256 ? lane == 0 && nu == 0 : TD == 128 ? lane == 0 : g == 0 && (t4 & 1) == 0;
-                if (mine && rt + r[nu] < hi) (G2 && nu ? np1 : np0)[RPT * t + r[nu]] = ss[nu] * inv[nu];
+                const bool mine = TD == 256 ? lane == 0 && nu == 0 : TD == 64 && g == 0 && (t4 & 1) == 0;
+                if (mine && rt + r[nu] < hi) np0[RPT * t + r[nu]] = ss[nu] * inv[nu];
             }
 #pragma unroll
             for (int k = 0; k < 3; k++) {
@@ -718,13 +789,12 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode_had(co
             k1 |= __shfl_xor_sync(0xFFFFFFFFu, o1 ? u[1] : u[3], 1);
             u32 run = o2 ? k1 : k0;
             run |= __shfl_xor_sync(0xFFFFFFFFu, o2 ? k0 : k1, 2);
-            if (rt + ur < hi) {
-                unsigned char* dst = cp + RPT * t * urb;
-                if (G2 && ug)
-                    store_unit<B1>(dst, run, (uo / 8) & 1);
-                else
-                    store_unit<B0>(dst, run, (uo / 8) & 1);
-            }
+#if WORDS
+            const u32 word = (__shfl_sync(0xFFFFFFFFu, run, wa) >> wsa) | (__shfl_sync(0xFFFFFFFFu, run, wb) << wsb & wmask);
+            if (woff >= 0 && rt + wrow < hi) *(u32*)(cp + RPT * t * crb) = word;
+#else
+            if (rt + ur < hi) store_unit<B0>(cp + RPT * t * crb, run);
+#endif
         }
     }
 }

@@ -47,6 +47,43 @@ _FP16_MAX = float(torch.finfo(torch.float16).max)
 _TAG = "_turbovq_codes"
 
 
+def gather_order(channels: list[int]) -> list[int]:
+    """An order of a group's 128 channels in which the HAD encode kernel gathers them without bank conflicts.
+
+    Why: any order within a group is as good for the quantizer (its rotation is random either way), but at head_dim
+    256 with two groups the kernel (encode_mma.cu, ``HAS_PERM``) gathers a row's channels from shared memory, where
+    read ``k`` of lane ``l`` takes the group's position ``4 l + k``: a read costs one pass per distinct 4-byte word
+    in the busiest of the 32 banks. Sorted channels put about three words in one bank per read; here each class of
+    positions ``k mod 4`` holds at most one word per bank wherever the greedy below finds one (every case tested).
+    """
+    words: dict[int, list[int]] = {}
+    for c in channels:
+        words.setdefault(c >> 1, []).append(c)
+    banks: dict[int, list[list[int]]] = {}
+    for w, cs in words.items():
+        banks.setdefault(w & 31, []).append(cs)
+    size = len(channels) // 4
+    classes: list[list[int]] = [[] for _ in range(4)]
+    seen = [dict() for _ in range(4)]  # words of each bank per class
+
+    def put(k: int, cs: list[int], b: int) -> None:
+        classes[k] += cs
+        seen[k][b] = seen[k].get(b, 0) + 1
+
+    for b, ws in sorted(banks.items(), key=lambda kv: (-len(kv[1]), kv[0])):  # the busiest banks first
+        for cs in sorted(ws, key=lambda cs: (-len(cs), cs)):
+            fits = [k for k in range(4) if len(classes[k]) + len(cs) <= size]
+            if fits:
+                put(min(fits, key=lambda k: (seen[k].get(b, 0), len(classes[k]), k)), cs, b)
+            else:  # (a word's two channels in two classes)
+                for c in cs:
+                    put(min((k for k in range(4) if len(classes[k]) < size), key=lambda k: seen[k].get(b, 0)), [c], b)
+    out = [0] * len(channels)
+    for k, cls in enumerate(classes):
+        out[k::4] = sorted(cls)
+    return out
+
+
 class RowCodec:
     """TurboQuant for the rows of ``(batch_size, num_kv_heads, n, head_dim)`` tensors, vectorized over heads.
 
@@ -93,13 +130,16 @@ class RowCodec:
 
     # --- channel permutation ---------------------------------------------------------------------------------
     def calibrate(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Per-head permutation putting the ``num_outliers`` channels of largest RMS over ``x`` first, ``(H, D)``."""
+        """Per-head permutation putting the ``num_outliers`` channels of largest RMS over ``x`` first, ``(H, D)``.
+        Within a group the channels are ascending, or for two groups of 128 in :func:`gather_order`."""
         if self.num_outliers == 0:
             return None
         ms = x.float().pow(2).mean(dim=(0, 2))  # (H, D)
         top = torch.topk(ms, self.num_outliers, dim=-1).indices.sort(dim=-1).values
         mask = torch.ones_like(ms, dtype=torch.bool).scatter_(-1, top, False)
         rest = torch.arange(self.dim, device=x.device).expand_as(ms)[mask].reshape(ms.shape[0], -1)
+        if self.num_outliers == self.dim - self.num_outliers == 128:
+            top, rest = (torch.tensor([gather_order(r) for r in g.tolist()], device=x.device) for g in (top, rest))
         return torch.cat([top, rest], dim=-1)
 
     @staticmethod
