@@ -447,8 +447,10 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const 
     };
     int buf = 0;
     issue(lo + warp * 16 * MT, 0);
+    auto held = [&](int m, int r, int c) { return stg[buf * SROWS + slot(m, r, c)]; };  // the prefetched tile
 #elif PF
     load_tile(lo + warp * 16 * MT);
+    auto held = [&](int m, int r, int c) { return raw[m][r][c]; };
 #endif
     for (int r0 = lo + warp * 16 * MT; r0 < hi; r0 += step) {
 #if ASYNC
@@ -457,23 +459,20 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const 
         else
             asm volatile("cp.async.commit_group;" ::: "memory");  // (an empty group: the wait below stays one behind)
         asm volatile("cp.async.wait_group 1;" ::: "memory");
+#endif
+#if ASYNC || PF
         uint4 cur[MT][2][NCH];
 #pragma unroll
         for (int m = 0; m < MT; m++)
 #pragma unroll
             for (int r = 0; r < 2; r++)
 #pragma unroll
-                for (int c = 0; c < NCH; c++) cur[m][r][c] = stg[buf * SROWS + slot(m, r, c)];
+                for (int c = 0; c < NCH; c++) cur[m][r][c] = held(m, r, c);
+#if ASYNC
         buf ^= 1;
-#elif PF
-        uint4 cur[MT][2][NCH];
-#pragma unroll
-        for (int m = 0; m < MT; m++)
-#pragma unroll
-            for (int r = 0; r < 2; r++)
-#pragma unroll
-                for (int c = 0; c < NCH; c++) cur[m][r][c] = raw[m][r][c];
+#else
         if (r0 + step < hi) load_tile(r0 + step);
+#endif
 #else
         load_tile(r0);
         const auto& cur = raw;
