@@ -668,7 +668,9 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode_had(co
     unsigned char* cp = p.c0 + ((long long)bh * p.T + first + ur) * crb + (uo / 8) * B0;
 #endif
     float* np0 = p.n0 + (long long)bh * p.T + first;
-    float* np1 = p.n1 + (long long)bh * p.T + first;
+    // (TD = 128) lanes 0 and 16 store the norms of tile rows (groups) 0 and 1: nrow, its row in the tile
+    const int nrow = G2 ? 0 : lane >> 4;
+    float* npl = (G2 && (lane & 16) ? p.n1 : p.n0) + (long long)bh * p.T + first + nrow;
     const long long xstep = (long long)step * p.sxt;
 
     auto load = [&](uint2 (&w)[TW][2], int r0) {
@@ -683,7 +685,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode_had(co
 #endif
     uint2 raw[TW][2];
     load(raw, first);
-    for (int r0 = first; r0 < hi; r0 += step, cp += (long long)step * crb, np0 += step, np1 += step) {
+    for (int r0 = first; r0 < hi; r0 += step, cp += (long long)step * crb, np0 += step, npl += step) {
         uint2 cur[TW][2];
 #pragma unroll
         for (int t = 0; t < TW; t++) cur[t][0] = raw[t][0], cur[t][1] = raw[t][1];
@@ -744,11 +746,10 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode_had(co
             inv[1] = TD == 64 ? rsqrt_nz_ftz(ss[1]) : inv[0];
 #if TD == 128  // (this lane's sum is its half's row; the other row's from the other half)
             {
-                const float other = __shfl_xor_sync(0xFFFFFFFFu, inv[0], 16);
-                if (lane & 16) inv[0] = other;
-                else inv[1] = other;
-                if ((lane & 15) == 0 && rt + (G2 ? 0 : lane >> 4) < hi)
-                    (G2 && lane ? np1 : np0)[RPT * t + (G2 ? 0 : lane >> 4)] = ss[0] * (lane ? inv[1] : inv[0]);
+                const float own = inv[0], other = __shfl_xor_sync(0xFFFFFFFFu, own, 16);
+                inv[0] = lane & 16 ? other : own;
+                inv[1] = lane & 16 ? own : other;
+                if ((lane & 15) == 0 && rt + nrow < hi) npl[RPT * t] = ss[0] * own;
             }
 #endif
 #pragma unroll
