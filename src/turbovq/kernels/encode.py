@@ -181,8 +181,11 @@ HAD_TUNING_G2 = {"NWARPS": 4, "MINB": 3, "TW": 4}
 
 def had_tuning(two_groups: bool) -> dict[str, int]:
     return HAD_TUNING_G2 if two_groups else HAD_TUNING
+
+
 # where encode_rows takes the HAD kernel by default: at head_dim 256 it beats the dense-R kernel (whose R fills shared
-# memory there), at 128 and 64 the dense one is faster (kernels_encode_r10.json)
+# memory there); at 64, and at 128 for 4 bits, the dense one is faster, elsewhere at 128 within 4%
+# (kernels_encode_r15_table.json)
 HAD_DEFAULT_DIMS = (256,)
 # the growth of a tile's norm over the three rounds: the kernel's H_8 factors are +-1/2 instead of +-1/sqrt(8)
 HAD_GROWTH = {64: 8.0, 128: 2**1.5, 256: 1.0}
