@@ -40,6 +40,7 @@ import triton
 from turbovq.kernels import cuda
 from turbovq.kernels import decode as kdecode
 from turbovq.kernels import encode as kencode
+from turbovq.kv.cache import RowCodec
 
 INT_PIPE = {"PRMT", "LOP3", "SHF", "ISETP", "IADD3", "FMNMX", "FSEL", "SEL", "VIADD", "LEA", "IMNMX", "VIMNMX",
             "VIADDMNMX", "FSETP"}  # fmt: skip
@@ -106,9 +107,7 @@ def critical_path(body: list[tuple[int, str]]) -> int:
 
 
 def encode_had_options(tuning: dict) -> tuple[str, ...]:
-    opts = dict(kencode.had_tuning(True), HAD=1, D=256, B0=4, D0=128, B1=3, G2=1, HAS_PERM=1, XT=1, HAS_MEAN=1,
-                HAS_SCALE=1) | tuning  # fmt: skip
-    return tuple(f"-D{k}={v}" for k, v in opts.items())
+    return kencode.had_options(RowCodec(256, 3.5), perm=True, xt=True, mean=True, scale=True, extra=tuning)
 
 
 def stats(variant: dict, kernel: str = "decode") -> dict:

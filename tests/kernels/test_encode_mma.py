@@ -7,7 +7,6 @@ the codes ``RowCodec.encode`` writes. The kernel itself is compared with the ref
 from __future__ import annotations
 
 import ctypes
-import math
 
 import numpy as np
 import pytest
@@ -53,11 +52,8 @@ def test_compiles(cfg, arch):
 @pytest.mark.parametrize("d,bits", [(256, 4), (128, 3), (64, 2), (256, 3.5), (256, 2.5)])
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_hadamard_kernel_compiles(d, bits, arch):
-    two = bits % 1 != 0  # (two groups of 128 with the gather, as the cache runs them)
-    b0 = math.ceil(bits)
-    groups = dict(G2=1, D0=128, B1=b0 - 1, HAS_PERM=1) if two else {}
-    opts = dict(kencode.had_tuning(two), HAD=1, D=d, B0=b0, XT=1, HAS_MEAN=1, HAS_SCALE=0, **groups)
-    cubin = cuda.compile_cubin(kencode._MMA_SOURCE, arch, tuple(f"-D{k}={v}" for k, v in opts.items()))
+    opts = kencode.had_options(RowCodec(d, bits), perm=True, xt=True, mean=True, scale=False)  # (the gather: 2 groups)
+    cubin = cuda.compile_cubin(kencode._MMA_SOURCE, arch, opts)
     assert cubin[:4] == b"\x7fELF" and b"tq_encode_had" in cubin
 
 

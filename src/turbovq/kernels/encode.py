@@ -415,16 +415,14 @@ def _encode_hadamard(x, codec, perm, mean_arg, iscale, fields) -> None:
     bsz, heads, rows, dim = x.shape
     dev = x.device
     consts, tp0, tp1 = _had_constants(codec, dev)
-    (b0, d0, _), b1 = codec.groups[0], codec.groups[-1][0]
     two = len(codec.groups) == 2
     tuning = had_tuning(two)
     # (only two groups have outlier channels to gather)
     perm_arg = None if perm is None or not two else weak_cached(
         _NORMALIZERS, (perm,), dev, lambda: perm.int().contiguous())
-    opts = dict(HAD=1, D=dim, B0=b0, D0=d0, B1=b1, G2=int(two), HAS_PERM=int(perm_arg is not None),
-                XT=int(x.dtype == torch.bfloat16), HAS_MEAN=int(mean_arg is not None),
-                HAS_SCALE=int(iscale is not None)) | tuning  # (the tuning last: benchmarks' A/B may override)
-    kern = cuda.kernel(_MMA_SOURCE, "tq_encode_had", dev, tuple(f"-D{k}={v}" for k, v in opts.items()))
+    opts = had_options(codec, perm=perm_arg is not None, xt=x.dtype == torch.bfloat16, mean=mean_arg is not None,
+                       scale=iscale is not None)  # fmt: skip
+    kern = cuda.kernel(_MMA_SOURCE, "tq_encode_had", dev, opts)
     chunk, grid = _row_grid(kern, bsz * heads, rows, 256 // dim * tuning["TW"], tuning["NWARPS"], 0, dev)
     last = "1" if two else "0"
     prm = _MmaParams(
@@ -433,6 +431,18 @@ def _encode_hadamard(x, codec, perm, mean_arg, iscale, fields) -> None:
         x.stride(0), x.stride(1), x.stride(2), 0, rows, heads, chunk, tp0, tp1, _ptr(perm_arg),
     )  # fmt: skip
     kern(grid, 32 * tuning["NWARPS"], prm, cuda.stream(dev))
+
+
+def had_options(codec: RowCodec, *, perm: bool, xt: bool, mean: bool, scale: bool,
+                extra: dict | None = None) -> tuple[str, ...]:  # fmt: skip
+    """The HAD kernel's compile options for ``codec`` (one group, or two of 128 at 256, gathered through a head
+    permutation when ``perm``), bfloat16 (``xt``) or float16 rows, centered, scaled; its tuning, then ``extra``
+    (benchmarks' A/B variants) override."""
+    (b0, d0, _), b1 = codec.groups[0], codec.groups[-1][0]
+    two = len(codec.groups) == 2
+    opts = dict(HAD=1, D=codec.dim, B0=b0, D0=d0, B1=b1, G2=int(two), HAS_PERM=int(perm and two), XT=int(xt),
+                HAS_MEAN=int(mean), HAS_SCALE=int(scale)) | had_tuning(two) | (extra or {})  # fmt: skip
+    return tuple(f"-D{k}={v}" for k, v in opts.items())
 
 
 def _had_constants(codec: RowCodec, device) -> tuple:
