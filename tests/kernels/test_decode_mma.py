@@ -17,7 +17,7 @@ from turbovq.kv.cache import RowCodec
 
 needs_nvrtc = pytest.mark.skipif(not cuda.nvrtc_available(), reason="libnvrtc not installed")
 
-NAMES = (b"tq_decode_split",)
+NAMES = (b"tq_decode_split", b"tq_decode_query", b"tq_decode_merge")
 # (D, G, key groups, value groups, symmetric 4-bit tables, norm dtype, query dtype, mask dtype, mask, k mean,
 # softcap[, QJL keys: (sketch rows, residual norm dtype)]); groups are (bits, channels), outliers first
 CONFIGS = [
@@ -74,6 +74,15 @@ def test_compiles(cfg, arch):
 
 
 @needs_nvrtc
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if not c[11:]][:8], ids=lambda c: f"d{c[0]}-g{c[1]}-k{len(c[2])}")
+def test_scaled_builds_compile(cfg):
+    """tq_decode_query with key scales, tq_decode_merge with value means and scales (normalized caches)."""
+    opts = _options(*cfg, HAS_KSCALE=1, HAS_VMEAN=1, HAS_VSCALE=1)
+    cubin = cuda.compile_cubin(kdecode._MMA_SOURCE, "sm_90", opts)
+    assert all(n in cubin for n in NAMES)
+
+
+@needs_nvrtc
 @pytest.mark.parametrize("uc,minb,nwarps,ring,vpair", [(1, 3, 4, 4, 1), (2, 1, 8, 0, 1), (2, 2, 4, 0, 0)])
 def test_tuning_variants_compile(uc, minb, nwarps, ring, vpair):
     opts = _options(*CONFIGS[0], UC=uc, MINB=minb, NWARPS=nwarps, RING=ring, VPAIR=vpair)
@@ -81,7 +90,7 @@ def test_tuning_variants_compile(uc, minb, nwarps, ring, vpair):
 
 
 @needs_nvrtc
-@pytest.mark.parametrize("dbg", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+@pytest.mark.parametrize("dbg", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
 def test_timing_experiments_compile(dbg):
     """The DBG builds behind the report's subtractive timings (wrong results on purpose) still compile."""
     assert NAMES[0] in cuda.compile_cubin(kdecode._MMA_SOURCE, "sm_90", _options(*CONFIGS[0], DBG=dbg))
@@ -272,13 +281,70 @@ def test_mma_groups(dim, bits, ok):
 
 
 def test_params_struct_matches_the_c_layout():
-    """17 pointers, 9 int64, 9 int32, 3 float32, four 8-word tables, the trace pointer (8-byte aligned): 392 bytes."""
+    """17 pointers, 9 int64, 9 int32, 3 float32, four 8-word tables, the trace pointer (8-byte aligned), the query
+    kernel's two pointers, 3 x 8 sign words and a flag: 512 bytes; MergeParams: 4 pointers, 2 int32, 3 x 8 words:
+    136 bytes."""
     fields = dict(kdecode._MmaParams._fields_)
-    assert ctypes.sizeof(kdecode._MmaParams) == 392
+    assert ctypes.sizeof(kdecode._MmaParams) == 512
     assert kdecode._MmaParams.ktab.offset == 17 * 8 + 9 * 8 + 9 * 4 + 3 * 4
     assert kdecode._MmaParams.vtab.offset == kdecode._MmaParams.ktab.offset + 64
     assert kdecode._MmaParams.trace.offset == 384
+    assert (kdecode._MmaParams.ksg.offset, kdecode._MmaParams.early.offset) == (408, 504)
     assert fields["scaling"] is ctypes.c_float and list(itertools.islice(fields, 2)) == ["ws", "part"]
+    assert ctypes.sizeof(kdecode._MergeParams) == 136 and kdecode._MergeParams.vsg.offset == 40
+
+
+def _lane_hadamard(x: torch.Tensor, words, inverse: bool = False) -> torch.Tensor:
+    """decode_mma.cu's flip_signs / sylvester as written, on (32 lanes, EC) float64: the forward rotation
+    (tq_decode_query, with HNORM) or its inverse (tq_decode_merge)."""
+    ec = x.shape[1]
+    lane = torch.arange(32)[:, None]
+    coord = ec * lane + torch.arange(ec)
+
+    def flip(x, w):
+        bits = torch.tensor(w, dtype=torch.int64)[coord >> 5] >> (coord & 31) & 1
+        return x * (1 - 2 * bits)
+
+    def sylvester(x):
+        x = x.clone()
+        h = 1
+        while h < ec:
+            for i in range(ec):
+                if not i & h:
+                    a, b = x[:, i].clone(), x[:, i + h].clone()
+                    x[:, i], x[:, i + h] = a + b, a - b
+            h *= 2
+        for m in (1, 2, 4, 8, 16):
+            sg = torch.where(lane & m != 0, -1.0, 1.0).double()
+            x = x * sg + x[lane[:, 0] ^ m]
+        return x
+
+    if inverse:
+        x = sylvester(x)
+        for k in (2, 1):
+            x = sylvester(flip(x, words[k]))
+        x = flip(x, words[0])
+    else:
+        for k in range(3):
+            x = sylvester(flip(x, words[k]))
+    return x / (32 * ec) ** 1.5
+
+
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_lane_hadamard_is_the_codecs_rotation(dim):
+    """The sign words (hadamard_words) read by decode_mma.cu's lane transform give the codec's rotation, x @ A, and
+    its inverse; fractional widths (two groups) and a permutation fall back to the dense R (None)."""
+    codec = RowCodec(dim, 3, seed=5)
+    words = kdecode.hadamard_words(codec, None)
+    a = codec.tensors(0, "cpu")[0].double()
+    x = torch.randn(dim, dtype=torch.float64)
+    y = _lane_hadamard(x.reshape(32, -1), words).reshape(-1)
+    torch.testing.assert_close(y, x @ a)
+    back = _lane_hadamard(y.reshape(32, -1), words, inverse=True).reshape(-1)
+    torch.testing.assert_close(back, x)
+    assert kdecode.hadamard_words(RowCodec(dim, 3.5, seed=5), None) is None
+    assert kdecode.hadamard_words(codec, torch.arange(dim)[None]) is None
+    assert kdecode.hadamard_words(RowCodec(dim, 3, seed=5, rotation="haar"), None) is None
 
 
 def test_launch_config_mirrors_the_driver_structs():

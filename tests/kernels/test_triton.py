@@ -114,6 +114,28 @@ def test_decode_matches_reference(cuda, case, backend):
         torch.testing.assert_close(out_f, decode_attention(q, pk, pv, tk, tv, mask, d**-0.5, softcap))
 
 
+HADAMARD_CASES = [c for c in DECODE_CASES if float(c[6]).is_integer() and float(c[7]).is_integer() and not c[12:]]
+
+
+@pytest.mark.parametrize("case", HADAMARD_CASES, ids=lambda c: f"d{c[0]}-h{c[1]}/{c[2]}-n{c[4]}-k{c[6]}v{c[7]}")
+def test_hadamard_query_and_merge_match_the_dense_kernels(cuda, monkeypatch, case):
+    """decode_mma.cu's query and merge kernels (the rotation "hadamard" in factored form, float32) give the output of
+    the Triton query and merge kernels (the dense R, 3xTF32) to within the float16 rounding of the rotated query."""
+    from turbovq.kernels import decode as kdecode
+
+    d, hq, hkv, b, n, t, kb, vb, dtype, center, with_mask, softcap = case
+    q, pk, pv, tk, tv = make_case(cuda, d, hq, hkv, b, n, t, kb, vb, dtype, center)
+    if not _cuda_split_applies(q, pk, pv, hq // hkv):
+        pytest.skip("outside decode_mma.cu's scope")
+    assert kdecode.hadamard_words(pk.codec, pk.perm) and kdecode.hadamard_words(pv.codec, pv.perm)
+    mask = torch.ones(b, 1, 1, n + t, dtype=torch.bool, device=cuda) if with_mask else None
+    out = decode_attention(q, pk, pv, tk, tv, mask, d**-0.5, softcap, backend="cuda").float()
+    monkeypatch.setitem(kdecode.MMA_GUIDE, "hadamard_query", 0)
+    monkeypatch.setitem(kdecode.MMA_GUIDE, "hadamard_merge", 0)
+    dense = decode_attention(q, pk, pv, tk, tv, mask, d**-0.5, softcap, backend="cuda").float()
+    assert ((out - dense).norm() / dense.norm()).item() < 2e-3
+
+
 def _cuda_split_applies(q, pk, pv, groups) -> bool:
     """decode_mma.cu's scope: its channel groups (mma_groups_ok), QJL sketches of 32-256 rows, head_dim 64/128/256,
     G <= 8."""

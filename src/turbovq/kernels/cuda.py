@@ -17,6 +17,7 @@ import torch
 
 _LOCK = threading.Lock()
 _MODULES: dict[tuple, ctypes.c_void_p] = {}
+_FUNCTIONS: dict[tuple, ctypes.c_void_p] = {}
 _LIBS: dict[str, ctypes.CDLL] = {}
 _SMEM_OPT_IN: dict[int, int] = {}
 _OCCUPANCY: dict[tuple, int] = {}
@@ -159,18 +160,23 @@ def stream(device: torch.device) -> int:
 
 
 def kernel(source: str, name: str, device: torch.device, options: tuple[str, ...] = ()) -> Kernel:
-    """Compile (once per process, source, options and device) and load ``name`` from ``source``."""
+    """Compile (once per process, source, options and device) and load ``name`` from ``source``; other kernels of
+    the same source and options come from the same module (no second compile)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (source, options, index, name)  # str hashes are cached: no per-call hashing of the source
+    key = (source, options, index)  # str hashes are cached: no per-call hashing of the source
     with _LOCK:
-        func = _MODULES.get(key)
+        func = _FUNCTIONS.get(key + (name,))
         if func is None:
-            major, minor = torch.cuda.get_device_capability(index)
-            cubin = compile_cubin(source, f"sm_{major}{minor}", options)
+            module = _MODULES.get(key)
             with torch.cuda.device(index):
                 torch.cuda.current_stream()  # makes the device's primary context current in this thread
-                module, func = ctypes.c_void_p(), ctypes.c_void_p()
-                _check(_driver().cuModuleLoadData(ctypes.byref(module), cubin), "cuModuleLoadData")
+                if module is None:
+                    major, minor = torch.cuda.get_device_capability(index)
+                    cubin = compile_cubin(source, f"sm_{major}{minor}", options)
+                    module = ctypes.c_void_p()
+                    _check(_driver().cuModuleLoadData(ctypes.byref(module), cubin), "cuModuleLoadData")
+                    _MODULES[key] = module
+                func = ctypes.c_void_p()
                 _check(_driver().cuModuleGetFunction(ctypes.byref(func), module, name.encode()), "cuModuleGetFunction")
-            _MODULES[key] = func
+            _FUNCTIONS[key + (name,)] = func
     return Kernel(func)

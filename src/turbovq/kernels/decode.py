@@ -8,7 +8,10 @@ Algorithm (the torch twin is :func:`turbovq.kernels.reference.split_decode_refer
 1. Query kernel, grid ``(B * H,)``: ``q_rot = (q * s_k) @ R_k[h]`` (3xTF32 tensor-core dot, float32-accurate;
    ``s``: per-channel scales of a normalized cache, else 1) and ``<q, mu_k>`` into a float32 workspace. ``R``
    folds the outlier permutation and every group's rotation into one orthogonal ``D x D`` matrix per KV head
-   (:func:`~turbovq.kernels.reference.fused_rotation`, cached per layer like every other constant here).
+   (:func:`~turbovq.kernels.reference.fused_rotation`, cached per layer like every other constant here). Where
+   the keys use the rotation ``"hadamard"`` (the default) with one channel group (integer widths) and the CUDA split
+   pass runs, decode_mma.cu's ``tq_decode_query`` applies it in factored form instead (three rounds of signs and a
+   fast Walsh-Hadamard transform in float32, one warp per query head: no R to read).
 2. Main kernel, grid ``(S + 1, B * H)``: program ``(s, b, h)`` with ``s < S`` streams its share of the compressed
    tokens in blocks of ``BLOCK_T``, for *all* ``G`` query heads of KV head ``h`` (each code byte is read once):
    turn int32 words of codes into float16 centroids (3- and 4-bit groups: inline-PTX ``prmt`` byte-permute table
@@ -32,7 +35,11 @@ Algorithm (the torch twin is :func:`turbovq.kernels.reference.split_decode_refer
    kernels_qjl_r12.json).
 3. Merge kernel, grid ``(B * H, D / BN)``: combine the ``S + 1`` partials with ``exp2(m_s - M)`` (4 splits'
    loads in flight at a time), rotate the code part of ``BN`` output columns back with ``R_v[h]^T`` (3xTF32 dot),
-   multiply by ``s_v``, add ``(sum_codes p) * mu_v`` and the tail part, divide by the total. With
+   multiply by ``s_v``, add ``(sum_codes p) * mu_v`` and the tail part, divide by the total. Where the values use
+   one ``"hadamard"`` group and the CUDA split pass runs, decode_mma.cu's ``tq_decode_merge`` does the same with the
+   factored inverse rotation, one warp per query head, every partial loaded at once (H100, K4/V3, B = 8, T = 32k:
+   both kernels together take the call from 129.4-132.0 to 126.8-127.2 us, kernels_hq_r16.json,
+   kernels_qw_r16.json). With
    ``fused_reduce=True`` the last program of each ``(b, h)`` to finish (an arrival counter) merges instead of a
    third launch; measured slower on an H200 (the merge then runs on the critical tail), so it is off by default.
 
@@ -61,6 +68,7 @@ import torch
 from turbovq.kernels import cuda
 from turbovq.kernels.reference import fused_rotation, weak_cached
 from turbovq.kv.cache import PackedRows, RowCodec
+from turbovq.rotation import HADAMARD_ROUNDS, hadamard_signs
 
 try:
     import triton
@@ -662,13 +670,27 @@ def _prmt_table(half: torch.Tensor) -> torch.Tensor:
     return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
 
 
+def hadamard_words(codec: RowCodec, perm: torch.Tensor | None) -> list[list[int]] | None:
+    """The signs of a codec's rotation as decode_mma.cu's transform reads them (``(3, 8)`` words: bit ``c % 32`` of
+    word ``c // 32`` of round k set where round k's sign at coordinate c is -1), or None where the rotation is not
+    one ``"hadamard"`` group of 64, 128 or 256 channels without a permutation (then the dense R is used)."""
+    groups = codec.mse._groups
+    if perm is not None or len(groups) != 1 or groups[0].rotation != "hadamard" or HADAMARD_ROUNDS != 3:
+        return None
+    if codec.dim not in (64, 128, 256):
+        return None
+    neg = (hadamard_signs(codec.dim, groups[0].seed) < 0).long().reshape(3, -1, 32)
+    words = (neg << torch.arange(32)).sum(-1)
+    return [[int(w) for w in row] + [0] * (8 - len(row)) for row in words.tolist()]
+
+
 class _Side:
     """Per-layer constants of one side (keys or values) on one device, built once: fused rotation, float32
     mean/scale rows, float16 centroid tables (group 0 then group 1) and PRMT tables (4 words per group); for QJL keys
     the sketch matrix transposed (D, rows) and the estimator's factor sqrt(pi/2) / rows."""
 
     __slots__ = ("rot", "rot_sh", "mean", "scale", "cent", "tab", "consts", "prmt", "mma_tab", "mma_sym", "mma_groups",
-                 "qjl", "qjl_rows", "qjl_scale", "sk")  # fmt: skip
+                 "qjl", "qjl_rows", "qjl_scale", "sk", "had")  # fmt: skip
 
     def __init__(self, rows: PackedRows, device):
         codec = rows.codec
@@ -694,6 +716,8 @@ class _Side:
         self.qjl_rows = sketch.rows if sketch else 32
         self.qjl_scale = sketch.factor if sketch else 0.0
         self.sk = sketch.matrix(device).T.float().contiguous() if sketch else None
+        words = hadamard_words(codec, rows.perm)
+        self.had = None if words is None else ((ctypes.c_uint32 * 8) * 3)(*((ctypes.c_uint32 * 8)(*w) for w in words))
 
 
 _LAYERS: dict[tuple, tuple] = {}  # per-layer constants of both sides, see reference.weak_cached
@@ -734,7 +758,16 @@ class _MmaParams(ctypes.Structure):
         + [(k, ctypes.c_float) for k in ("scaling", "softcap", "qjl_scale")]
         + [("ktab", (ctypes.c_uint32 * 8) * 2), ("vtab", (ctypes.c_uint32 * 8) * 2)]
         + [("trace", ctypes.c_void_p)]  # DBG = 7 timing builds only
+        + [(k, ctypes.c_void_p) for k in ("kscale", "kmean")]  # tq_decode_query
+        + [("ksg", (ctypes.c_uint32 * 8) * 3), ("early", ctypes.c_int)]
     )
+
+
+class _MergeParams(ctypes.Structure):
+    """Mirror of ``struct MergeParams`` in decode_mma.cu (tq_decode_merge's argument)."""
+
+    _fields_ = [(k, ctypes.c_void_p) for k in ("ws", "out", "vscale", "vmean")] + [
+        ("S", ctypes.c_int), ("BH", ctypes.c_int), ("vsg", (ctypes.c_uint32 * 8) * 3)]  # fmt: skip
 
 
 def mma_groups_ok(codec: RowCodec) -> bool:
@@ -801,9 +834,10 @@ MMA_SPLITS = {"min_tokens": 1024, "max_splits": 32}
 # of per (b, h)) where that makes at most ``prep_split`` x the SM count programs: its latency is on the call's
 # critical path (H100, kernels_prep_r13.json: B = 1, T = 8k 23.2 -> 21.5 us, 32k 40.2 -> 38.2 us; at B = 8, T = 8k,
 # 128 programs, 50.3 -> 51.9 us, so not there; kernels_prep_r14.json: the same, and 2 or 8 warps for it instead
-# of 4 no faster).
+# of 4 no faster). ``hadamard_query`` / ``hadamard_merge``: decode_mma.cu's query and merge kernels where the keys /
+# values use one "hadamard" channel group (0: the Triton kernels with the dense R, for A/B runs).
 MMA_GUIDE = {"frac": 0.0, "div": 4, "grow": 1.0, "merge_step": 4, "merge_cols": 0, "merge_warps": 4, "prep_split": 0.5,
-             "prep_warps": 4}
+             "prep_warps": 4, "hadamard_query": 1, "hadamard_merge": 1}
 
 
 def guided_pieces(n: int, split_len: int, unit: int) -> tuple[int, int, int, int]:
@@ -833,29 +867,35 @@ def _ring_bytes(tuning: dict, kside: tuple, vside: tuple, knorm: torch.dtype, vn
     return tuning["NWARPS"] * tuning["RING"] * slot
 
 
-def _mma_kernel(dim, groups, ks, vs, knorm, vnorm, qtype, mask, has_kmean, softcap, qjl, device) -> tuple:
-    """(kernel, threads per block, dynamic shared memory) of the split pass for this call's configuration, looked up
-    by the raw values (no option strings per call); ``qjl`` as in _ring_bytes."""
+def _mma_kernel(dim, groups, ks, vs, knorm, vnorm, qtype, mask, softcap, qjl, device) -> tuple:
+    """(split pass, threads per block, dynamic shared memory, query kernel, merge kernel) of decode_mma.cu for this
+    call's configuration, looked up by the raw values (no option strings per call); ``qjl`` as in _ring_bytes. The
+    query and merge kernels (tq_decode_query, tq_decode_merge) come from the same module."""
     mdtype, tuning = None if mask is None else mask.dtype, MMA_TUNING
-    key = (dim, groups, ks.consts, ks.mma_sym, vs.consts, vs.mma_sym, knorm, vnorm, qtype, mdtype, has_kmean,
+    means = tuple(x is not None for x in (ks.mean, ks.scale, vs.mean, vs.scale))
+    key = (dim, groups, ks.consts, ks.mma_sym, vs.consts, vs.mma_sym, knorm, vnorm, qtype, mdtype, means,
            softcap is None, qjl, device, tuple(tuning.items()), id(_MMA_SOURCE))  # fmt: skip
     found = _MMA_KERNELS.get(key)
     if found is None:
         opts = _mma_options(dim, groups, (ks.consts, ks.mma_sym), (vs.consts, vs.mma_sym), knorm, vnorm, qtype,
-                            mdtype, has_kmean, softcap is not None, tuning, qjl)  # fmt: skip
-        found = _MMA_KERNELS[key] = (cuda.kernel(_MMA_SOURCE, "tq_decode_split", device, opts), 32 * tuning["NWARPS"],
-                                     _ring_bytes(tuning, ks.consts, vs.consts, knorm, vnorm, qjl))  # fmt: skip
+                            mdtype, means[0], softcap is not None, tuning, qjl, means[1:])  # fmt: skip
+        split, query, merge = (cuda.kernel(_MMA_SOURCE, f"tq_decode_{k}", device, opts) for k in ("split", "query",
+                                                                                                "merge"))
+        found = _MMA_KERNELS[key] = (split, 32 * tuning["NWARPS"], _ring_bytes(tuning, ks.consts, vs.consts, knorm,
+                                                                                vnorm, qjl), query, merge)
     return found
 
 
 def _mma_options(dim, groups, kside, vside, knorm, vnorm, qtype, mdtype, has_kmean, has_softcap,
-                 tuning=None, qjl=None) -> tuple[str, ...]:  # fmt: skip
+                 tuning=None, qjl=None, scales=(False, False, False)) -> tuple[str, ...]:  # fmt: skip
     """decode_mma.cu's macros; ``kside``/``vside``: ((bits0, channels0, bits1, channels1), (symmetric0, symmetric1));
-    ``tuning``: MMA_TUNING by default; ``qjl`` as in _ring_bytes."""
+    ``tuning``: MMA_TUNING by default; ``qjl`` as in _ring_bytes; ``scales``: whether there are key scales, value
+    means and value scales (tq_decode_query, tq_decode_merge)."""
     mtype = 3 if mdtype is None else _DTYPE_CODE[mdtype]  # (3 is also bool: HAS_MASK tells the two apart)
     opts = dict(MMA_TUNING if tuning is None else tuning, D=dim, G=groups, KNORM=_DTYPE_CODE[knorm],
                 VNORM=_DTYPE_CODE[vnorm], QTYPE=_DTYPE_CODE[qtype], MTYPE=mtype, HAS_MASK=int(mdtype is not None),
-                HAS_KMEAN=int(has_kmean), SOFTCAP=int(has_softcap))  # fmt: skip
+                HAS_KMEAN=int(has_kmean), SOFTCAP=int(has_softcap), HAS_KSCALE=int(scales[0]),
+                HAS_VMEAN=int(scales[1]), HAS_VSCALE=int(scales[2]))  # fmt: skip
     for side, ((b0, d0, b1, d1), sym) in (("K", kside), ("V", vside)):
         opts.update({f"{side}B0": b0, f"{side}D0": d0, f"{side}B1": b1, f"{side}D1": d1,
                      f"{side}SYM0": int(sym[0]), f"{side}SYM1": int(sym[1])})  # fmt: skip
@@ -973,8 +1013,11 @@ def decode_attention(
     pdl = PDL and dev.type == "cuda" and _device(dev)[1] >= (9, 0)
     if use_mma:
         qjl = (ks.qjl_rows, kf["rnorms"].dtype) if ks.qjl else None
-        kern, block, smem = _mma_kernel(dim, groups, ks, vs, kf["norms0"].dtype, vf["norms0"].dtype, query.dtype,
-                                        mask, ks.mean is not None, softcap, qjl, dev)  # fmt: skip
+        # one "hadamard" channel group: decode_mma.cu's query kernel (keys, not QJL) and merge (values)
+        hquery = bool(MMA_GUIDE["hadamard_query"]) and ks.had is not None and not ks.qjl
+        hmerge = bool(MMA_GUIDE["hadamard_merge"]) and vs.had is not None
+        kern, block, smem, qkern, mkern = _mma_kernel(dim, groups, ks, vs, kf["norms0"].dtype, vf["norms0"].dtype,
+                                                      query.dtype, mask, softcap, qjl, dev)  # fmt: skip
         slots = kern.blocks_per_sm(block, smem) * sm_count(dev)
         splits = num_splits or mma_splits(n, bh, slots, dev, waves)
     else:
@@ -990,6 +1033,7 @@ def decode_attention(
     if use_mma:  # (n_long, long_len, n_short, short_len): decode_mma.cu's pieces
         pieces = guided_pieces(n, split_len, gran) if num_splits is None else (splits, split_len, 0, gran)
         splits = pieces[0] + pieces[2]
+        hmerge = hmerge and splits <= 32  # (tq_decode_merge: a partial per lane)
     block_g = max(16, triton.next_power_of_2(groups))
     # inverse-rotation columns per merge program: a (BN, D) float32 tile of R_v
     bn = min(dim, (MMA_GUIDE["merge_cols"] if use_mma else 0) or 8192 // dim)
@@ -1001,12 +1045,14 @@ def decode_attention(
     prmt = _PRMT and ks.prmt and vs.prmt
     prep_cols = (dim + (ks.qjl_rows if ks.qjl else 0)) // bn
     split_prep = bh * prep_cols <= MMA_GUIDE["prep_split"] * sm_count(dev)
-    _prep_kernel[(bh, prep_cols if split_prep else 1)](
-        ws, query, query.stride(0), query.stride(1), ks.scale if ks.scale is not None else ws,
-        ks.mean if ks.mean is not None else ws, ks.rot, ks.rot_sh, num_kv, ks.sk if ks.qjl else ws, qoff,
-        G=groups, BLOCK_G=block_g, D=dim, BN=bn, HAS_KSCALE=ks.scale is not None, HAS_KMEAN=ks.mean is not None,
-        PDL=early, QJL=ks.qjl, RQ=ks.qjl_rows, SPLIT=split_prep, num_warps=MMA_GUIDE["prep_warps"],
-    )  # fmt: skip
+    if not (use_mma and hquery):
+        _prep_kernel[(bh, prep_cols if split_prep else 1)](
+            ws, query, query.stride(0), query.stride(1), ks.scale if ks.scale is not None else ws,
+            ks.mean if ks.mean is not None else ws, ks.rot, ks.rot_sh, num_kv, ks.sk if ks.qjl else ws, qoff,
+            G=groups, BLOCK_G=block_g, D=dim, BN=bn, HAS_KSCALE=ks.scale is not None,
+            HAS_KMEAN=ks.mean is not None, PDL=early, QJL=ks.qjl, RQ=ks.qjl_rows, SPLIT=split_prep,
+            num_warps=MMA_GUIDE["prep_warps"],
+        )  # fmt: skip
     if use_mma:
         fused_reduce = False  # the CUDA split pass always leaves the merge to _reduce_kernel
         prm = _MmaParams(
@@ -1017,7 +1063,16 @@ def decode_attention(
             query.stride(1), tk.stride(0), tk.stride(1), tk.stride(2), stride_mb, stride_mt, n, t_len, *pieces, splits,
             num_kv, bh, float(scaling), float(softcap or 1.0), ks.qjl_scale, ks.mma_tab, vs.mma_tab,
         )  # fmt: skip
+        if hquery:
+            prm.kscale, prm.kmean = (0 if x is None else x.data_ptr() for x in (ks.scale, ks.mean))
+            prm.ksg, prm.early = ks.had, early
+            qkern((bh, 1, 1), 32 * groups, prm, cuda.stream(dev))
         kern((bh * (splits + 1), 1, 1), block, prm, cuda.stream(dev), smem, pdl=pdl)
+        if hmerge:
+            vscale, vmean = (0 if x is None else x.data_ptr() for x in (vs.scale, vs.mean))
+            mprm = _MergeParams(ws.data_ptr(), out.data_ptr(), vscale, vmean, splits, bh, vs.had)
+            mkern((bh * groups, 1, 1), 32, mprm, cuda.stream(dev), 0, pdl=pdl)
+            return out
     else:
         cnt = _counters(dev, bh) if fused_reduce else ws
         _decode_kernel[(splits + 1, bh)](

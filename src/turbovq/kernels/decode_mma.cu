@@ -10,6 +10,8 @@
 //
 // A 1-D grid (see Params): one program (block of NWARPS warps) per (b, h) tail window first (on tensor cores, in the
 // query's dtype), then one per code piece (split) of each (b, h); every block triggers the merge's early launch.
+// Where the keys use the rotation "hadamard" with one channel group, the query kernel is tq_decode_query, where the
+// values do, the merge is tq_decode_merge (both at the end of the file) instead of decode.py's Triton kernels.
 // Each warp streams units of UC 16-token chunks of its split (through a shared-memory ring that its lanes fill with
 // asynchronous copies, RING; with RING 0 the next unit is prefetched into registers), and keeps its own online
 // softmax; the warps merge through shared memory and write (m, l, acc) into the workspace that the Triton merge kernel
@@ -30,14 +32,16 @@
 // outliers first) KB_i / VB_i (2, 3 or 4 bits), KD_i / VD_i (channels: 32, 64, 128 or 256; KD1 = VD1 = 0 for one
 // group), KSYM_i / VSYM_i (symmetric 4-bit table); KNORM / VNORM / QTYPE / MTYPE (0 float16, 1 bfloat16, 2 float32,
 // 3 bool), HAS_MASK, HAS_KMEAN, SOFTCAP; QJL (prod keys), RQ (sketch rows: 32, 64, 128 or 256), QNORM (their
-// residual norms' dtype);
+// residual norms' dtype); for tq_decode_query HAS_KSCALE, for tq_decode_merge HAS_VSCALE, HAS_VMEAN;
 // tuning: UC (16-token chunks per unit), MINB (blocks per SM the register allocation must allow), RING (unit slots
 // per warp in shared memory, 0 = register prefetch), VPAIR (token-pair value decode); A/B switches, on by default:
 // LAZYMAX, VU16, PRESCALE, FULLCOPY (round 13, each where it is defined); DBG (timing experiments only,
 // wrong results on purpose: 1 = no decode, 2 = no code loads, 3 = no code copies into the ring, 4 = 3-bit codes
 // spread to nibbles by one mask, as a nibble-aligned layout would allow, 5 = 4-bit key codes in sign-magnitude form
 // (no index flip), 6 = 4 and 5, 7 = correct results and a per-block timeline in p.trace, 8 = 1 and 3, 9 = no wait
-// for the query kernel: its results are read as they stand, which in a replayed graph are the last call's).
+// for the query kernel: its results are read as they stand, which in a replayed graph are the last call's; 10 =
+// tq_decode_query returns at once, so ws holds no query: the split pass then times other scores than real ones; 11 =
+// tq_decode_merge returns at once; 12 = 10 and 11).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -71,6 +75,11 @@ struct Params {
     u32 vtab[2][8];
     unsigned long long* trace;  // DBG 7: per block, in ns: start, setup done, first copies issued, query kernel
                                 // waited for, first unit in, warp 0's last unit begun, end; then SM | units << 16
+    // tq_decode_query (keys rotated by "hadamard" with one channel group, no QJL)
+    const float* kscale;  // the keys' channel scales s_k and means mu_k per (b, h): (BH, D) each, or null
+    const float* kmean;
+    u32 ksg[3][8];        // the key rotation's signs per round (hadamard_words)
+    int early;            // whether tq_decode_query lets the split pass start at once (decode.py's early)
 };
 
 // Channel groups (outliers + the rest for fractional widths; KD1 = VD1 = 0 for one group). Per group: words per
@@ -106,6 +115,15 @@ struct Params {
 #endif
 #ifndef VU16
 #define VU16 1  // 3-bit slices of 16 codes read as three half words (halfw3)
+#endif
+#ifndef HAS_KSCALE  // (tq_decode_query)
+#define HAS_KSCALE 0
+#endif
+#ifndef HAS_VSCALE  // (tq_decode_merge)
+#define HAS_VSCALE 0
+#endif
+#ifndef HAS_VMEAN
+#define HAS_VMEAN 0
 #endif
 #define QROW (RQ / 32)             // sign words per row
 #define QW RAW(1, RQ / 4)          // raw words per lane slice (RQ / 4 signs: a byte, a half word, 1 or 2 words)
@@ -662,6 +680,42 @@ __device__ __forceinline__ void query_fragments(u32 (&qb)[DG / 16][2], const flo
     }
 }
 
+// ---- The randomized Hadamard rotation ("hadamard": x -> F(s2 F(s1 F(s0 x))), F the orthonormal Sylvester transform,
+// s_k a round's signs) of one vector of D spread over a warp: lane l holds coordinates EC l .. EC l + EC - 1. Used where
+// the cache uses it with one channel group (tq_decode_query, tq_decode_merge) instead of the dense R of decode.py's
+// Triton kernels: no R to read, about 50 instructions per round at D = 128, float32 throughout.
+#define EC (D / 32)
+
+// x -> x * s for the signs in words w (hadamard_words: bit c % 32 of word c / 32 set means -1 at coordinate c).
+__device__ __forceinline__ void flip_signs(float (&x)[EC], const u32 (&w)[8], int lane) {
+#pragma unroll
+    for (int i = 0; i < EC; i++) {
+        const int c = EC * lane + i;
+        x[i] = __uint_as_float(__float_as_uint(x[i]) ^ (((w[c >> 5] >> (c & 31)) & 1u) << 31));
+    }
+}
+
+// x -> x F sqrt(D) (unnormalized): butterflies over the coordinate bits held in a lane, then over the lane bits.
+__device__ __forceinline__ void sylvester(float (&x)[EC], int lane) {
+#pragma unroll
+    for (int h = 1; h < EC; h *= 2)
+#pragma unroll
+        for (int i = 0; i < EC; i++)
+            if (!(i & h)) {
+                const float a = x[i], b = x[i + h];
+                x[i] = a + b, x[i + h] = a - b;
+            }
+#pragma unroll
+    for (int m = 1; m < 32; m *= 2) {
+        const float sg = lane & m ? -1.f : 1.f;  // the upper coordinate of a pair gets (lower - upper)
+#pragma unroll
+        for (int i = 0; i < EC; i++) x[i] = fmaf(x[i], sg, __shfl_xor_sync(0xffffffffu, x[i], m));
+    }
+}
+
+#define HNORM (1.f / ((float)D * sqrtf((float)D)))  // three rounds of 1 / sqrt(D)
+
+
 // Warp partials -> shared memory (each warp writes its entries through its own coordinate map before the barrier)
 // -> one merged (m, l, acc[G][D]) partial in the workspace.
 struct Smem {
@@ -1116,5 +1170,145 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
     asm("mov.u32 %0, %%smid;" : "=r"(smid));
     TRACE(6, gtime());
     TRACE(7, smid | (u32)units << 16);
+#endif
+}
+
+// ---- The merge of the split pass's partials, where the values use the rotation "hadamard" with one channel group
+// (launched after the split pass with PDL). A block of one warp per query head (timed the same as a block of G warps
+// per (b, h): kernels_qw_r16.json) merges the head's S code partials (S <= 32) in one L2 round trip (every partial's
+// accumulator is loaded before the maximum is known), rotates them back by the transform above (no R), then * s_v,
+// + l_codes mu_v and the tail partial (in the original space), all divided by the total: decode.py's _combine.
+struct MergeParams {
+    const float* ws;      // the split pass's workspace (rotated queries, then the partials: Params.part)
+    void* out;            // (B, 1, Hq, D) in the query dtype; head gq of (b, h) is row bh * G + gq
+    const float* vscale;  // the values' channel scales s_v and means mu_v per (b, h): (BH, D) each, or null
+    const float* vmean;
+    int S, BH;
+    u32 vsg[3][8];  // the value rotation's signs per round (hadamard_words)
+};
+
+#define MP (D == 256 ? 16 : 32)  // partials loaded at once (EC floats per lane each)
+
+__device__ __forceinline__ void load_ec(float (&x)[EC], const float* src) {
+#pragma unroll
+    for (int i = 0; i < EC; i += 2) {
+        const float2 v = __ldcg((const float2*)(src + i));
+        x[i] = v.x, x[i + 1] = v.y;
+    }
+}
+
+template <int T>
+__device__ __forceinline__ void store_f(void* dst, long long i, float v) {
+    if (T == 2) {
+        ((float*)dst)[i] = v;
+        return;
+    }
+    u16 h;
+    if (T == 0) asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    else asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    ((u16*)dst)[i] = h;
+}
+
+extern "C" __global__ void __launch_bounds__(32) tq_decode_merge(const MergeParams p) {
+    const int lane = threadIdx.x, gq = blockIdx.x % G, bh = blockIdx.x / G;
+    float sv[EC], mv[EC];  // (layer constants: read before the wait)
+#pragma unroll
+    for (int i = 0; i < EC; i++) {
+        const long long c = (long long)bh * D + EC * lane + i;
+        sv[i] = HAS_VSCALE ? p.vscale[c] : 1.f;
+        mv[i] = HAS_VMEAN ? p.vmean[c] : 0.f;
+    }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");  // (PDL) the split pass is done
+#endif
+    if (DBG == 11 || DBG == 12) return;
+    const long long PG = (long long)p.BH * (p.S + 1) * G;
+    const float* mp = p.ws + (long long)p.BH * G * (D + 1);
+    const float* lp = mp + PG;
+    const float* ap = lp + PG + EC * lane;
+    const long long row0 = (long long)bh * (p.S + 1) * G + gq;  // partial s of head gq: row row0 + s G
+    float a[MP][EC];
+    const auto load_batch = [&](int s0) {
+#pragma unroll
+        for (int j = 0; j < MP; j++) {
+            if (s0 + j < p.S) {
+                load_ec(a[j], ap + (row0 + (long long)(s0 + j) * G) * D);
+            } else {
+#pragma unroll
+                for (int i = 0; i < EC; i++) a[j][i] = 0.f;
+            }
+        }
+    };
+    load_batch(0);
+    float at[EC];  // the tail's partial
+    load_ec(at, ap + (row0 + (long long)p.S * G) * D);
+    const float mt = __ldcg(mp + row0 + (long long)p.S * G), lt = __ldcg(lp + row0 + (long long)p.S * G);
+    float ms = NEG_BIG, ls = 0.f;  // lane s: partial s's
+    if (lane < p.S) ms = __ldcg(mp + row0 + (long long)lane * G), ls = __ldcg(lp + row0 + (long long)lane * G);
+    float big = ms;
+#pragma unroll
+    for (int m = 16; m; m >>= 1) big = fmaxf(big, __shfl_xor_sync(0xffffffffu, big, m));
+    const float w = lane < p.S ? ex2(ms - big) : 0.f;
+    float lc = w * ls;
+#pragma unroll
+    for (int m = 16; m; m >>= 1) lc += __shfl_xor_sync(0xffffffffu, lc, m);
+    float acc[EC];
+#pragma unroll
+    for (int i = 0; i < EC; i++) acc[i] = 0.f;
+    for (int s0 = 0; s0 < p.S; s0 += MP) {
+        if (s0) load_batch(s0);
+#pragma unroll
+        for (int j = 0; j < MP; j++) {
+            const float wj = __shfl_sync(0xffffffffu, w, (s0 + j) & 31);
+#pragma unroll
+            for (int i = 0; i < EC; i++) acc[i] = fmaf(wj, a[j][i], acc[i]);
+        }
+    }
+    const float nb = fmaxf(big, mt), alpha = ex2(big - nb), wt = ex2(mt - nb);
+    lc *= alpha;
+    const float inv = 1.f / (lc + wt * lt);
+#pragma unroll
+    for (int i = 0; i < EC; i++) acc[i] *= alpha * inv * HNORM;
+    // the inverse rotation x = s0 F(s1 F(s2 F(y)))
+    sylvester(acc, lane);
+    flip_signs(acc, p.vsg[2], lane), sylvester(acc, lane);
+    flip_signs(acc, p.vsg[1], lane), sylvester(acc, lane);
+    flip_signs(acc, p.vsg[0], lane);
+    const long long o = ((long long)bh * G + gq) * D + EC * lane;
+#pragma unroll
+    for (int i = 0; i < EC; i++) store_f<QTYPE>(p.out, o + i, fmaf(acc[i], sv[i], fmaf(lc * inv, mv[i], wt * inv * at[i])));
+}
+
+// ---- The query kernel where the keys use the rotation "hadamard" with one channel group (not QJL): one block of G
+// warps per (b, h); warp gq writes head gq's q_rot = (q s_k) R_k and <q, mu_k> into ws (read_query), as decode.py's
+// _prep_kernel does with the dense R and 3xTF32 products. It lets the split pass start at once (PDL, p.early).
+extern "C" __global__ void __launch_bounds__(G * 32) tq_decode_query(const Params p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (p.early) asm volatile("griddepcontrol.launch_dependents;");
+#endif
+    if (DBG == 10 || DBG == 12) return;
+    const int lane = threadIdx.x & 31, gq = threadIdx.x >> 5, bh = blockIdx.x, b = bh / p.H, h = bh % p.H;
+    float x[EC], qm = 0.f;
+#pragma unroll
+    for (int i = 0; i < EC; i++) {
+        const int c = EC * lane + i;
+        x[i] = load_f<QTYPE>(p.q, b * p.sqb + (h * G + gq) * p.sqh + c);
+#if HAS_KMEAN
+        qm = fmaf(x[i], p.kmean[(long long)bh * D + c], qm);
+#endif
+#if HAS_KSCALE
+        x[i] *= p.kscale[(long long)bh * D + c];
+#endif
+    }
+#pragma unroll
+    for (int k = 0; k < 3; k++) flip_signs(x, p.ksg[k], lane), sylvester(x, lane);
+    float* ws = const_cast<float*>(p.ws);  // (read-only for the split pass)
+    float* qr = ws + ((long long)bh * G + gq) * D + EC * lane;
+#pragma unroll
+    for (int i = 0; i < EC; i += 2) *(float2*)(qr + i) = make_float2(x[i] * HNORM, x[i + 1] * HNORM);
+#if HAS_KMEAN
+#pragma unroll
+    for (int m = 16; m; m >>= 1) qm += __shfl_xor_sync(0xffffffffu, qm, m);
+    if (lane == 0) ws[(long long)p.BH * G * D + (long long)bh * G + gq] = qm;
 #endif
 }
