@@ -123,7 +123,8 @@ def stats(variant: dict, kernel: str = "decode") -> dict:
         res = subprocess.run([cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     body = unit_loop(sass, "HMMA" if encode else "LDGSTS")
     mix = Counter(opcode(t) for _, t in body)
-    usage = re.search(r"REG:(\d+) STACK:(\d+)", res)
+    name = "tq_encode_had" if encode else "tq_decode_split"  # (the module holds other kernels too)
+    usage = re.search(rf"Function {name}:\s*REG:(\d+) STACK:(\d+)", res)
     return {"variant": variant, "instructions": len(body), "integer_pipe": sum(mix[o] for o in INT_PIPE),
             "critical_path_cycles": critical_path(body), "registers": int(usage.group(1)),
             "stack_bytes": int(usage.group(2)), "mix": dict(mix.most_common())}  # fmt: skip

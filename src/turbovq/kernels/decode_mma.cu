@@ -14,8 +14,8 @@
 // values do, the merge is tq_decode_merge (both at the end of the file) instead of decode.py's Triton kernels.
 // Each warp streams units of UC 16-token chunks of its split (through a shared-memory ring that its lanes fill with
 // asynchronous copies, RING; with RING 0 the next unit is prefetched into registers), and keeps its own online
-// softmax; the warps merge through shared memory and write (m, l, acc) into the workspace that the Triton merge kernel
-// reads (layout in decode.py).
+// softmax; the warps merge through shared memory and write (m, l, acc) into the workspace that the merge kernel
+// (decode.py's Triton one, or tq_decode_merge) reads (layout in decode.py).
 //
 // Per 16-token chunk and warp (G <= 8 query heads of one KV head, padded to the mma's N = 8), for each channel
 // group i of D_i coordinates (one, or two for fractional widths, each with its own codes, norms and table):
@@ -681,9 +681,9 @@ __device__ __forceinline__ void query_fragments(u32 (&qb)[DG / 16][2], const flo
 }
 
 // ---- The randomized Hadamard rotation ("hadamard": x -> F(s2 F(s1 F(s0 x))), F the orthonormal Sylvester transform,
-// s_k a round's signs) of one vector of D spread over a warp: lane l holds coordinates EC l .. EC l + EC - 1. Used where
-// the cache uses it with one channel group (tq_decode_query, tq_decode_merge) instead of the dense R of decode.py's
-// Triton kernels: no R to read, about 50 instructions per round at D = 128, float32 throughout.
+// s_k a round's signs) of one vector of D spread over a warp: lane l holds coordinates EC l .. EC l + EC - 1. Used
+// where the cache uses it with one channel group (tq_decode_query, tq_decode_merge) instead of the dense R of
+// decode.py's Triton kernels: no R to read, about 50 instructions per round at D = 128, float32 throughout.
 #define EC (D / 32)
 
 // x -> x * s for the signs in words w (hadamard_words: bit c % 32 of word c / 32 set means -1 at coordinate c).
@@ -714,7 +714,6 @@ __device__ __forceinline__ void sylvester(float (&x)[EC], int lane) {
 }
 
 #define HNORM (1.f / ((float)D * sqrtf((float)D)))  // three rounds of 1 / sqrt(D)
-
 
 // Warp partials -> shared memory (each warp writes its entries through its own coordinate map before the barrier)
 // -> one merged (m, l, acc[G][D]) partial in the workspace.
@@ -1276,7 +1275,8 @@ extern "C" __global__ void __launch_bounds__(32) tq_decode_merge(const MergePara
     flip_signs(acc, p.vsg[0], lane);
     const long long o = ((long long)bh * G + gq) * D + EC * lane;
 #pragma unroll
-    for (int i = 0; i < EC; i++) store_f<QTYPE>(p.out, o + i, fmaf(acc[i], sv[i], fmaf(lc * inv, mv[i], wt * inv * at[i])));
+    for (int i = 0; i < EC; i++)
+        store_f<QTYPE>(p.out, o + i, fmaf(acc[i], sv[i], fmaf(lc * inv, mv[i], wt * inv * at[i])));
 }
 
 // ---- The query kernel where the keys use the rotation "hadamard" with one channel group (not QJL): one block of G
