@@ -35,8 +35,8 @@
 // residual norms' dtype); for tq_decode_query HAS_KSCALE, for tq_decode_merge HAS_VSCALE, HAS_VMEAN;
 // tuning: UC (16-token chunks per unit), MINB (blocks per SM the register allocation must allow), RING (unit slots
 // per warp in shared memory, 0 = register prefetch), VPAIR (token-pair value decode); A/B switches, on by default:
-// LAZYMAX, VU16, PRESCALE, FULLCOPY (round 13, each where it is defined); DBG (timing experiments only,
-// wrong results on purpose: 1 = no decode, 2 = no code loads, 3 = no code copies into the ring, 4 = 3-bit codes
+// LAZYMAX, VU16, PRESCALE, FULLCOPY (round 13), MSLACK (round 16), each where it is defined; DBG (timing experiments
+// only, wrong results on purpose: 1 = no decode, 2 = no code loads, 3 = no code copies into the ring, 4 = 3-bit codes
 // spread to nibbles by one mask, as a nibble-aligned layout would allow, 5 = 4-bit key codes in sign-magnitude form
 // (no index flip), 6 = 4 and 5, 7 = correct results and a per-block timeline in p.trace, 8 = 1 and 3, 9 = no wait
 // for the query kernel: its results are read as they stand, which in a replayed graph are the last call's; 10 =
@@ -113,6 +113,9 @@ struct Params {
 #ifndef LAZYMAX
 #define LAZYMAX 1  // the softmax's max reduced across lanes only when a lane's scores pass the running max
 #endif
+#ifndef MSLACK  // the running max is set this far (log2 units) above the largest score seen, so that later scores
+#define MSLACK 4  // rarely pass it (and the rescale runs rarely): probabilities stay <= 2^-MSLACK, exact after the
+#endif            // merge; 4 costs float16 P operands 4 bits of range, not of precision (kernels_slack_r16*.json)
 #ifndef VU16
 #define VU16 1  // 3-bit slices of 16 codes read as three half words (halfw3)
 #endif
@@ -1057,8 +1060,9 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
                 for (int i = 0; i < 4; i++)
                     if (16 * c + 8 * (i >> 1) >= lim) s[c][i] = -__int_as_float(0x7f800000);
         }
-        // online softmax per head over the unit's tokens (lanes of one t4): the running max m only moves when some
-        // lane's own scores pass it, after the first units rarely, so the shuffles and the rescale run only then
+        // online softmax per head over the unit's tokens (lanes of one t4): the running max m (MSLACK above the
+        // largest score seen) only moves when some lane's own scores pass it, after the first unit rarely, so the
+        // shuffles and the rescale run only then
         float mx[2];
 #pragma unroll
         for (int j = 0; j < 2; j++) {
@@ -1073,7 +1077,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
                 mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], 4));
                 mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], 8));
                 mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], 16));
-                const float mn = fmaxf(m[j], mx[j]);
+                const float mn = fmaxf(m[j], mx[j] + MSLACK);
                 alpha[j] = ex2(m[j] - mn);
                 m[j] = mn;
             }
