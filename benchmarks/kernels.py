@@ -259,6 +259,9 @@ def tuned(var: dict):
             d.update(old)
 
 
+_CUDA_TWIN = {"prep": "hadamard_query", "reduce": "hadamard_merge"}  # decode.MMA_GUIDE's switch of each
+
+
 class _NoLaunch:
     """Stands in for a Triton kernel that a timing variant leaves out (``tune_cuda``'s "skip")."""
 
@@ -270,8 +273,9 @@ def tune_cuda(dev, variants: list[dict], config: str = "K4/V3", cells=((8, 32768
     """decode_mma.cu tuning (``decode.MMA_TUNING``: warps per block, 16-token chunks per unit, blocks per SM; or
     ``"splits"``) at ``cells`` (B, T), one width (``config``), against bf16 SDPA in the same run. A variant's
     ``"source"`` names another version of decode_mma.cu to time instead (an A/B of two kernel versions in one run);
-    its ``"skip"`` (``["reduce"]``, ``["prep"]`` or both) leaves the merge or the query kernel out (timing only: the
-    output is wrong)."""
+    its ``"skip"`` (``["reduce"]``, ``["prep"]`` or both) leaves the merge or the query kernel out, the CUDA one of a
+    "hadamard" side included (timing only: the output is wrong, and without a query the split pass's own work changes:
+    kernels_report.md, round 16)."""
     from turbovq.kernels import decode as kdecode
 
     out = []
@@ -289,6 +293,8 @@ def tune_cuda(dev, variants: list[dict], config: str = "K4/V3", cells=((8, 32768
             saved = {k: getattr(kdecode, f"_{k}_kernel") for k in skip}  # timing only: that kernel not launched
             for k in skip:
                 setattr(kdecode, f"_{k}_kernel", _NoLaunch())
+            # (a skipped kernel's CUDA counterpart off too, so that the Triton one, not launched, stands for it)
+            var["guide"] = {**var.get("guide", {}), **{_CUDA_TWIN[k]: 0 for k in skip}}
 
             def call(q=q, pk=pk, pv=pv, tk=tk, s=splits):
                 return decode_attention(q, pk, pv, tk, tk, None, D**-0.5, num_splits=s)
