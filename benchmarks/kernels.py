@@ -586,10 +586,12 @@ def timeline(dev, cells: list[tuple[int, int]], variants: list[dict]) -> list[di
 def sweep_settings(settings: dict, grid: list[dict], fn) -> list[dict]:
     """Time ``fn`` with ``settings`` (a kernel's tuning dict, updated in place) overridden by each entry of ``grid``,
     fastest first; the settings are restored afterwards. An entry's ``"source"`` (a file) replaces encode_mma.cu for
-    that entry (A/B against another version)."""
+    that entry (A/B against another version). ``mismatch``: the largest fraction of elements of one of ``fn``'s
+    outputs (a dict of tensors) that differ from the default's (0: bit for bit the same)."""
     from turbovq.kernels import encode as kencode
 
     default, source, out = dict(settings), kencode._MMA_SOURCE, []
+    ref = fn()
     try:
         for kw in grid:
             kw = dict(kw)
@@ -597,7 +599,9 @@ def sweep_settings(settings: dict, grid: list[dict], fn) -> list[dict]:
             kencode._MMA_SOURCE = Path(path).read_text() if path else source
             settings.clear()
             settings.update(default, **kw)
-            out.append({**settings, **({"source": path} if path else {}), "ms": bench(fn, rep=30)})
+            got = fn()
+            diff = max((got[k] != v).float().mean().item() for k, v in ref.items())
+            out.append({**settings, **({"source": path} if path else {}), "ms": bench(fn, rep=30), "mismatch": diff})
     finally:
         settings.clear()
         settings.update(default)

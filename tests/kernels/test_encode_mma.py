@@ -34,9 +34,9 @@ CONFIGS = [
 ]
 
 
-def _options(d, groups, xt, mean, scale):
+def _options(d, groups, xt, mean, scale, tune=None):
     (b0, d0), (b1, d1) = groups[0], (groups[1] if len(groups) > 1 else (groups[0][0], 0))
-    opts = dict(kencode.mma_tuning(d), D=d, B0=b0, D0=d0, B1=b1, D1=d1, XT=xt, HAS_MEAN=mean, HAS_SCALE=scale)
+    opts = dict(tune or kencode.mma_tuning(d), D=d, B0=b0, D0=d0, B1=b1, D1=d1, XT=xt, HAS_MEAN=mean, HAS_SCALE=scale)
     return tuple(f"-D{k}={v}" for k, v in opts.items())
 
 
@@ -65,6 +65,25 @@ def test_qjl_kernel_compiles(d, bits, rq, arch):
                 QJL=1, RQ=rq)  # fmt: skip
     cubin = cuda.compile_cubin(kencode._MMA_SOURCE, arch, tuple(f"-D{k}={v}" for k, v in opts.items()))
     assert cubin[:4] == b"\x7fELF" and b"tq_encode" in cubin
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[0] == 128], ids=lambda c: "+".join(f"{b}" for b, _ in c[1]))
+def test_wgmma_build_compiles(cfg):
+    """The WG build (encode.WG_TUNING: wgmma, sm_90a) of the mse and QJL kernels; without wgmma it falls back."""
+    cubin = cuda.compile_cubin(kencode._MMA_SOURCE, "sm_90a", _options(*cfg, tune=kencode.WG_TUNING[False]))
+    assert b"tq_encode" in cubin
+    b0 = cfg[1][0][0]
+    qjl = dict(kencode.WG_TUNING[True], D=128, B0=b0, D0=128, B1=b0, D1=0, XT=1, HAS_MEAN=1, HAS_SCALE=1, QJL=1, RQ=128)
+    qjl_opts = tuple(f"-D{k}={v}" for k, v in qjl.items())
+    assert b"tq_encode" in cuda.compile_cubin(kencode._MMA_SOURCE, "sm_90a", qjl_opts)
+    with pytest.raises(cuda.CudaCompileError):  # (no wgmma before sm_90a)
+        cuda.compile_cubin(kencode._MMA_SOURCE, "sm_80", _options(*cfg, tune=kencode.WG_TUNING[False]))
+
+
+def test_wgmma_settings_fall_back_to_mma_sync(monkeypatch):
+    monkeypatch.setitem(kencode.MMA_TUNING, 128, kencode.WG_TUNING[False])
+    assert kencode.mma_tuning(128)["WG"] == 1 and "WG" not in kencode.mma_tuning(128, wgmma=False)
 
 
 def test_hadamard_kernel_applies_to_one_hadamard_group():
@@ -262,6 +281,25 @@ def test_fragment_rotation_is_r_in_fragment_order():
     frag = kencode.fragment_rotation(codec, perm, "cpu")
     assert frag.shape == (2, 4, 8, 2, 32, 2, 4) and frag.dtype == torch.float16
     assert torch.equal(frag.float().flatten(1).sort(1).values, rot.half().float().flatten(1).sort(1).values)
+
+
+
+@pytest.mark.parametrize("qjl", [False, True])
+def test_wgmma_order_holds_the_fragments_b_in_core_matrices(qjl):
+    """The WG kernel's B (R, or Q for prod keys) in the no-swizzle K-major core-matrix layout is the matrix that
+    mma.sync's fragments hold: entry (k, n) at 8 D (n / 8) + 64 (k / 8) + 8 (n % 8) + k % 8."""
+    codec = RowCodec(64, 3, seed=2, qjl=qjl)
+    frag = (kencode.qjl_fragments if qjl else kencode.fragment_rotation)(codec, None, "cpu")
+    wg = kencode.wgmma_order(frag)
+    heads, u4s, nk = frag.shape[:3]
+    dim, cols = 16 * nk, 32 * u4s
+    assert wg.shape == (heads, dim * cols) and torch.equal(wg.sort(1).values, frag.flatten(1).sort(1).values)
+    k, n = torch.meshgrid(torch.arange(dim), torch.arange(cols), indexing="ij")
+    dense = wg[:, 8 * dim * (n // 8) + 64 * (k // 8) + 8 * (n % 8) + k % 8]  # (H, D, cols)
+    for u in range(cols // 8):
+        for st in range(nk):
+            regs = frag[:, u // 4, st, (u % 4) // 2, :, u % 2, :].view(heads, 32, 2, 2)
+            assert torch.equal(dense[:, 16 * st : 16 * st + 16, 8 * u : 8 * u + 8], _b_matrix(regs))
 
 
 # ---- the HAD kernel (factored randomized Hadamard): the same kind of emulation, at the level of lane registers ----

@@ -262,6 +262,28 @@ def test_encode_qjl_matches_row_codec(cuda, d, bits, dtype):
             assert ((slope - 1).abs() < 6 * se) == with_qjl, (backend, with_qjl, slope, se)
 
 
+@pytest.mark.parametrize("bits,qjl", [(4, True), (3, True), (3.5, False), (4, False)])
+def test_encode_wgmma_matches_mma_sync(cuda, monkeypatch, bits, qjl):
+    """The dense kernel's wgmma build (WG, encode.WG_TUNING; sm_90) writes what its mma.sync build writes, bit for bit
+    (the same float16 operands, float32 accumulation in the same order): codes, norms, QJL signs and residual norms,
+    with per-head rotations and a tail of rows that fills no warpgroup's 64."""
+    from turbovq.kernels import cuda as kcuda
+
+    if not kcuda.has_wgmma(torch.device(cuda)):
+        pytest.skip("wgmma needs an sm_90 card")
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(2, 4, 700, 128, generator=g) * 2 + 1).to(cuda, torch.bfloat16)
+    codec = RowCodec(128, bits, seed=3, qjl=qjl)
+    mean = x.float().mean(2, keepdim=True)
+    scale = (torch.rand(2, 4, 1, 128, generator=g) + 0.5).to(cuda)
+    perm = codec.calibrate(x.float() - mean) if codec.num_outliers else None
+    ref = encode_rows(x, codec, perm, mean, scale, backend="cuda", hadamard=False)
+    monkeypatch.setitem(kencode.QJL_TUNING if qjl else kencode.MMA_TUNING, 128, kencode.WG_TUNING[qjl])
+    out = encode_rows(x, codec, perm, mean, scale, backend="cuda", hadamard=False)
+    assert set(out) == set(ref) and all(torch.equal(out[k], ref[k]) for k in ref), [
+        (k, (out[k] != ref[k]).float().mean().item()) for k in ref]  # fmt: skip
+
+
 def test_encode_cuda_refuses_what_it_cannot_run(cuda):
     codec = RowCodec(128, 4, seed=0)
     with pytest.raises(ValueError, match="backend='cuda'"):
@@ -296,8 +318,8 @@ def _cache_logits(model, ids, monkeypatch, env, step, **cache_kw):
 @pytest.mark.parametrize("head_dim,key_bits", [(128, 4), (256, 3.5)])
 def test_cache_uses_kernel_and_matches_reference(cuda, monkeypatch, head_dim, key_bits):
     """TurboQuantCache + codes_attention on CUDA: flushes and decode steps go through the kernels, logits match
-    TURBOVQ_KERNELS=0; at head_dim 256 the flushes take the HAD encode (fractional keys: two channel groups and the
-    calibrated outlier permutation)."""
+    TURBOVQ_KERNELS=0; the flushes take the HAD encode (encode.HAD_DEFAULT_DIMS; at 256 with fractional keys: two
+    channel groups and the calibrated outlier permutation)."""
     from turbovq.kernels import decode as kdecode
 
     model = _tiny_llama(cuda, head_dim)
@@ -316,7 +338,7 @@ def test_cache_uses_kernel_and_matches_reference(cuda, monkeypatch, head_dim, ke
     out = _cache_logits(model, ids, monkeypatch, "1", step, key_bits=key_bits)
     assert len(calls) == 10 * 2  # every decode step, every layer
     assert len(encodes) >= 2 * 2  # the flushes encode keys and values of every layer through the kernel
-    assert (key_bits in had and 3 in had) == (head_dim == 256), had  # keys and values through HAD at 256 only
+    assert key_bits in had and 3 in had, had  # keys and values through HAD
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
 
 

@@ -21,6 +21,7 @@ _FUNCTIONS: dict[tuple, ctypes.c_void_p] = {}
 _LIBS: dict[str, ctypes.CDLL] = {}
 _SMEM_OPT_IN: dict[int, int] = {}
 _OCCUPANCY: dict[tuple, int] = {}
+_WGMMA: dict[int, bool] = {}
 
 
 class CudaCompileError(RuntimeError):
@@ -159,6 +160,15 @@ def stream(device: torch.device) -> int:
     return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def has_wgmma(device: torch.device) -> bool:
+    """Whether the card runs wgmma (sm_90, compiled as sm_90a): Hopper's warpgroup tensor-core products."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    found = _WGMMA.get(index)
+    if found is None:
+        found = _WGMMA[index] = torch.cuda.get_device_capability(index) == (9, 0)
+    return found
+
+
 def kernel(source: str, name: str, device: torch.device, options: tuple[str, ...] = ()) -> Kernel:
     """Compile (once per process, source, options and device) and load ``name`` from ``source``; other kernels of
     the same source and options come from the same module (no second compile)."""
@@ -172,7 +182,8 @@ def kernel(source: str, name: str, device: torch.device, options: tuple[str, ...
                 torch.cuda.current_stream()  # makes the device's primary context current in this thread
                 if module is None:
                     major, minor = torch.cuda.get_device_capability(index)
-                    cubin = compile_cubin(source, f"sm_{major}{minor}", options)
+                    arch = f"sm_{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")  # (has_wgmma)
+                    cubin = compile_cubin(source, arch, options)
                     module = ctypes.c_void_p()
                     _check(_driver().cuModuleLoadData(ctypes.byref(module), cubin), "cuModuleLoadData")
                     _MODULES[key] = module

@@ -11,7 +11,9 @@ and norms, so they can run at memory speed. Two implementations of the same arit
   the codec's channel groups use the rotation ``"hadamard"`` (the default) with power-of-two sizes, the same file's
   ``HAD`` kernel applies the rotation in its factored form instead (three rounds of signs and a Kronecker-factored
   Hadamard transform as 16 x 16 tensor-core products, no R in shared memory; :func:`hadamard_supported`,
-  :func:`hadamard_lane_constants`); by default at head_dim 256, where it is the faster one.
+  :func:`hadamard_lane_constants`); by default at head_dim 128 and 256, where it is the faster one. Both kernels stage
+  the rows in shared memory with ``cp.async``. On sm_90 the dense kernel also has a wgmma build (``WG``, R and Q read
+  by the tensor cores from shared memory in :func:`wgmma_order`), measured but not yet the default.
 * Triton (``_encode_kernel``) for float32 rows and on request, per block of ``BLOCK_T`` rows of one (batch, KV
   head):
 
@@ -152,31 +154,44 @@ def supported(x: torch.Tensor, codec: RowCodec) -> bool:
 
 _MMA_SOURCE = Path(__file__).with_name("encode_mma.cu").read_text()
 # encode_mma.cu tuning per head_dim (benchmarks/kernels.py --phases encode --tune-encode, H100): warps per block,
-# 16-row tiles per warp, blocks per SM the register allocation must allow, prefetch of the next tile's rows (not at
-# head_dim 256, where it spills: 1.25 -> 1.03 ms without, kernels_encode_sweep_r8.json)
-MMA_TUNING = {64: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 1}, 128: {"NWARPS": 4, "MT": 1, "MINB": 3, "PF": 1},
+# 16-row tiles per warp, blocks per SM the register allocation must allow, prefetch of the next tile's rows into
+# registers (PF; not at head_dim 256, where it spills: 1.25 -> 1.03 ms without, kernels_encode_sweep_r8.json) or into
+# shared memory (ASYNC buffers per warp); WG: wgmma instead of mma.sync (sm_90 only, see mma_tuning). 128: 16 warps
+# with one staging buffer each beat the register prefetch with 4 warps in two runs (3.5 bits: 0.340-0.341 ms against
+# 0.353-0.371, kernels_encode_r17.json, kernels_encode_r17b.json). WG measured 0.314 against 0.342 ms there, with the
+# same codes bit for bit (kernels_encode_wg_r17.json), but is not on by default yet: the GPU suite has not run on it.
+MMA_TUNING = {64: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 1},
+              128: {"NWARPS": 16, "MT": 1, "MINB": 1, "PF": 0, "ASYNC": 1},
               256: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 0}}  # fmt: skip
 
 
-# with TurboQuant_prod keys (QJL): the residual's fragments and the sketch product take registers, so fewer blocks
-# and no prefetch into registers at 128 (kernels_encode_qjl_r10.json: 0.528 ms vs 0.554-0.569 for the other
-# settings), but one into shared memory (ASYNC; kernels_encode_async_r15.json: 0.511 ms with 8 warps, one block,
-# against 0.530-0.536 for the round-10 setting in the same run). 64 untuned.
+# with TurboQuant_prod keys (QJL): the residual's fragments and the sketch product fill the registers, so the next
+# tile's rows are prefetched into shared memory (ASYNC). 16 warps, one buffer each: 0.486-0.501 ms against 0.506-0.507
+# for 8 warps with two (kernels_encode_r17.json, _r17b), two 16-row tiles per warp (MT 2) 0.517: the tensor pipe's
+# mma.sync rate bounds it. WG (wgmma: a quarter of the B reads, the full tensor-core rate) with 12 warps: 0.426 ms
+# against 0.486, same outputs bit for bit (kernels_encode_wg_r17.json); not on by default yet (see above). 64 untuned.
 QJL_TUNING = {64: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 1},
-              128: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 0, "ASYNC": 1}}  # fmt: skip
+              128: {"NWARPS": 16, "MT": 1, "MINB": 1, "PF": 0, "ASYNC": 1}}  # fmt: skip
+# the WG settings measured fastest (benchmarks: --tune-encode '[{"WG": 1, ...}]'; tests: test_encode_wgmma_...)
+WG_TUNING = {False: {"NWARPS": 16, "MT": 1, "MINB": 1, "PF": 0, "ASYNC": 1, "WG": 1},
+             True: {"NWARPS": 12, "MT": 1, "MINB": 1, "PF": 0, "ASYNC": 1, "WG": 1}}  # fmt: skip
 
 
-def mma_tuning(dim: int, qjl: bool = False) -> dict[str, int]:
-    return (QJL_TUNING if qjl else MMA_TUNING)[dim]
+def mma_tuning(dim: int, qjl: bool = False, wgmma: bool = True) -> dict[str, int]:
+    """The dense kernel's settings; without ``wgmma`` (any card but sm_90) the WG settings run on mma.sync."""
+    tune = (QJL_TUNING if qjl else MMA_TUNING)[dim]
+    return tune if wgmma or not tune.get("WG") else {k: v for k, v in tune.items() if k != "WG"}
 
 
 # the HAD kernel's tuning (benchmarks/kernels.py --phases encode --tune-had, H100): warps per block, blocks per SM
-# the registers must allow, tiles in flight per warp. One group: 8 warps, 2 blocks beat 4 warps, 4 blocks by 2-4% at
-# 4 and 3 bits in two runs (kernels_encode_r15a.json, kernels_encode_r15b.json).
-HAD_TUNING = {"NWARPS": 8, "MINB": 2, "TW": 4}
-# two channel groups (fractional widths at 256): the gather of every tile's channels at once takes registers, so 3
-# blocks of 4 warps per SM (kernels_encode_r15b.json: 0.734 ms at 3.5 bits, against 0.836 with 8 warps, 2 blocks)
-HAD_TUNING_G2 = {"NWARPS": 4, "MINB": 3, "TW": 4}
+# the registers must allow, tiles per warp, staging buffers per warp (ASYNC: the rows are copied into shared memory
+# ASYNC - 1 iterations ahead; without, the one-tile register prefetch left the kernel waiting on memory: 3.5 bits at
+# 256 0.746 -> 0.670 ms, 4 bits at 128 0.371 -> 0.336, kernels_encode_r17.json; again in kernels_encode_r17b.json).
+# One group: 8 warps, 2 blocks, two buffers (fastest or within 1% at 4, 3 and 2 bits, head_dim 128 and 256, both runs).
+HAD_TUNING = {"NWARPS": 8, "MINB": 2, "TW": 4, "ASYNC": 2}
+# two channel groups (fractional widths at 256): 4 warps, 3 blocks, four buffers (3.5 bits: 0.670-0.671 ms in both
+# runs, the fastest; 2.5 bits: 0.598-0.602 against 0.561-0.563 for the one-group setting)
+HAD_TUNING_G2 = {"NWARPS": 4, "MINB": 3, "TW": 4, "ASYNC": 4}
 
 
 def had_tuning(two_groups: bool) -> dict[str, int]:
@@ -184,9 +199,10 @@ def had_tuning(two_groups: bool) -> dict[str, int]:
 
 
 # where encode_rows takes the HAD kernel by default: at head_dim 256 it beats the dense-R kernel (whose R fills shared
-# memory there); at 64, and at 128 for 4 bits, the dense one is faster, elsewhere at 128 within 4%
-# (kernels_encode_r15_table.json)
-HAD_DEFAULT_DIMS = (256,)
+# memory there) by 1.5x; at 128, with its rows staged in shared memory, by 8-17% at 4, 3 and 2 bits (0.334 / 0.293 /
+# 0.262 ms against 0.361 / 0.338 / 0.307, kernels_encode_r17b.json; kernels_encode_r17_table.json); at 64 the dense
+# kernel is faster (0.144 / 0.133 against 0.178 / 0.160 at 4 / 3 bits)
+HAD_DEFAULT_DIMS = (128, 256)
 # the growth of a tile's norm over the three rounds: the kernel's H_8 factors are +-1/2 instead of +-1/sqrt(8)
 HAD_GROWTH = {64: 8.0, 128: 2**1.5, 256: 1.0}
 
@@ -403,6 +419,22 @@ def qjl_fragments(codec: RowCodec, perm: torch.Tensor | None, device) -> torch.T
     return weak_cached(_QFRAGMENTS, (codec, perm), device, build)
 
 
+def wgmma_order(frag: torch.Tensor) -> torch.Tensor:
+    """The B matrix of :func:`fragment_rotation` / :func:`qjl_fragments` (``(H, U/4, D/16, 2, 32, 2, 4)``) for the
+    WG kernel's wgmma: ``(H, U * 8 * D)`` float16 in the no-swizzle K-major core-matrix layout, element (k, n) at
+    ``8 D (n / 8) + 64 (k / 8) + 8 (n % 8) + k % 8``. Entry ``[h, u4, s, j, lane, i, e]`` of a fragment is B's
+    (k, n) = (16 s + 2 (lane % 4) + e % 2 + 8 (e / 2), 8 (4 u4 + 2 j + i) + lane / 4): mma.sync's B fragment order."""
+    heads, u4, nk = frag.shape[:3]
+    dim = 16 * nk
+    i_u4, i_s, i_j, i_lane, i_i, i_e = torch.meshgrid(*(torch.arange(n) for n in frag.shape[1:]), indexing="ij")
+    k = 16 * i_s + 2 * (i_lane % 4) + i_e % 2 + 8 * (i_e // 2)
+    n = 8 * (4 * i_u4 + 2 * i_j + i_i) + i_lane // 4
+    pos = (8 * dim * (n // 8) + 64 * (k // 8) + 8 * (n % 8) + k % 8).flatten().to(frag.device)
+    out = torch.empty(heads, frag[0].numel(), dtype=frag.dtype, device=frag.device)
+    out[:, pos] = frag.reshape(heads, -1)
+    return out
+
+
 def _fragment_order(mat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
     """``mat[h][rows[s, lane, e], cols[u, lane]]`` as ``(H, U/4, D/16, 2, 32, 2, 4)`` float16 with u = 4 u4 + 2 j + i:
     a lane's two 16-byte loads per k-step give it the B fragments of four column tiles."""
@@ -478,13 +510,16 @@ def _encode_cuda(x, codec, perm, mean, scale, fields, hadamard: bool | None = No
     (b0, d0, _), rest = codec.groups[0], codec.groups[1:]
     b1, d1 = (rest[0][0], rest[0][1]) if rest else (b0, 0)
     rq = codec.quantizer.qjl.rows if codec.qjl else 0
-    tune = mma_tuning(dim, codec.qjl)
+    tune = mma_tuning(dim, codec.qjl, cuda.has_wgmma(dev))
     opts = dict(tune, D=dim, B0=b0, D0=d0, B1=b1, D1=d1, XT=int(x.dtype == torch.bfloat16),
                 HAS_MEAN=int(mean is not None), HAS_SCALE=int(scale is not None))  # fmt: skip
     if codec.qjl:
         opts.update(QJL=1, RQ=rq)
+    if tune.get("WG"):  # the B operands in wgmma's layout instead of mma.sync's fragment order
+        frag, qfrag = weak_cached(_WGMMA, (codec, perm), dev, lambda: (
+            wgmma_order(frag), None if qfrag is None else wgmma_order(qfrag)))  # fmt: skip
     kern = cuda.kernel(_MMA_SOURCE, "tq_encode", dev, tuple(f"-D{k}={v}" for k, v in opts.items()))
-    staging = tune.get("ASYNC", 0) * 2 * tune["NWARPS"] * 16 * tune["MT"] * dim * 2  # two tiles of rows per warp
+    staging = tune.get("ASYNC", 0) * tune["NWARPS"] * 16 * tune["MT"] * dim * 2  # ASYNC tiles of rows per warp
     smem = dim * dim * 2 + dim * rq * 2 + 2 * dim * 4 + staging
     chunk, grid = _row_grid(kern, bsz * heads, rows, 16 * tune["MT"], tune["NWARPS"], smem, dev)
     prm = _MmaParams(
@@ -527,6 +562,7 @@ def _row_splits(bh: int, max_splits: int, slots: int) -> int:
 
 
 _CONSTANTS: dict[tuple, tuple] = {}
+_WGMMA: dict[tuple, tuple] = {}
 _HAD: dict[tuple, tuple] = {}
 _NORMALIZERS: dict[tuple, tuple] = {}  # the cache's means and 1 / scales as (B H, D) float32, per layer
 _SYMMETRY: dict[tuple, tuple] = {}
@@ -590,7 +626,7 @@ def encode_rows(
     ``"auto"`` (CUDA where it applies; ``TURBOVQ_CUDA=0`` turns it off). ``block_t``, ``num_warps``, ``precision``
     and ``symmetric`` tune the Triton kernel only. ``hadamard`` (CUDA): the factored randomized Hadamard kernel
     (True, where :func:`hadamard_supported`), the dense-R kernel (False), or the faster of the two as measured
-    (None: HAD at head_dim 256, see ``HAD_DEFAULT_DIMS``).
+    (None: HAD at head_dim 128 and 256, see ``HAD_DEFAULT_DIMS``).
     """
     if backend not in ("auto", "cuda", "triton"):
         raise ValueError(f"backend must be 'auto', 'cuda' or 'triton', got {backend!r}")

@@ -34,7 +34,7 @@
 // two, outliers first): B_i (bits 2..4), D_i (channels, D1 = 0 for one group); XT (0 float16, 1 bfloat16);
 // HAS_MEAN, HAS_SCALE; tuning: NWARPS, MT (16-row tiles per warp), MINB (blocks per SM the registers must allow),
 // PF (prefetch the next tile's rows into registers), ASYNC (prefetch them into shared memory instead, cp.async: no
-// registers, for the QJL kernel whose registers are full).
+// registers, where they are full; ASYNC staging buffers per warp, 1 or 2), WG (wgmma instead of mma.sync, sm_90a).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -67,6 +67,10 @@ struct Params {
 #ifndef ASYNC
 #define ASYNC 0
 #endif
+#ifndef WG_LBO  // the wgmma descriptor's strides between core matrices: along K (leading), along N (stride)
+#define WG_LBO 128
+#define WG_SBO (D * 16)
+#endif
 #define NK (D / 16)        // k-steps of the rotation
 #define NQ (D / 4)         // input coordinates per lane and row
 #define NCH (D / 32)       // 16-byte chunks (8 coordinates) per lane and row
@@ -86,6 +90,56 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b
         "{%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+#ifndef WG  // wgmma (sm_90a): the B operands (R, Q) read by the tensor cores from shared memory (below)
+#define WG 0
+#endif
+#if WG
+#if MT != 1 || NWARPS % 4
+#error "WG takes one row tile per warp and whole warpgroups"
+#endif
+// WG = 1: a warpgroup (4 warps, 64 rows: warp w's row tile is rows 16 (w % 4) ..) multiplies by R and Q with wgmma,
+// A from the registers (the same fragments as mma.sync's), B from shared memory in the no-swizzle K-major core-matrix
+// layout (encode.wgmma_order): element (k, n) at byte 16 D (n / 8) + 128 (k / 8) + 16 (n % 8) + 2 (k % 8), so a
+// k-step's B starts 256 bytes further and a column tile's D * 16 bytes further. One B read serves the 4 warps (mma.sync
+// reads it once per warp) and wgmma issues at the tensor cores' full rate. Accumulators: those of mma.sync's column
+// tiles, in order.
+__device__ __forceinline__ unsigned long long wg_desc(const void* smem) {
+    const unsigned long long a = (u32)__cvta_generic_to_shared(smem);
+    return ((a & 0x3FFFFull) >> 4) | ((unsigned long long)(WG_LBO >> 4) << 16) | ((unsigned long long)(WG_SBO >> 4) << 32);
+}
+
+// c[t][0..3] (column tiles t0 .. t0 + 3 of the B region at sb) = A . B over the NK k-steps: m64n32k16, in order.
+__device__ __forceinline__ void wg_product(float (&c)[4][4], const u32 (&a)[NK][4], const unsigned char* sb, int t0) {
+    const unsigned long long d0 = wg_desc(sb);  // (offsets are added to the address field: no carry out of it)
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+    for (int s = 0; s < NK; s++) {
+        const unsigned long long desc = d0 + (unsigned long long)((t0 * (D * 16) + s * 256) >> 4);
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, "
+            "%12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+            : "+f"(c[0][0]), "+f"(c[0][1]), "+f"(c[0][2]), "+f"(c[0][3]), "+f"(c[1][0]), "+f"(c[1][1]), "+f"(c[1][2]),
+              "+f"(c[1][3]), "+f"(c[2][0]), "+f"(c[2][1]), "+f"(c[2][2]), "+f"(c[2][3]), "+f"(c[3][0]), "+f"(c[3][1]),
+              "+f"(c[3][2]), "+f"(c[3][3])
+            : "r"(a[s][0]), "r"(a[s][1]), "r"(a[s][2]), "r"(a[s][3]), "l"(desc), "r"((int)(s > 0))
+            : "memory");
+    }
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+    for (int t = 0; t < 4; t++)  // (the accumulators are read after the wait)
+        asm volatile("" : "+f"(c[t][0]), "+f"(c[t][1]), "+f"(c[t][2]), "+f"(c[t][3])::"memory");
+}
+#endif
+
+// One 16 x 8 x 16 product with float16 accumulation: its accumulator pairs are directly the next step's operands.
+__device__ __forceinline__ void mma16816h(u32 (&c)[2], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f16.f16.f16.f16 {%0,%1}, {%2,%3,%4,%5}, {%6,%7}, {%8,%8};"
+        : "=r"(c[0]), "=r"(c[1])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(0u));
 }
 
 // The low (hi = 0) or high 16-bit float of a word, as float32.
@@ -248,6 +302,10 @@ __device__ __forceinline__ void encode_group(const u32 (&a)[MT][NK][4], const fl
             for (int m = 0; m < MT; m++)
 #pragma unroll
                 for (int i = 0; i < 4; i++) c[u][m][i][0] = c[u][m][i][1] = c[u][m][i][2] = c[u][m][i][3] = 0.f;
+#if WG
+#pragma unroll
+        for (int u = 0; u < NU; u++) wg_product(c[u][0], a[0], (const unsigned char*)sr, 4 * (U0 / 4 + u0 + u));
+#else
 #pragma unroll
         for (int u = 0; u < NU; u++)
 #pragma unroll
@@ -263,6 +321,7 @@ __device__ __forceinline__ void encode_group(const u32 (&a)[MT][NK][4], const fl
                     mma16816(c[u][m][3], a[m][s], b23.z, b23.w);
                 }
             }
+#endif
         u32 f[MT][2] = {};  // two groups: 1 / the group's output norm, a float16 pair, per row tile and row
 #pragma unroll
         for (int m = 0; m < (D1 > 0 ? MT : 0); m++)
@@ -326,11 +385,10 @@ __device__ __forceinline__ void qjl_sketch(const u32 (&e)[MT][NK][4], const floa
     u32 w[MT][2][NWQ] = {};
 #pragma unroll
     for (int v4 = 0; v4 < RQ / 32; v4++) {
-        float c[MT][4][4];
-#pragma unroll
-        for (int m = 0; m < MT; m++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) c[m][i][0] = c[m][i][1] = c[m][i][2] = c[m][i][3] = 0.f;
+        float c[MT][4][4] = {};
+#if WG
+        wg_product(c[0], e[0], (const unsigned char*)sq, 4 * v4);
+#else
 #pragma unroll
         for (int s = 0; s < NK; s++) {
             const uint4 b01 = sq[((v4 * NK + s) * 2) * 32 + lane];
@@ -343,6 +401,7 @@ __device__ __forceinline__ void qjl_sketch(const u32 (&e)[MT][NK][4], const floa
                 mma16816(c[m][3], e[m][s], b23.z, b23.w);
             }
         }
+#endif
 #pragma unroll
         for (int m = 0; m < MT; m++)
 #pragma unroll
@@ -400,6 +459,9 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const 
         for (int i = threadIdx.x; i < D; i += NWARPS * 32) si[i] = p.iscale[(long long)bh * D + i];
 #endif
     }
+#if WG
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // (R and Q, written above, are read by wgmma)
+#endif
     __syncthreads();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
     const u16* xb = (const u16*)p.x + b * p.sxb + h * p.sxh;
@@ -424,10 +486,11 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const 
             }
     };
     const int step = NWARPS * 16 * MT;
-#if ASYNC  // two staging buffers of 16 MT rows per warp after the mean and scale; a lane reads back only what it
-           // copied (no barrier), its 16-byte chunk j of tile row q at j ^ 4 (q & 1) (no bank conflicts)
+#if ASYNC  // ASYNC staging buffers of 16 MT rows per warp after the mean and scale; a lane reads back only what it
+           // copied (no barrier), its 16-byte chunk j of tile row q at j ^ 4 (q & 1) (no bank conflicts). One buffer:
+           // the next tile is copied in once the lane has read this one (half the shared memory: more warps fit)
     constexpr int SROWS = 16 * MT * D / 8;  // 16-byte chunks per buffer
-    uint4* stg = smem_v + D * D / 8 + (QJL ? D * RQ / 8 : 0) + D / 2 + warp * 2 * SROWS;
+    uint4* stg = smem_v + D * D / 8 + (QJL ? D * RQ / 8 : 0) + D / 2 + warp * ASYNC * SROWS;
     auto slot = [&](int m, int r, int c) { return (16 * m + 8 * r + g) * (D / 8) + ((t4 + 4 * c) ^ ((g & 1) << 2)); };
     auto issue = [&](int r0, int buf) {
 #pragma unroll
@@ -452,13 +515,16 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const 
     load_tile(lo + warp * 16 * MT);
     auto held = [&](int m, int r, int c) { return raw[m][r][c]; };
 #endif
-    for (int r0 = lo + warp * 16 * MT; r0 < hi; r0 += step) {
-#if ASYNC
+    // (WG: a warpgroup's 4 warps run while any of its rows is left; rows past hi are zeros and not stored)
+    for (int r0 = lo + warp * 16 * MT; r0 - (WG ? 16 * (warp & 3) : 0) < hi; r0 += step) {
+#if ASYNC == 2
         if (r0 + step < hi)
             issue(r0 + step, buf ^ 1);
         else
             asm volatile("cp.async.commit_group;" ::: "memory");  // (an empty group: the wait below stays one behind)
         asm volatile("cp.async.wait_group 1;" ::: "memory");
+#elif ASYNC
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
 #endif
 #if ASYNC || PF
         uint4 cur[MT][2][NCH];
@@ -468,8 +534,10 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const 
             for (int r = 0; r < 2; r++)
 #pragma unroll
                 for (int c = 0; c < NCH; c++) cur[m][r][c] = held(m, r, c);
-#if ASYNC
+#if ASYNC == 2
         buf ^= 1;
+#elif ASYNC
+        if (r0 + step < hi) issue(r0 + step, 0);  // (after the reads above, in the lane's order of shared accesses)
 #else
         if (r0 + step < hi) load_tile(r0 + step);
 #endif
@@ -550,7 +618,8 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const 
 // signs are folded into the lane's channel scales. The codes of 8 columns of a tile row (b bytes) are gathered from
 // the row's 4 lanes by a reduce-scatter of two shuffles; each lane stores one such run, or (WORDS: 3-bit runs, two
 // widths) one aligned 4-byte word of the tile's output, from the runs of two lanes. Configuration macros: D, B0
-// (2..4), G2, B1, HAS_PERM, XT, HAS_MEAN, HAS_SCALE; tuning NWARPS, MINB, TW (tiles per warp in flight). p.rfrag
+// (2..4), G2, B1, HAS_PERM, XT, HAS_MEAN, HAS_SCALE; tuning NWARPS, MINB, TW (tiles per warp in flight), ASYNC
+// (staging buffers per warp, cp.async; 0: the next tiles prefetched into registers). p.rfrag
 // holds the lane constants (encode.hadamard_lane_constants, then encode.store_lane_constants).
 
 #ifndef G2  // one channel group unless told
@@ -571,12 +640,6 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const 
 // runs (odd or even byte offsets), or two widths side by side
 #define WORDS (G2 || B0 == 3)
 
-// One 16 x 8 x 16 product with float16 accumulation: its accumulator pairs are directly the next step's operands.
-__device__ __forceinline__ void mma16816h(u32 (&c)[2], const u32 (&a)[4], u32 b0, u32 b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f16.f16.f16.f16 {%0,%1}, {%2,%3,%4,%5}, {%6,%7}, {%8,%8};"
-        : "=r"(c[0]), "=r"(c[1])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(0u));
-}
 
 __device__ __forceinline__ u32 movtrans(u32 a) {
     u32 d;
@@ -673,6 +736,29 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode_had(co
     float* npl = (G2 && (lane & 16) ? p.n1 : p.n0) + (long long)bh * p.T + first + nrow;
     const long long xstep = (long long)step * p.sxt;
 
+#if ASYNC == 1
+#error "the HAD kernel's ASYNC is the number of staging buffers: 2 or more"
+#elif ASYNC  // the warp's tiles staged in shared memory by cp.async, ASYNC - 1 iterations ahead (no registers held):
+           // lane l copies 16-byte chunk l of each tile (row l / (D / 8) of the tile's RPT rows), the tile as in memory
+    __shared__ uint4 stage[NWARPS][ASYNC][TW][32];
+    const int lrow = lane / (D / 8);  // the lane's row in a tile
+    const u16* const xbh = (const u16*)p.x + b * p.sxb + h * p.sxh + 8 * (lane % (D / 8));
+    const u16* src = xbh + (long long)(first + lrow) * p.sxt;  // the lane's chunk of the next tile to copy
+    auto issue = [&](int r0, int buf) {  // (r0: the rows src is at)
+#pragma unroll
+        for (int t = 0; t < TW; t++) {
+            const bool in = r0 + RPT * t + lrow < hi;
+            const u32 dst = (u32)__cvta_generic_to_shared(&stage[warp][buf][t][lane]);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                         :: "r"(dst), "l"(in ? src + RPT * t * p.sxt : xbh), "r"(in ? 16 : 0) : "memory");  // (0: zeros)
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+        src += xstep;
+    };
+#pragma unroll
+    for (int i = 0; i < ASYNC - 1; i++) issue(first + i * step, i);
+    int buf = 0;
+#else
     auto load = [&](uint2 (&w)[TW][2], int r0) {
 #pragma unroll
         for (int t = 0; t < TW; t++)
@@ -685,13 +771,33 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode_had(co
 #endif
     uint2 raw[TW][2];
     load(raw, first);
+#endif
     for (int r0 = first; r0 < hi; r0 += step, cp += (long long)step * crb, np0 += step, npl += step) {
         uint2 cur[TW][2];
+#if ASYNC  // this iteration's copies (every lane's) are in; the buffer read last iteration is refilled
+        asm volatile("cp.async.wait_group %0;" :: "n"(ASYNC - 2) : "memory");
+        __syncwarp();
+        issue(r0 + (ASYNC - 1) * step, (buf + ASYNC - 1) % ASYNC);
+#pragma unroll
+        for (int t = 0; t < TW; t++) {
+            const u16* row = (const u16*)stage[warp][buf][t];
+#pragma unroll
+            for (int nu = 0; nu < 2; nu++) {
+#if HAS_PERM
+                cur[t][nu] = make_uint2(row[ch[nu][0]] | (u32)row[ch[nu][1]] << 16, row[ch[nu][2]] | (u32)row[ch[nu][3]] << 16);
+#else
+                cur[t][nu] = *(const uint2*)(row + r[nu] * D + lin[nu]);
+#endif
+            }
+        }
+        buf = (buf + 1) % ASYNC;
+#else
 #pragma unroll
         for (int t = 0; t < TW; t++) cur[t][0] = raw[t][0], cur[t][1] = raw[t][1];
         xp[0] += xstep, xp[1] += xstep;
         if (r0 + step < hi) load(raw, r0 + step);
-#if HAS_PERM  // every tile's channels at once: no barrier between the tiles' work, which the compiler interleaves
+#endif
+#if HAS_PERM && !ASYNC  // every tile's channels at once: no barrier between the tiles' work, which the compiler interleaves
         __syncwarp();  // (the previous iteration's reads are done)
 #pragma unroll
         for (int t = 0; t < TW; t++) stage[warp][t][lin[0] / 4] = cur[t][0], stage[warp][t][lin[1] / 4] = cur[t][1];
@@ -797,5 +903,8 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode_had(co
 #endif
         }
     }
+#if ASYNC
+    asm volatile("cp.async.wait_group 0;" ::: "memory");  // (no copy outlives the block)
+#endif
 }
 #endif
