@@ -1,5 +1,7 @@
 """Static statistics of the split pass's unit loop (decode_mma.cu) from its SASS, on any machine (no GPU needed); with
-``--kernel encode-had``, of the HAD encode kernel's tile loop (encode_mma.cu).
+``--kernel encode-had``, of the HAD encode kernel's tile loop (encode_mma.cu); with ``--kernel encode-qjl``, of the
+dense encode kernel's tile loop for TurboQuant_prod keys (K4 = 3 bits + QJL at head_dim 128, bfloat16 rows, mean and
+scale; sm_90a, so that ``{"WG": 1}`` variants build with wgmma).
 
 Compiles the K4/V3 benchmark configuration (Llama-3.1-8B heads, float16 norms, bfloat16 queries, centered keys, no
 mask) for sm_90 with NVRTC, disassembles it with the ``cuobjdump`` that ships with Triton, finds the unit loop (the
@@ -16,8 +18,9 @@ version of the file, e.g. from ``git show REV:src/turbovq/kernels/decode_mma.cu`
     PYTHONPATH=src python3 benchmarks/sass_loop.py --variants '[{}, {"LAZYMAX": 0}]' --name sass_loop
     PYTHONPATH=src python3 benchmarks/sass_loop.py --kernel encode-had \
         --variants '[{}, {"G2": 0, "B0": 3, "HAS_PERM": 0}]'
+    PYTHONPATH=src python3 benchmarks/sass_loop.py --kernel encode-qjl --variants '[{}, {"WG": 1, "NWARPS": 12}]'
 
-The encode's base configuration is 3.5 bits at head_dim 256 (two groups of 128, the outlier gather, bfloat16 rows,
+The HAD encode's base configuration is 3.5 bits at head_dim 256 (two groups of 128, the outlier gather, bfloat16 rows,
 mean and scale) with its default tuning; a variant's macros override it (``B0``/``B1``: the groups' bits).
 
 Writes ``<out>/<name>.json``.
@@ -110,20 +113,28 @@ def encode_had_options(tuning: dict) -> tuple[str, ...]:
     return kencode.had_options(RowCodec(256, 3.5), perm=True, xt=True, mean=True, scale=True, extra=tuning)
 
 
+def encode_qjl_options(tuning: dict) -> tuple[str, ...]:
+    opts = dict(kencode.mma_tuning(128, qjl=True), D=128, B0=3, D0=128, B1=3, D1=0, XT=1, HAS_MEAN=1, HAS_SCALE=1,
+                QJL=1, RQ=128) | tuning  # fmt: skip
+    return tuple(f"-D{k}={v}" for k, v in opts.items())
+
+
 def stats(variant: dict, kernel: str = "decode") -> dict:
     var = dict(variant)
     source = var.pop("source", None)
-    encode = kernel == "encode-had"
+    encode = kernel.startswith("encode")
     text = Path(source).read_text() if source else (kencode._MMA_SOURCE if encode else kdecode._MMA_SOURCE)
-    cubin = cuda.compile_cubin(text, "sm_90", encode_had_options(var) if encode else k4v3_options(var))
+    build = {"decode": ("sm_90", k4v3_options), "encode-had": ("sm_90", encode_had_options),
+             "encode-qjl": ("sm_90a", encode_qjl_options)}[kernel]  # fmt: skip
+    cubin = cuda.compile_cubin(text, build[0], build[1](var))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         sass = subprocess.run([cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
         res = subprocess.run([cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    body = unit_loop(sass, "HMMA" if encode else "LDGSTS")
+    body = unit_loop(sass, ("HGMMA" if var.get("WG") else "HMMA") if encode else "LDGSTS")
     mix = Counter(opcode(t) for _, t in body)
-    name = "tq_encode_had" if encode else "tq_decode_split"  # (the module holds other kernels too)
+    name = {"decode": "tq_decode_split", "encode-had": "tq_encode_had", "encode-qjl": "tq_encode"}[kernel]
     usage = re.search(rf"Function {name}:\s*REG:(\d+) STACK:(\d+)", res)
     return {"variant": variant, "instructions": len(body), "integer_pipe": sum(mix[o] for o in INT_PIPE),
             "critical_path_cycles": critical_path(body), "registers": int(usage.group(1)),
@@ -134,7 +145,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="sass_loop")
-    ap.add_argument("--kernel", default="decode", choices=("decode", "encode-had"))
+    ap.add_argument("--kernel", default="decode", choices=("decode", "encode-had", "encode-qjl"))
     ap.add_argument("--variants", default="[{}]", help='JSON list of the kernel\'s macro dicts (and "source")')
     args = ap.parse_args()
     rows = [stats(v, args.kernel) for v in json.loads(args.variants)]
@@ -144,7 +155,8 @@ def main() -> None:
               f"critical path ~{r['critical_path_cycles']} cycles, {r['registers']} registers, "
               f"{r['stack_bytes']} B stack ({top})")  # fmt: skip
     out = Path(args.out) / f"{args.name}.json"
-    config = "HAD encode, 3.5 bits at 256" if args.kernel == "encode-had" else "K4/V3"
+    config = {"decode": "K4/V3", "encode-had": "HAD encode, 3.5 bits at 256", "encode-qjl": "K4 prod encode at 128"}[
+        args.kernel]  # fmt: skip
     out.write_text(json.dumps({"arch": "sm_90", "config": config, "rows": rows}, indent=1))
     print(f"wrote {out}")
 
