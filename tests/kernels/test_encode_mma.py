@@ -71,12 +71,14 @@ def test_qjl_kernel_compiles(d, bits, rq, arch):
 @pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[0] == 128], ids=lambda c: "+".join(f"{b}" for b, _ in c[1]))
 def test_wgmma_build_compiles(cfg):
     """The WG build (encode.WG_TUNING: wgmma, sm_90a) of the mse and QJL kernels; without wgmma it falls back."""
-    cubin = cuda.compile_cubin(kencode._MMA_SOURCE, "sm_90a", _options(*cfg, tune=kencode.WG_TUNING[False]))
-    assert b"tq_encode" in cubin
+    for wga in (0, 1) if len(cfg[1]) == 1 else (0,):
+        tune = dict(kencode.WG_TUNING[False], WGA=wga)
+        assert b"tq_encode" in cuda.compile_cubin(kencode._MMA_SOURCE, "sm_90a", _options(*cfg, tune=tune))
     b0 = cfg[1][0][0]
     qjl = dict(kencode.WG_TUNING[True], D=128, B0=b0, D0=128, B1=b0, D1=0, XT=1, HAS_MEAN=1, HAS_SCALE=1, QJL=1, RQ=128)
-    qjl_opts = tuple(f"-D{k}={v}" for k, v in qjl.items())
-    assert b"tq_encode" in cuda.compile_cubin(kencode._MMA_SOURCE, "sm_90a", qjl_opts)
+    for wga in (0, 1):  # (WGA: every column block's product in flight at once)
+        qjl_opts = tuple(f"-D{k}={v}" for k, v in dict(qjl, WGA=wga).items())
+        assert b"tq_encode" in cuda.compile_cubin(kencode._MMA_SOURCE, "sm_90a", qjl_opts)
     with pytest.raises(cuda.CudaCompileError):  # (no wgmma before sm_90a)
         cuda.compile_cubin(kencode._MMA_SOURCE, "sm_80", _options(*cfg, tune=kencode.WG_TUNING[False]))
 

@@ -172,7 +172,8 @@ MMA_TUNING = {64: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 1},
 # against 0.486, same outputs bit for bit (kernels_encode_wg_r17.json); not on by default yet (see above). 64 untuned.
 QJL_TUNING = {64: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 1},
               128: {"NWARPS": 16, "MT": 1, "MINB": 1, "PF": 0, "ASYNC": 1}}  # fmt: skip
-# the WG settings measured fastest (benchmarks: --tune-encode '[{"WG": 1, ...}]'; tests: test_encode_wgmma_...)
+# the WG settings measured fastest (benchmarks: --tune-encode '[{"WG": 1, ...}]'; tests: test_encode_wgmma_...);
+# WGA (every column block's product in flight at once) is built and CPU-checked but not yet measured
 WG_TUNING = {False: {"NWARPS": 16, "MT": 1, "MINB": 1, "PF": 0, "ASYNC": 1, "WG": 1},
              True: {"NWARPS": 12, "MT": 1, "MINB": 1, "PF": 0, "ASYNC": 1, "WG": 1}}  # fmt: skip
 

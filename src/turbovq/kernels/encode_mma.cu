@@ -95,6 +95,9 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b
 #ifndef WG  // wgmma (sm_90a): the B operands (R, Q) read by the tensor cores from shared memory (below)
 #define WG 0
 #endif
+#ifndef WGA  // WG: every column block's product issued at once (up to 4 in flight, one accumulator set each)
+#define WGA 0
+#endif
 #if WG
 #if MT != 1 || NWARPS % 4
 #error "WG takes one row tile per warp and whole warpgroups"
@@ -104,14 +107,17 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b
 // layout (encode.wgmma_order): element (k, n) at byte 16 D (n / 8) + 128 (k / 8) + 16 (n % 8) + 2 (k % 8), so a
 // k-step's B starts 256 bytes further and a column tile's D * 16 bytes further. One B read serves the 4 warps (mma.sync
 // reads it once per warp) and wgmma issues at the tensor cores' full rate. Accumulators: those of mma.sync's column
-// tiles, in order.
+// tiles, in order. WGA = 1 (one group): all column blocks' products of R (then of Q) are issued at once, each into its
+// own accumulators, and each block waits only for its own (no accumulator register is rewritten while in flight: a
+// version that reused two sets lost half the residual's adds in its SASS and gave wrong QJL signs).
 __device__ __forceinline__ unsigned long long wg_desc(const void* smem) {
     const unsigned long long a = (u32)__cvta_generic_to_shared(smem);
     return ((a & 0x3FFFFull) >> 4) | ((unsigned long long)(WG_LBO >> 4) << 16) | ((unsigned long long)(WG_SBO >> 4) << 32);
 }
 
-// c[t][0..3] (column tiles t0 .. t0 + 3 of the B region at sb) = A . B over the NK k-steps: m64n32k16, in order.
-__device__ __forceinline__ void wg_product(float (&c)[4][4], const u32 (&a)[NK][4], const unsigned char* sb, int t0) {
+// Issue c[t][0..3] (column tiles t0 .. t0 + 3 of the B region at sb) = A . B over the NK k-steps (m64n32k16) as one
+// wgmma group; wg_wait(n, c) waits until at most n (0..7) groups are in flight and hands c back.
+__device__ __forceinline__ void wg_issue(float (&c)[4][4], const u32 (&a)[NK][4], const unsigned char* sb, int t0) {
     const unsigned long long d0 = wg_desc(sb);  // (offsets are added to the address field: no carry out of it)
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
@@ -128,10 +134,23 @@ __device__ __forceinline__ void wg_product(float (&c)[4][4], const u32 (&a)[NK][
             : "memory");
     }
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+}
+
+__device__ __forceinline__ void wg_wait(int n, float (&c)[4][4]) {
+    switch (n) {  // (n is a constant once the callers' loops are unrolled)
+        case 0: asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); break;
+        case 1: asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory"); break;
+        case 2: asm volatile("wgmma.wait_group.sync.aligned 2;" ::: "memory"); break;
+        default: asm volatile("wgmma.wait_group.sync.aligned 3;" ::: "memory"); break;
+    }
 #pragma unroll
     for (int t = 0; t < 4; t++)  // (the accumulators are read after the wait)
         asm volatile("" : "+f"(c[t][0]), "+f"(c[t][1]), "+f"(c[t][2]), "+f"(c[t][3])::"memory");
+}
+
+__device__ __forceinline__ void wg_product(float (&c)[4][4], const u32 (&a)[NK][4], const unsigned char* sb, int t0) {
+    wg_issue(c, a, sb, t0);
+    wg_wait(0, c);
 }
 #endif
 
@@ -293,6 +312,12 @@ __device__ __forceinline__ void encode_group(const u32 (&a)[MT][NK][4], const fl
     const int g = lane >> 2, t4 = lane & 3;
     constexpr int NW = (LB + 3) / 4, NU = D1 > 0 ? DI / 32 : 1;  // NU: 4-tile blocks held at once
     u32 w[MT][2][NW] = {};  // the lane's byte runs of rows g, g + 8 of each row tile
+#if WG && WGA
+    static_assert(NU == 1 && DI / 32 <= 4, "WGA: one group of at most 128 channels");
+    float acc[DI / 32 > 0 ? DI / 32 : 1][4][4] = {};  // (DI < 32: the unused group-1 code of a one-group codec)
+#pragma unroll
+    for (int b = 0; b < DI / 32; b++) wg_issue(acc[b], a[0], (const unsigned char*)sr, 4 * (U0 / 4 + b));
+#endif
 #pragma unroll
     for (int u0 = 0; u0 < DI / 32; u0 += NU) {
         float c[NU][MT][4][4];
@@ -302,7 +327,13 @@ __device__ __forceinline__ void encode_group(const u32 (&a)[MT][NK][4], const fl
             for (int m = 0; m < MT; m++)
 #pragma unroll
                 for (int i = 0; i < 4; i++) c[u][m][i][0] = c[u][m][i][1] = c[u][m][i][2] = c[u][m][i][3] = 0.f;
-#if WG
+#if WG && WGA
+        wg_wait(DI / 32 - 1 - u0, acc[u0]);
+#pragma unroll
+        for (int t = 0; t < 4; t++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) c[0][0][t][q] = acc[u0][t][q];
+#elif WG
 #pragma unroll
         for (int u = 0; u < NU; u++) wg_product(c[u][0], a[0], (const unsigned char*)sr, 4 * (U0 / 4 + u0 + u));
 #else
@@ -383,10 +414,22 @@ __device__ __forceinline__ void qjl_sketch(const u32 (&e)[MT][NK][4], const floa
     const int g = lane >> 2, t4 = lane & 3;
     constexpr int NB = RQ / 4, NWQ = (NB + 31) / 32;  // sign bits per lane and row, in words
     u32 w[MT][2][NWQ] = {};
+#if WG && WGA
+    static_assert(RQ / 32 <= 4, "WGA: at most 128 sketch rows");
+    float acc[RQ / 32][4][4] = {};
+#pragma unroll
+    for (int b = 0; b < RQ / 32; b++) wg_issue(acc[b], e[0], (const unsigned char*)sq, 4 * b);
+#endif
 #pragma unroll
     for (int v4 = 0; v4 < RQ / 32; v4++) {
         float c[MT][4][4] = {};
-#if WG
+#if WG && WGA
+        wg_wait(RQ / 32 - 1 - v4, acc[v4]);
+#pragma unroll
+        for (int t = 0; t < 4; t++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) c[0][t][q] = acc[v4][t][q];
+#elif WG
         wg_product(c[0], e[0], (const unsigned char*)sq, 4 * v4);
 #else
 #pragma unroll
