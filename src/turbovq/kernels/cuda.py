@@ -182,7 +182,7 @@ def kernel(source: str, name: str, device: torch.device, options: tuple[str, ...
                 torch.cuda.current_stream()  # makes the device's primary context current in this thread
                 if module is None:
                     major, minor = torch.cuda.get_device_capability(index)
-                    arch = f"sm_{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")  # (has_wgmma)
+                    arch = f"sm_{major}{minor}" + ("a" if has_wgmma(torch.device("cuda", index)) else "")
                     cubin = compile_cubin(source, arch, options)
                     module = ctypes.c_void_p()
                     _check(_driver().cuModuleLoadData(ctypes.byref(module), cubin), "cuModuleLoadData")

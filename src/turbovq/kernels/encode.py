@@ -174,8 +174,7 @@ QJL_TUNING = {64: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 1},
               128: {"NWARPS": 16, "MT": 1, "MINB": 1, "PF": 0, "ASYNC": 1}}  # fmt: skip
 # the WG settings measured fastest (benchmarks: --tune-encode '[{"WG": 1, ...}]'; tests: test_encode_wgmma_...);
 # WGA (every column block's product in flight at once) is built and CPU-checked but not yet measured
-WG_TUNING = {False: {"NWARPS": 16, "MT": 1, "MINB": 1, "PF": 0, "ASYNC": 1, "WG": 1},
-             True: {"NWARPS": 12, "MT": 1, "MINB": 1, "PF": 0, "ASYNC": 1, "WG": 1}}  # fmt: skip
+WG_TUNING = {False: dict(MMA_TUNING[128], WG=1), True: dict(QJL_TUNING[128], NWARPS=12, WG=1)}
 
 
 def mma_tuning(dim: int, qjl: bool = False, wgmma: bool = True) -> dict[str, int]:

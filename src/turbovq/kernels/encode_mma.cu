@@ -116,7 +116,7 @@ __device__ __forceinline__ unsigned long long wg_desc(const void* smem) {
 }
 
 // Issue c[t][0..3] (column tiles t0 .. t0 + 3 of the B region at sb) = A . B over the NK k-steps (m64n32k16) as one
-// wgmma group; wg_wait(n, c) waits until at most n (0..7) groups are in flight and hands c back.
+// wgmma group; wg_wait(n, c) waits until at most n (0..3) groups are in flight and hands c back.
 __device__ __forceinline__ void wg_issue(float (&c)[4][4], const u32 (&a)[NK][4], const unsigned char* sb, int t0) {
     const unsigned long long d0 = wg_desc(sb);  // (offsets are added to the address field: no carry out of it)
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
