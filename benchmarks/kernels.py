@@ -356,19 +356,95 @@ def prefill(dev, q_lens=(128, 512, 2048), context: int = 32768, batch: int = 1, 
     return out
 
 
-def profile_encode(dev, codec_spec: str = "4") -> None:
+def profile_encode(dev, codec_spec: str = "4", settings: dict | None = None) -> None:
     """Three encodes of B = 8, H = 8, T = 32k bf16 rows (centered, channel scales, as in the encode phase) at
     ``codec_spec`` bits (``"4:qjl"``: TurboQuant_prod keys), for an external profiler:
     ``ncu -k regex:tq_encode -s 2 -c 1 python3 benchmarks/kernels.py --phases profile-encode``
-    (``regex:_encode_kernel`` with ``TURBOVQ_CUDA=0`` for the Triton kernel)."""
+    (``regex:_encode_kernel`` with ``TURBOVQ_CUDA=0`` for the Triton kernel). ``settings`` override the dense
+    kernel's tuning (``--tune-encode``'s first entry)."""
+    from turbovq.kernels import encode as kencode
+
     x = torch.randn(8, HKV, 32768, D, device=dev, dtype=torch.bfloat16)
     mean = x.float().mean(2, keepdim=True)
     scale = torch.rand(8, HKV, 1, D, device=dev) + 0.5
     bits, _, kind = codec_spec.partition(":")
     codec = RowCodec(D, float(bits), seed=1, qjl=kind == "qjl")
+    table = kencode.QJL_TUNING if codec.qjl else kencode.MMA_TUNING
+    table[D] = dict(table[D], **(settings or {}))
     for _ in range(3):
         encode_rows(x, codec, None, mean, scale)
     torch.cuda.synchronize(dev)
+
+
+class ClockLog:
+    """``nvidia-smi`` sampling the SM clock, power and temperature every 20 ms in the background: a latency-bound
+    kernel's time follows the SM clock, which the card lowers as it heats up over a long run (the copy's does not)."""
+
+    def __init__(self):
+        import subprocess
+        import tempfile
+
+        self.samples: list[tuple[float, ...]] = []  # (unix time, MHz, W, degrees C)
+        if os.environ.get("TURBOVQ_BENCH_CLOCKS") == "0":
+            self.proc = None
+            return
+
+        self.file = tempfile.TemporaryFile("w+")  # (not a pipe: unread, it fills up and stalls nvidia-smi)
+        self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu",
+                                      "--format=csv,noheader,nounits", "-lms", "20"], stdout=self.file)  # fmt: skip
+
+    def close(self) -> list[tuple[float, ...]]:
+        import datetime
+
+        if self.proc is None:
+            return self.samples
+        self.proc.terminate()
+        self.proc.wait()
+        self.file.seek(0)
+        for line in self.file.read().splitlines():
+            stamp, *values = (v.strip() for v in line.split(","))
+            when = datetime.datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            self.samples.append((when, *(float(v) for v in values)))
+        return self.samples
+
+    def timed(self, fn, *args, **kw) -> tuple[float, list[float]]:
+        """``bench(fn, ...)`` and the window it ran in (unix times), for ``clock`` once the log is closed."""
+        import time
+
+        start = time.time()
+        return bench(fn, *args, **kw), [start, time.time()]
+
+    def clock(self, window: list[float]) -> float | None:
+        """The median SM clock (MHz) sampled within ``window``."""
+        inside = sorted(mhz for when, mhz, *_ in self.samples if window[0] <= when <= window[1])
+        return inside[len(inside) // 2] if inside else None
+
+
+def warmup_effect(dev, codec_spec: str = "4:qjl", repeats: int = 3) -> dict:
+    """The default encode (``codec_spec`` as in ``profile_encode``) and the copy, each timed with the sweeps' short
+    warm-up (25 ms, 30 ms of timed runs) and with the table's long one (ENCODE_WARMUP, 50 ms), alternately, with the
+    median SM clock meanwhile (ClockLog): whether a sustained run is slower than a short one."""
+    x = torch.randn(8, HKV, 32768, D, device=dev, dtype=torch.bfloat16)
+    mean = x.float().mean(2, keepdim=True)
+    scale = torch.rand(8, HKV, 1, D, device=dev) + 0.5
+    bits, _, kind = codec_spec.partition(":")
+    codec = RowCodec(D, float(bits), seed=1, qjl=kind == "qjl")
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev).random_()
+    dst = torch.empty_like(src)
+    fns = {"encode": lambda: encode_rows(x, codec, None, mean, scale), "copy": lambda: dst.copy_(src)}
+    log, out = ClockLog(), []
+    try:
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                for warmup, rep in ((25, 30), (ENCODE_WARMUP, 50)):
+                    ms, window = log.timed(fn, rep=rep, warmup=warmup)
+                    out.append({"what": name, "warmup_ms": warmup, "rep_ms": rep, "ms": ms, "window": window})
+    finally:
+        log.close()
+    for row in out:
+        row["sm_mhz"] = log.clock(row["window"])
+        print(row, flush=True)
+    return {"timings": out, "nvidia_smi": log.samples}
 
 
 def profile_call(dev) -> None:
@@ -599,35 +675,44 @@ def sweep_settings(settings: dict, grid: list[dict], fn) -> list[dict]:
             kencode._MMA_SOURCE = Path(path).read_text() if path else source
             settings.clear()
             settings.update(default, **kw)
-            got = fn()
+            row = {**settings, **({"source": path} if path else {})}
+            try:
+                got = fn()
+            except Exception as e:  # a setting this case cannot build (e.g. WGA with two channel groups)
+                out.append({**row, "ms": None, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                continue
             diff = max((got[k] != v).float().mean().item() for k, v in ref.items())
-            out.append({**settings, **({"source": path} if path else {}), "ms": bench(fn, rep=30), "mismatch": diff})
+            out.append({**row, "ms": bench(fn, rep=30), "mismatch": diff})
     finally:
         settings.clear()
         settings.update(default)
         kencode._MMA_SOURCE = source
-    return sorted(out, key=lambda r: r["ms"])
+    return sorted(out, key=lambda r: float("inf") if r["ms"] is None else r["ms"])
 
 
-def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int], had_grid: list[dict] = ()) -> list[dict]:
+def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int], had_grid: list[dict] = (),
+                 widths: list[tuple[float, bool]] = ()) -> list[dict]:
     """``encode_rows`` on B = 8, H = 8, T = 32k rows of bf16 (centered, channel scales as the cache's default):
     the CUDA kernel (encode_mma.cu), the Triton kernel and the torch ``RowCodec.encode``, side by side; achieved
     bandwidth on the bytes read and written vs the copy roofline. head_dim 128: 4, 3, 3.5, 2.5 and 2 bits, and 4-bit
     TurboQuant_prod keys (3-bit codes + QJL signs); other ``dims``: 4, 3, 3.5 and 2.5 bits.
     Where the factored Hadamard kernel applies (HAD, see ``encode.hadamard_supported``), it and the dense-R kernel are
     both timed: ``cuda`` is the default choice, ``cuda_had`` / ``cuda_dense`` each kernel.
+    ``cuda``: the median of three timings of the default, the first before the others, two at the row's end, each
+    with the median SM clock meanwhile (``cuda_sm_mhz``, ClockLog).
     With ``tune_grid``, a sweep of the dense kernel's tuning (MMA_TUNING) for 4, 3 and 3.5 bits; with ``had_grid``,
-    of the HAD kernel's tuning (``encode.had_tuning``)."""
+    of the HAD kernel's tuning (``encode.had_tuning``). ``widths``: (bits, prod keys) rows to run instead, in order.
+    """
     from turbovq.kernels import encode as kencode
 
     b, t = 8, 32768
-    out = []
+    out, log = [], ClockLog()
     for dim in dims:
         x = torch.randn(b, HKV, t, dim, device=dev, dtype=torch.bfloat16)
         mean = x.float().mean(2, keepdim=True)
         scale = torch.rand(b, HKV, 1, dim, device=dev) + 0.5
-        for bits, qjl in ((4, False), (3, False), (3.5, False), (2.5, False), (2, False), (4, True)) if dim == D else \
-                ((4, False), (3, False), (3.5, False), (2.5, False)):  # fmt: skip
+        for bits, qjl in widths or (((4, False), (3, False), (3.5, False), (2.5, False), (2, False), (4, True))
+                                    if dim == D else ((4, False), (3, False), (3.5, False), (2.5, False))):  # fmt: skip
             codec = RowCodec(dim, bits, seed=1, qjl=qjl)
             perm = codec.calibrate(x[:, :, :1024].float() - mean) if codec.num_outliers else None
             written = sum(v.numel() * v.element_size() for v in encode_rows(x[:, :, :64], codec, perm, mean).values())
@@ -636,8 +721,8 @@ def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int], had_grid
             def run(backend, codec=codec, perm=perm, x=x, mean=mean, scale=scale, **kw):
                 return encode_rows(x, codec, perm, mean, scale, backend=backend, **kw)
 
-            ms = {k: bench(lambda k=k: run(k), rep=50, warmup=ENCODE_WARMUP if k == "cuda" else 25)
-                  for k in ("cuda", "triton")}  # fmt: skip
+            first, window = log.timed(lambda: run("cuda"), rep=50, warmup=ENCODE_WARMUP)
+            ms, windows = {"cuda": first, "triton": bench(lambda: run("triton"), rep=50)}, [window]
             had = not qjl and kencode.hadamard_supported(codec)
             if had:
                 ms["cuda_had"] = bench(lambda: run("cuda", hadamard=True), rep=50, warmup=ENCODE_WARMUP)
@@ -651,7 +736,15 @@ def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int], had_grid
                 xs = (x.float() - mean) / scale
                 ms["torch"] = bench(lambda c=codec, p=perm, xs=xs: c.encode(xs, p), rep=20)
                 del xs
-            row = {"head_dim": dim, "bits": bits, "qjl": qjl, "rows": b * HKV * t, "bytes": nbytes}
+            # the default's time: the median of three timings spread over the row (the first one of a row read up to
+            # 12% slower than later ones of the same kernel in rounds 15-17)
+            again = []
+            for _ in range(2):
+                again.append(log.timed(lambda: run("cuda"), rep=50, warmup=ENCODE_WARMUP))
+                windows.append(again[-1][1])
+            ms["cuda"] = sorted([first, *(a for a, _ in again)])[1]
+            row = {"head_dim": dim, "bits": bits, "qjl": qjl, "rows": b * HKV * t, "bytes": nbytes,
+                   "cuda_timings_ms": [first, *(a for a, _ in again)], "windows": windows}  # fmt: skip
             for k, v in ms.items():
                 row[f"{k}_ms"] = v
                 row[f"{k}_roofline_frac"] = nbytes / v / 1e9 / copy_tbs
@@ -680,6 +773,12 @@ def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int], had_grid
                 print(f"  fastest CUDA settings: {row['cuda_sweep'][0]}", flush=True)
         del x
         torch.cuda.empty_cache()
+    log.close()
+    for row in out:  # the SM clock during each timing of the default
+        row["cuda_sm_mhz"] = [log.clock(w) for w in row.pop("windows")]
+        print(f"encode d={row['head_dim']} bits={row['bits']}{' prod' if row['qjl'] else ''}: default "
+              + ", ".join(f"{v:.3f} ms at {c} MHz" for v, c in zip(row["cuda_timings_ms"], row["cuda_sm_mhz"])),
+              flush=True)  # fmt: skip
     return out
 
 
@@ -910,7 +1009,9 @@ def main() -> None:
     ap.add_argument("--tune-cells", default="8x32768,32x32768", help="tune-cuda: BxT cells")
     ap.add_argument("--tune-encode", default="[]", help="encode: CUDA settings to sweep, e.g. '[{\"MINB\": 4}]'")
     ap.add_argument("--encode-dims", default="128", help="encode: head_dims (128 runs every width)")
-    ap.add_argument("--encode-codec", default="4", help="profile-encode: bits, '4:qjl' for TurboQuant_prod keys")
+    ap.add_argument("--encode-widths", default="", help="encode: rows to run instead, in order, e.g. '4:qjl,4,4:qjl'")
+    ap.add_argument("--encode-codec", help="profile-encode (default 4), warmup-effect (default 4:qjl): bits, "
+                    "'4:qjl' for TurboQuant_prod keys")  # fmt: skip
     ap.add_argument("--tune-had", default="[]", help="encode: HAD kernel settings to sweep, e.g. '[{\"TW\": 1}]'")
     ap.add_argument("--graph", action="store_true", help="decode grid: also time each call as a CUDA graph replay")
     ap.add_argument("--e2e-layers", type=int, default=32)
@@ -936,8 +1037,10 @@ def main() -> None:
         profile_call(dev)
         return
     if "profile-encode" in phases:
-        profile_encode(dev, args.encode_codec)
+        profile_encode(dev, args.encode_codec or "4", (json.loads(args.tune_encode) or [None])[0])
         return
+    if "warmup-effect" in phases:
+        res["warmup_effect"] = warmup_effect(dev, args.encode_codec or "4:qjl")
     if "prefill" in phases:
         res["prefill"] = prefill(dev)
     if "prefill-qjl" in phases:
@@ -970,7 +1073,9 @@ def main() -> None:
         res["timeline"] = timeline(dev, cells, json.loads(args.tune_cuda))
     if "encode" in phases:
         dims = [int(v) for v in args.encode_dims.split(",")]
-        res["encode"] = encode_bench(dev, copy_bw, json.loads(args.tune_encode), dims, json.loads(args.tune_had))
+        widths = [(float(w.split(":")[0]), w.endswith(":qjl")) for w in args.encode_widths.split(",") if w]
+        res["encode"] = encode_bench(dev, copy_bw, json.loads(args.tune_encode), dims, json.loads(args.tune_had),
+                                     widths)  # fmt: skip
     if "e2e" in phases:
         res["e2e"] = e2e(
             dev,

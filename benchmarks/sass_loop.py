@@ -132,7 +132,8 @@ def stats(variant: dict, kernel: str = "decode") -> dict:
         f.flush()
         sass = subprocess.run([cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
         res = subprocess.run([cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    body = unit_loop(sass, ("HGMMA" if var.get("WG") else "HMMA") if encode else "LDGSTS")
+    wgmma = kernel == "encode-qjl" and dict(kencode.mma_tuning(128, qjl=True), **var).get("WG")
+    body = unit_loop(sass, ("HGMMA" if wgmma else "HMMA") if encode else "LDGSTS")
     mix = Counter(opcode(t) for _, t in body)
     name = {"decode": "tq_decode_split", "encode-had": "tq_encode_had", "encode-qjl": "tq_encode"}[kernel]
     usage = re.search(rf"Function {name}:\s*REG:(\d+) STACK:(\d+)", res)
@@ -157,7 +158,8 @@ def main() -> None:
     out = Path(args.out) / f"{args.name}.json"
     config = {"decode": "K4/V3", "encode-had": "HAD encode, 3.5 bits at 256", "encode-qjl": "K4 prod encode at 128"}[
         args.kernel]  # fmt: skip
-    out.write_text(json.dumps({"arch": "sm_90", "config": config, "rows": rows}, indent=1))
+    arch = "sm_90a" if args.kernel == "encode-qjl" else "sm_90"
+    out.write_text(json.dumps({"arch": arch, "config": config, "rows": rows}, indent=1))
     print(f"wrote {out}")
 
 

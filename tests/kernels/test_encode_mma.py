@@ -34,17 +34,18 @@ CONFIGS = [
 ]
 
 
-def _options(d, groups, xt, mean, scale, tune=None):
+def _options(d, groups, xt, mean, scale, tune=None, arch="sm_90a"):
     (b0, d0), (b1, d1) = groups[0], (groups[1] if len(groups) > 1 else (groups[0][0], 0))
-    opts = dict(tune or kencode.mma_tuning(d), D=d, B0=b0, D0=d0, B1=b1, D1=d1, XT=xt, HAS_MEAN=mean, HAS_SCALE=scale)
+    tune = tune or kencode.mma_tuning(d, wgmma=arch.endswith("a"))
+    opts = dict(tune, D=d, B0=b0, D0=d0, B1=b1, D1=d1, XT=xt, HAS_MEAN=mean, HAS_SCALE=scale)
     return tuple(f"-D{k}={v}" for k, v in opts.items())
 
 
 @needs_nvrtc
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"d{c[0]}-" + "+".join(f"{b}x{d}" for b, d in c[1]))
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90", "sm_90a"])
 def test_compiles(cfg, arch):
-    cubin = cuda.compile_cubin(kencode._MMA_SOURCE, arch, _options(*cfg))
+    cubin = cuda.compile_cubin(kencode._MMA_SOURCE, arch, _options(*cfg, arch=arch))
     assert cubin[:4] == b"\x7fELF" and b"tq_encode" in cubin
 
 
@@ -59,10 +60,10 @@ def test_hadamard_kernel_compiles(d, bits, arch):
 
 @needs_nvrtc
 @pytest.mark.parametrize("d,bits,rq", [(128, 3, 128), (64, 2, 64), (128, 3, 256)])
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90", "sm_90a"])
 def test_qjl_kernel_compiles(d, bits, rq, arch):
-    opts = dict(kencode.mma_tuning(d, qjl=True), D=d, B0=bits, D0=d, B1=bits, D1=0, XT=1, HAS_MEAN=1, HAS_SCALE=1,
-                QJL=1, RQ=rq)  # fmt: skip
+    tune = kencode.mma_tuning(d, qjl=True, wgmma=arch.endswith("a"))
+    opts = dict(tune, D=d, B0=bits, D0=d, B1=bits, D1=0, XT=1, HAS_MEAN=1, HAS_SCALE=1, QJL=1, RQ=rq)
     cubin = cuda.compile_cubin(kencode._MMA_SOURCE, arch, tuple(f"-D{k}={v}" for k, v in opts.items()))
     assert cubin[:4] == b"\x7fELF" and b"tq_encode" in cubin
 
@@ -70,22 +71,24 @@ def test_qjl_kernel_compiles(d, bits, rq, arch):
 @needs_nvrtc
 @pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[0] == 128], ids=lambda c: "+".join(f"{b}" for b, _ in c[1]))
 def test_wgmma_build_compiles(cfg):
-    """The WG build (encode.WG_TUNING: wgmma, sm_90a) of the mse and QJL kernels; without wgmma it falls back."""
+    """The WG build (the default at head_dim 128: wgmma, sm_90a) of the mse and QJL kernels, with WGA (every column
+    block's product in flight at once) where there is one group; no wgmma before sm_90a."""
     for wga in (0, 1) if len(cfg[1]) == 1 else (0,):
-        tune = dict(kencode.WG_TUNING[False], WGA=wga)
+        tune = dict(kencode.MMA_TUNING[128], WGA=wga)
         assert b"tq_encode" in cuda.compile_cubin(kencode._MMA_SOURCE, "sm_90a", _options(*cfg, tune=tune))
     b0 = cfg[1][0][0]
-    qjl = dict(kencode.WG_TUNING[True], D=128, B0=b0, D0=128, B1=b0, D1=0, XT=1, HAS_MEAN=1, HAS_SCALE=1, QJL=1, RQ=128)
-    for wga in (0, 1):  # (WGA: every column block's product in flight at once)
+    qjl = dict(kencode.QJL_TUNING[128], D=128, B0=b0, D0=128, B1=b0, D1=0, XT=1, HAS_MEAN=1, HAS_SCALE=1, QJL=1, RQ=128)
+    for wga in (0, 1):
         qjl_opts = tuple(f"-D{k}={v}" for k, v in dict(qjl, WGA=wga).items())
         assert b"tq_encode" in cuda.compile_cubin(kencode._MMA_SOURCE, "sm_90a", qjl_opts)
-    with pytest.raises(cuda.CudaCompileError):  # (no wgmma before sm_90a)
-        cuda.compile_cubin(kencode._MMA_SOURCE, "sm_80", _options(*cfg, tune=kencode.WG_TUNING[False]))
+    with pytest.raises(cuda.CudaCompileError):
+        cuda.compile_cubin(kencode._MMA_SOURCE, "sm_80", _options(*cfg, tune=kencode.MMA_TUNING[128]))
 
 
-def test_wgmma_settings_fall_back_to_mma_sync(monkeypatch):
-    monkeypatch.setitem(kencode.MMA_TUNING, 128, kencode.WG_TUNING[False])
-    assert kencode.mma_tuning(128)["WG"] == 1 and "WG" not in kencode.mma_tuning(128, wgmma=False)
+def test_wgmma_settings_fall_back_to_mma_sync():
+    for qjl in (False, True):
+        assert kencode.mma_tuning(128, qjl)["WG"] == 1
+        assert not {"WG", "WGA"} & set(kencode.mma_tuning(128, qjl, wgmma=False))
 
 
 def test_hadamard_kernel_applies_to_one_hadamard_group():
@@ -140,11 +143,13 @@ def _quantize2(y0: torch.Tensor, y1: torch.Tensor, scale: torch.Tensor | None, t
     )
 
 
-def _byte_perm(x: np.ndarray, y: np.ndarray, sel: int) -> np.ndarray:
-    src = [(x >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)] + [
-        (y >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)
-    ]
-    return sum((src[(sel >> (4 * i)) & 7] << np.uint32(8 * i) for i in range(4)), np.zeros_like(x))
+def _byte_perm(x: np.ndarray, y: np.ndarray, sel) -> np.ndarray:
+    """__byte_perm: byte i of the result is byte (nibble i of sel) & 7 of y:x (sel a number or one per element)."""
+    x, y, sel = np.broadcast_arrays(np.asarray(x, np.uint32), np.asarray(y, np.uint32), np.asarray(sel, np.uint32))
+    src = np.stack([(w >> np.uint32(8 * i)) & np.uint32(0xFF) for w in (x, y) for i in range(4)])
+    pick = [np.take_along_axis(src, ((sel >> np.uint32(4 * i)) & np.uint32(7))[None].astype(np.intp), 0)[0]
+            for i in range(4)]  # fmt: skip
+    return sum((p << np.uint32(8 * i) for i, p in enumerate(pick)), np.zeros_like(x))
 
 
 def _pack8(p: list[np.ndarray], bits: int) -> np.ndarray:
@@ -209,19 +214,39 @@ def emulate(x, codec, perm, mean, scale) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
+def test_centroid_bytes_give_each_level_its_centroid(bits):
+    """residual2's byte permutes (selector from levels2h's value) over encode.centroid_bytes' tables read the float16
+    magnitude of the centroid of every pair of levels."""
+    codec = RowCodec(128, bits, qjl=True)
+    b = codec.groups[0][0]
+    m = (1 << (b - 1)) - 1
+    cents = codec.tensors(0, "cpu")[1].float()[m + 1 :].half().view(torch.int16).numpy().astype(np.uint32) & 0xFFFF
+    tc = np.array(list(kencode.centroid_bytes(codec)), dtype=np.uint32)
+    c0, c1 = (a.ravel().astype(np.uint32) for a in np.meshgrid(np.arange(m + 1), np.arange(m + 1)))
+    v = (np.uint32(m) - c0) | ((np.uint32(m) - c1) << np.uint32(16))  # levels2h: M - c in each half
+    d = v + (v >> np.uint32(8))
+    if b <= 3:
+        cabs = _byte_perm(tc[0], tc[1], d * np.uint32(0x11) + np.uint32(0x4040))
+    else:
+        sel = d * np.uint32(0x11)
+        cabs = (_byte_perm(tc[0], tc[1], sel) & np.uint32(0x00FF00FF)) | (
+            _byte_perm(tc[2], tc[3], sel) & np.uint32(0xFF00FF00))  # fmt: skip
+    np.testing.assert_array_equal(cabs, cents[c0] | (cents[c1] << np.uint32(16)))
+
+
 def _emulate_qjl(acc, total, codec, perm) -> dict[str, torch.Tensor]:
-    """The QJL part (TurboQuant_prod keys): float16 residual pairs (residual2), the product with Q in fragment order,
-    the sign pushes of qjl_sketch and the float16 sums of squares."""
+    """The QJL part (TurboQuant_prod keys): float16 residual pairs (residual2: y minus the centroid's float16
+    magnitude by count, signed), the product with Q in fragment order, the sign pushes of qjl_sketch and the float16
+    sums of squares."""
     bsz, heads, rows, units, _ = acc.shape
     bits, rq = codec.groups[0][0], codec.quantizer.qjl.rows
     m = (1 << (bits - 1)) - 1
     y = acc.half()
     bounds = codec.tensors(0, "cpu")[2].float()[m + 1 :].half()
     cents = codec.tensors(0, "cpu")[1].float()[m + 1 :]
-    steps = torch.cat([cents[:1], cents.diff()]).half()
-    cabs = torch.full_like(y, steps[0].item())
-    for k in range(m):  # float16 additions in order, as add.rn.f16x2
-        cabs = torch.where(y.abs() > bounds[k], (cabs.float() + steps[k + 1].float()).half(), cabs)
+    count = sum((y.abs() > bounds[k]).long() for k in range(m))
+    cabs = cents.half()[count]  # (the kernel's byte tables hold these float16 magnitudes)
     e = (y.float() - torch.where(y > 0, cabs, -cabs).float()).half()  # (B, H, T, U, 8): tile u, column n
     # A fragment of k-step s: k = 8 j + 2 t4 + h is tile 2 s + j, column 2 t4 + h
     a = e.view(bsz, heads, rows, units // 2, 2, 8).reshape(bsz, heads, rows, units // 2, 16).float()

@@ -265,8 +265,8 @@ def test_encode_qjl_matches_row_codec(cuda, d, bits, dtype):
 @pytest.mark.parametrize("wga", [0, 1])
 @pytest.mark.parametrize("bits,qjl", [(4, True), (3, True), (3.5, False), (4, False)])
 def test_encode_wgmma_matches_mma_sync(cuda, monkeypatch, bits, qjl, wga):
-    """The dense kernel's wgmma build (WG, encode.WG_TUNING; sm_90; WGA: every column block's product in flight at
-    once, one group) writes what its mma.sync build writes, bit for bit (the same float16 operands, float32
+    """The dense kernel's wgmma build (WG, the default at head_dim 128 on sm_90; WGA: every column block's product in
+    flight at once, one group) writes what its mma.sync build writes, bit for bit (the same float16 operands, float32
     accumulation in the same order): codes, norms, QJL signs and residual norms, with per-head rotations and a tail
     of rows that fills no warpgroup's 64."""
     from turbovq.kernels import cuda as kcuda
@@ -279,10 +279,13 @@ def test_encode_wgmma_matches_mma_sync(cuda, monkeypatch, bits, qjl, wga):
     mean = x.float().mean(2, keepdim=True)
     scale = (torch.rand(2, 4, 1, 128, generator=g) + 0.5).to(cuda)
     perm = codec.calibrate(x.float() - mean) if codec.num_outliers else None
-    ref = encode_rows(x, codec, perm, mean, scale, backend="cuda", hadamard=False)
     if wga and codec.num_outliers:
         pytest.skip("WGA takes one channel group")
-    monkeypatch.setitem(kencode.QJL_TUNING if qjl else kencode.MMA_TUNING, 128, dict(kencode.WG_TUNING[qjl], WGA=wga))
+    table = kencode.QJL_TUNING if qjl else kencode.MMA_TUNING
+    wg = dict(table[128], WG=1, WGA=wga)
+    monkeypatch.setitem(table, 128, {k: v for k, v in wg.items() if k not in ("WG", "WGA")})
+    ref = encode_rows(x, codec, perm, mean, scale, backend="cuda", hadamard=False)
+    monkeypatch.setitem(table, 128, wg)
     out = encode_rows(x, codec, perm, mean, scale, backend="cuda", hadamard=False)
     assert set(out) == set(ref) and all(torch.equal(out[k], ref[k]) for k in ref), [
         (k, (out[k] != ref[k]).float().mean().item()) for k in ref]  # fmt: skip

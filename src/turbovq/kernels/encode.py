@@ -11,9 +11,10 @@ and norms, so they can run at memory speed. Two implementations of the same arit
   the codec's channel groups use the rotation ``"hadamard"`` (the default) with power-of-two sizes, the same file's
   ``HAD`` kernel applies the rotation in its factored form instead (three rounds of signs and a Kronecker-factored
   Hadamard transform as 16 x 16 tensor-core products, no R in shared memory; :func:`hadamard_supported`,
-  :func:`hadamard_lane_constants`); by default at head_dim 128 and 256, where it is the faster one. Both kernels stage
-  the rows in shared memory with ``cp.async``. On sm_90 the dense kernel also has a wgmma build (``WG``, R and Q read
-  by the tensor cores from shared memory in :func:`wgmma_order`), measured but not yet the default.
+  :func:`hadamard_lane_constants`); by default at head_dim 128 and 256, where it is as fast or faster (and needs no
+  wgmma). Both kernels stage the rows in shared memory with ``cp.async``. On sm_90 the dense kernel also has a wgmma
+  build (``WG``, R and Q read by the tensor cores from shared memory in :func:`wgmma_order`), the default at head_dim
+  128 there.
 * Triton (``_encode_kernel``) for float32 rows and on request, per block of ``BLOCK_T`` rows of one (batch, KV
   head):
 
@@ -40,6 +41,7 @@ import ctypes
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from turbovq import packing
 from turbovq.kernels import cuda
@@ -156,31 +158,28 @@ _MMA_SOURCE = Path(__file__).with_name("encode_mma.cu").read_text()
 # encode_mma.cu tuning per head_dim (benchmarks/kernels.py --phases encode --tune-encode, H100): warps per block,
 # 16-row tiles per warp, blocks per SM the register allocation must allow, prefetch of the next tile's rows into
 # registers (PF; not at head_dim 256, where it spills: 1.25 -> 1.03 ms without, kernels_encode_sweep_r8.json) or into
-# shared memory (ASYNC buffers per warp); WG: wgmma instead of mma.sync (sm_90 only, see mma_tuning). 128: 16 warps
-# with one staging buffer each beat the register prefetch with 4 warps in two runs (3.5 bits: 0.340-0.341 ms against
-# 0.353-0.371, kernels_encode_r17.json, kernels_encode_r17b.json). WG measured 0.314 against 0.342 ms there, with the
-# same codes bit for bit (kernels_encode_wg_r17.json), but is not on by default yet: the GPU suite has not run on it.
+# shared memory (ASYNC buffers per warp); WG: wgmma instead of mma.sync (sm_90a only; mma_tuning drops it elsewhere).
+# 128: 16 warps with one staging buffer each beat the register prefetch with 4 warps in two runs (3.5 bits: 0.340-0.341
+# ms against 0.353-0.371, kernels_encode_r17.json, kernels_encode_r17b.json); with WG 0.310-0.314 against 0.338-0.342,
+# bit for bit the same codes (kernels_encode_wg_r17.json, kernels_encode_wga_r18.json).
 MMA_TUNING = {64: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 1},
-              128: {"NWARPS": 16, "MT": 1, "MINB": 1, "PF": 0, "ASYNC": 1},
+              128: {"NWARPS": 16, "MT": 1, "MINB": 1, "PF": 0, "ASYNC": 1, "WG": 1},
               256: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 0}}  # fmt: skip
 
 
 # with TurboQuant_prod keys (QJL): the residual's fragments and the sketch product fill the registers, so the next
-# tile's rows are prefetched into shared memory (ASYNC). 16 warps, one buffer each: 0.486-0.501 ms against 0.506-0.507
-# for 8 warps with two (kernels_encode_r17.json, _r17b), two 16-row tiles per warp (MT 2) 0.517: the tensor pipe's
-# mma.sync rate bounds it. WG (wgmma: a quarter of the B reads, the full tensor-core rate) with 12 warps: 0.426 ms
-# against 0.486, same outputs bit for bit (kernels_encode_wg_r17.json); not on by default yet (see above). 64 untuned.
+# tile's rows are prefetched into shared memory (ASYNC). mma.sync is bound by the tensor pipe's rate: 16 warps, one
+# buffer each, 0.486-0.509 ms; two 16-row tiles per warp (MT 2) 0.517. wgmma (WG: a quarter of the B reads, the full
+# tensor-core rate) with every column block's product in flight at once (WGA): 0.401 ms against 0.423 without WGA and
+# 0.509 for mma.sync in the same run, the same outputs bit for bit (kernels_encode_wga_r18.json). 64 untuned.
 QJL_TUNING = {64: {"NWARPS": 8, "MT": 1, "MINB": 1, "PF": 1},
-              128: {"NWARPS": 16, "MT": 1, "MINB": 1, "PF": 0, "ASYNC": 1}}  # fmt: skip
-# the WG settings measured fastest (benchmarks: --tune-encode '[{"WG": 1, ...}]'; tests: test_encode_wgmma_...);
-# WGA (every column block's product in flight at once) is built and CPU-checked but not yet measured
-WG_TUNING = {False: dict(MMA_TUNING[128], WG=1), True: dict(QJL_TUNING[128], NWARPS=12, WG=1)}
+              128: {"NWARPS": 16, "MT": 1, "MINB": 1, "PF": 0, "ASYNC": 1, "WG": 1, "WGA": 1}}  # fmt: skip
 
 
 def mma_tuning(dim: int, qjl: bool = False, wgmma: bool = True) -> dict[str, int]:
     """The dense kernel's settings; without ``wgmma`` (any card but sm_90) the WG settings run on mma.sync."""
     tune = (QJL_TUNING if qjl else MMA_TUNING)[dim]
-    return tune if wgmma or not tune.get("WG") else {k: v for k, v in tune.items() if k != "WG"}
+    return tune if wgmma or not tune.get("WG") else {k: v for k, v in tune.items() if k not in ("WG", "WGA")}
 
 
 # the HAD kernel's tuning (benchmarks/kernels.py --phases encode --tune-had, H100): warps per block, blocks per SM
@@ -199,9 +198,10 @@ def had_tuning(two_groups: bool) -> dict[str, int]:
 
 
 # where encode_rows takes the HAD kernel by default: at head_dim 256 it beats the dense-R kernel (whose R fills shared
-# memory there) by 1.5x; at 128, with its rows staged in shared memory, by 8-17% at 4, 3 and 2 bits (0.334 / 0.293 /
-# 0.262 ms against 0.361 / 0.338 / 0.307, kernels_encode_r17b.json; kernels_encode_r17_table.json); at 64 the dense
-# kernel is faster (0.144 / 0.133 against 0.178 / 0.160 at 4 / 3 bits)
+# memory there) by 1.5x; at 128, with its rows staged in shared memory, by 8-17% at 4, 3 and 2 bits against the
+# mma.sync build (0.334 / 0.293 / 0.262 ms against 0.361 / 0.338 / 0.307, kernels_encode_r17b.json) and within 2% of
+# the wgmma build (0.329 / 0.296 / 0.269 against 0.322 / 0.295 / 0.267, kernels_encode_r18_table.json), which only
+# sm_90 cards have; at 64 the dense kernel is faster (0.144 / 0.133 against 0.178 / 0.160 at 4 / 3 bits)
 HAD_DEFAULT_DIMS = (128, 256)
 # the growth of a tile's norm over the three rounds: the kernel's H_8 factors are +-1/2 instead of +-1/sqrt(8)
 HAD_GROWTH = {64: 8.0, 128: 2**1.5, 256: 1.0}
@@ -574,10 +574,23 @@ def _pairs(values: torch.Tensor) -> ctypes.Array:
     return (ctypes.c_uint32 * 8)(*(h16 * 0x10001).tolist())
 
 
+def centroid_bytes(codec: RowCodec) -> ctypes.Array:
+    """The float16 magnitudes of the first group's positive centroids by level M - c (c: boundaries below |y|), as
+    the byte tables encode_mma.cu's residual2 permutes: up to 4 levels, the low bytes in word 0 and the high bytes in
+    word 1; 8 levels (4 bits), the low bytes in words 0-1 and the high bytes in words 2-3."""
+    bits = codec.groups[0][0]
+    cents = codec.tensors(0, "cpu")[1].float()[(1 << (bits - 1)) :].flip(0)  # level d = M - c
+    h16 = cents.half().view(torch.int16).int() & 0xFFFF
+    n = 4 if bits <= 3 else 8
+    table = torch.cat([F.pad(h16 & 0xFF, (0, n - len(h16))), F.pad(h16 >> 8, (0, n - len(h16)))])
+    words = (table.view(-1, 4) << torch.tensor([0, 8, 16, 24])).sum(-1)
+    return (ctypes.c_uint32 * 8)(*words.tolist())
+
+
 def _layer_constants(codec: RowCodec, perm, device) -> tuple:
     """Per layer, built once (no host work or device sync per call): R in fragment order, the positive boundaries of
     each group as float16 pairs and, for TurboQuant_prod keys, Q in fragment order and the centroid table (the
-    smallest positive centroid, then the steps between consecutive ones)."""
+    centroids' magnitudes (centroid_bytes)."""
 
     def build():
         tp = []
@@ -586,9 +599,7 @@ def _layer_constants(codec: RowCodec, perm, device) -> tuple:
             tp.append(_pairs(codec.tensors(j, "cpu")[2][(1 << (codec.groups[j][0] - 1)) :]))
         if not codec.qjl:
             return fragment_rotation(codec, perm, device), tp, None, None
-        cents = codec.tensors(0, "cpu")[1].float()[(1 << (codec.groups[0][0] - 1)) :]
-        tc = _pairs(torch.cat([cents[:1], cents.diff()]))
-        return fragment_rotation(codec, perm, device), tp, qjl_fragments(codec, perm, device), tc
+        return fragment_rotation(codec, perm, device), tp, qjl_fragments(codec, perm, device), centroid_bytes(codec)
 
     return weak_cached(_CONSTANTS, (codec, perm), device, build)
 

@@ -56,7 +56,7 @@ struct Params {
     unsigned char* qjl;                // QJL: signs (B H, T, RQ / 8) bytes
     float* rn;                         // QJL: residual norms (B H, T)
     long long qstride;                 // QJL: qfrag words per head (0: one Q for all heads)
-    u32 tc[8];                         // QJL: centroid magnitude of count 0, then its increments, float16 pairs
+    u32 tc[8];                         // QJL: the centroids' float16 magnitudes by level as byte tables (residual2)
 };
 
 #ifndef QJL  // TurboQuant_prod keys: the QJL sketch of the residual (RQ sketch rows) in the same pass
@@ -107,9 +107,9 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b
 // layout (encode.wgmma_order): element (k, n) at byte 16 D (n / 8) + 128 (k / 8) + 16 (n % 8) + 2 (k % 8), so a
 // k-step's B starts 256 bytes further and a column tile's D * 16 bytes further. One B read serves the 4 warps (mma.sync
 // reads it once per warp) and wgmma issues at the tensor cores' full rate. Accumulators: those of mma.sync's column
-// tiles, in order. WGA = 1 (one group): all column blocks' products of R (then of Q) are issued at once, each into its
-// own accumulators, and each block waits only for its own (no accumulator register is rewritten while in flight: a
-// version that reused two sets lost half the residual's adds in its SASS and gave wrong QJL signs).
+// tiles, in order. WGA = 1 (one group): all column blocks' products of R (then of Q, up to RQ 128) are issued at once,
+// each into its own accumulators, and each block waits only for its own (no accumulator register is rewritten while in
+// flight: a version that reused two sets lost half the residual's adds in its SASS and gave wrong QJL signs).
 __device__ __forceinline__ unsigned long long wg_desc(const void* smem) {
     const unsigned long long a = (u32)__cvta_generic_to_shared(smem);
     return ((a & 0x3FFFFull) >> 4) | ((unsigned long long)(WG_LBO >> 4) << 16) | ((unsigned long long)(WG_SBO >> 4) << 32);
@@ -178,15 +178,17 @@ __device__ __forceinline__ float chunk_f(const uint4& v, int j) {
     return elem_f(j < 2 ? v.x : j < 4 ? v.y : j < 6 ? v.z : v.w, j & 1);
 }
 
-// Lane coordinate q (0 .. D/4) of a row is x[32 (q / 8) + 8 t4 + q % 8] (16-byte chunk q / 8); centered and scaled.
+// Lane coordinate q (0 .. D/4) of a row is x[32 (q / 8) + 8 t4 + q % 8] (16-byte chunk q / 8); centered and scaled:
+// (x - mean) / scale as one multiply-add, x si + sm with sm = -mean / scale (the block's setup), as the HAD kernel.
 // (Every index below is a compile-time constant once the loops are unrolled: the arrays stay in registers.)
 __device__ __forceinline__ float coord(const uint4 (&raw)[NCH], int q, const float* sm, const float* si, int t4) {
     float v = chunk_f(raw[q / 8], q % 8);
     const int col = 32 * (q / 8) + 8 * t4 + q % 8;
-#if HAS_MEAN
+#if HAS_MEAN && HAS_SCALE
+    v = fmaf(v, si[col], sm[col]);
+#elif HAS_MEAN
     v -= sm[col];
-#endif
-#if HAS_SCALE
+#elif HAS_SCALE
     v *= si[col];
 #endif
     (void)col;
@@ -215,27 +217,45 @@ __device__ __forceinline__ u32 hgt2(u32 a, u32 b) {
 // positive boundaries tp (float16 pairs): the code is M - c for y <= 0 and M + 1 + c = (M - c) ^ (2^b - 1) for
 // y > 0, where c = #(tp < |y|). Both coordinates at once in float16 pairs: the comparison masks (0xFFFF per half)
 // summed as 32-bit integers give S = 0xFFFF (c0 + 2^16 c1), and 0xFFFF * 0x10001 = -1 (mod 2^32), so
-// S * 0x10001 + M * 0x10001 holds M - c0 and M - c1 in its halves (one multiply-add, no borrow since c <= M).
+// S * 0x10001 + M * 0x10001 holds M - c0 and M - c1 in its halves (one multiply-add, no borrow since c <= M):
+// levels2h returns that, quantize2h the codes.
 template <int BITS>
-__device__ __forceinline__ u32 quantize2h(u32 y, const u32* tp) {  // y: the pair as float16 pair
+__device__ __forceinline__ u32 levels2h(u32 y, const u32* tp) {  // y: the pair as float16 pair
     constexpr u32 M = (1u << (BITS - 1)) - 1;
-    const u32 a = y & 0x7FFF7FFFu;
+    u32 a;  // |y| (ptxas folds the abs into the comparisons' operands: no instruction)
+    asm("abs.f16x2 %0, %1;" : "=r"(a) : "r"(y));
     u32 s = 0;
 #pragma unroll
     for (int k = 0; k < (int)M; k++) s += hgt2(a, tp[k]);
-    return (s * 0x10001u + M * 0x10001u) ^ (hgt2(y, 0u) & (((1u << BITS) - 1) * 0x10001u));
+    return s * 0x10001u + M * 0x10001u;
 }
 
-// The rotated residual y - centroid(code) of a float16 pair (TurboQuant_prod keys): the symmetric codebook's centroid
-// of count c is +-(tc[0] + tc[1] + ... + tc[c]), negative for y <= 0 as in quantize2h.
 template <int BITS>
-__device__ __forceinline__ u32 residual2(u32 y, const u32* tp, const u32* tc) {
-    const u32 a = y & 0x7FFF7FFFu;
-    u32 cabs = tc[0];
-#pragma unroll
-    for (int k = 0; k < (1 << (BITS - 1)) - 1; k++) {
-        const u32 step = hgt2(a, tp[k]) & tc[k + 1];
-        asm("add.rn.f16x2 %0, %0, %1;" : "+r"(cabs) : "r"(step));
+__device__ __forceinline__ u32 quantize2h(u32 y, const u32* tp) {
+    return levels2h<BITS>(y, tp) ^ (hgt2(y, 0u) & (((1u << BITS) - 1) * 0x10001u));
+}
+
+// __byte_perm without its masking of the selector (PRMT reads only the low 16 bits of it)
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+    u32 r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+    return r;
+}
+
+// The rotated residual y - centroid(code) of a float16 pair (TurboQuant_prod keys), from v = levels2h(y): the
+// symmetric codebook's centroid is +-|centroid| of level M - c, negative for y <= 0 as in quantize2h. The float16
+// magnitudes, by level, are byte tables (encode._layer_constants): BITS <= 3, tc[0] their low bytes and tc[1] their
+// high bytes, so that one byte permute with selector nibbles (d0, 4 + d0, d1, 4 + d1) reads both halves' centroids;
+// BITS = 4, tc[0..1] the low and tc[2..3] the high bytes of the 8 levels (two permutes and a merge).
+template <int BITS>
+__device__ __forceinline__ u32 residual2(u32 y, u32 v, const u32* tc) {
+    const u32 d = v + (v >> 8);  // the levels d0, d1 in bytes 0 and 1
+    u32 cabs;
+    if (BITS <= 3) {
+        cabs = prmt(tc[0], tc[1], d * 0x11u + 0x4040u);
+    } else {
+        const u32 sel = d * 0x11u;
+        cabs = (prmt(tc[0], tc[1], sel) & 0x00FF00FFu) | (prmt(tc[2], tc[3], sel) & 0xFF00FF00u);
     }
     const u32 cent = cabs | (~hgt2(y, 0u) & 0x80008000u);
     u32 e;
@@ -386,8 +406,9 @@ __device__ __forceinline__ void encode_group(const u32 (&a)[MT][NK][4], const fl
 #if QJL
                         const u32 y = pack_h2(c[u][m][i][2 * r], c[u][m][i][2 * r + 1]);
                         const int tile = 4 * (u0 + u) + i;
-                        pr[i] = quantize2h<BITS>(y, tp);
-                        res[m][tile >> 1][2 * (tile & 1) + r] = residual2<BITS>(y, tp, tc);
+                        const u32 lv = levels2h<BITS>(y, tp);
+                        pr[i] = lv ^ (hgt2(y, 0u) & (((1u << BITS) - 1) * 0x10001u));
+                        res[m][tile >> 1][2 * (tile & 1) + r] = residual2<BITS>(y, lv, tc);
 #else
                         pr[i] = quantize2<BITS, (D1 > 0)>(c[u][m][i][2 * r], c[u][m][i][2 * r + 1], f[m][r], tp);
 #endif
@@ -414,8 +435,7 @@ __device__ __forceinline__ void qjl_sketch(const u32 (&e)[MT][NK][4], const floa
     const int g = lane >> 2, t4 = lane & 3;
     constexpr int NB = RQ / 4, NWQ = (NB + 31) / 32;  // sign bits per lane and row, in words
     u32 w[MT][2][NWQ] = {};
-#if WG && WGA
-    static_assert(RQ / 32 <= 4, "WGA: at most 128 sketch rows");
+#if WG && WGA && RQ <= 128  // (more sketch rows: one column block's product at a time)
     float acc[RQ / 32][4][4] = {};
 #pragma unroll
     for (int b = 0; b < RQ / 32; b++) wg_issue(acc[b], e[0], (const unsigned char*)sq, 4 * b);
@@ -423,7 +443,7 @@ __device__ __forceinline__ void qjl_sketch(const u32 (&e)[MT][NK][4], const floa
 #pragma unroll
     for (int v4 = 0; v4 < RQ / 32; v4++) {
         float c[MT][4][4] = {};
-#if WG && WGA
+#if WG && WGA && RQ <= 128
         wg_wait(RQ / 32 - 1 - v4, acc[v4]);
 #pragma unroll
         for (int t = 0; t < 4; t++)
@@ -453,10 +473,17 @@ __device__ __forceinline__ void qjl_sketch(const u32 (&e)[MT][NK][4], const floa
                 for (int j = 0; j < 4; j++)
 #pragma unroll
                     for (int ee = 0; ee < 2; ee++) {
-                        const int push = 8 * v4 + 2 * j + ee;
-                        w[m][r][push / 32] = 2 * w[m][r][push / 32] + (~__float_as_uint(c[m][j][2 * r + ee]) >> 31);
+                        const int push = 8 * v4 + 2 * j + ee;  // (the sign bit shifted in: one funnel shift)
+                        w[m][r][push / 32] = __funnelshift_l(__float_as_uint(c[m][j][2 * r + ee]), w[m][r][push / 32], 1);
                     }
     }
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int r = 0; r < 2; r++)
+#pragma unroll
+            for (int i = 0; i < NWQ; i++)  // sign bit 0 (>= 0) -> 1
+                w[m][r][i] ^= NB - 32 * i >= 32 ? 0xFFFFFFFFu : (1u << (NB - 32 * i)) - 1;
 #pragma unroll
     for (int m = 0; m < MT; m++)
 #pragma unroll
@@ -495,12 +522,11 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const 
         const uint4* qsrc = (const uint4*)(p.qfrag + h * p.qstride);
         for (int i = threadIdx.x; i < D * RQ / 8; i += NWARPS * 32) smem_v[D * D / 8 + i] = qsrc[i];
 #endif
-#if HAS_MEAN
-        for (int i = threadIdx.x; i < D; i += NWARPS * 32) sm[i] = p.mean[(long long)bh * D + i];
-#endif
-#if HAS_SCALE
-        for (int i = threadIdx.x; i < D; i += NWARPS * 32) si[i] = p.iscale[(long long)bh * D + i];
-#endif
+        for (int i = threadIdx.x; i < D; i += NWARPS * 32) {
+            const float is = HAS_SCALE ? p.iscale[(long long)bh * D + i] : 1.f;
+            if (HAS_MEAN) sm[i] = HAS_SCALE ? -p.mean[(long long)bh * D + i] * is : p.mean[(long long)bh * D + i];
+            if (HAS_SCALE) si[i] = is;
+        }
     }
 #if WG
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // (R and Q, written above, are read by wgmma)
