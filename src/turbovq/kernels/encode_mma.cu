@@ -231,8 +231,13 @@ __device__ __forceinline__ u32 levels2h(u32 y, const u32* tp) {  // y: the pair 
 }
 
 template <int BITS>
+__device__ __forceinline__ u32 codes_of_levels(u32 lv, u32 y) {  // M - c -> M + 1 + c where y > 0
+    return lv ^ (hgt2(y, 0u) & (((1u << BITS) - 1) * 0x10001u));
+}
+
+template <int BITS>
 __device__ __forceinline__ u32 quantize2h(u32 y, const u32* tp) {
-    return levels2h<BITS>(y, tp) ^ (hgt2(y, 0u) & (((1u << BITS) - 1) * 0x10001u));
+    return codes_of_levels<BITS>(levels2h<BITS>(y, tp), y);
 }
 
 // __byte_perm without its masking of the selector (PRMT reads only the low 16 bits of it)
@@ -407,7 +412,7 @@ __device__ __forceinline__ void encode_group(const u32 (&a)[MT][NK][4], const fl
                         const u32 y = pack_h2(c[u][m][i][2 * r], c[u][m][i][2 * r + 1]);
                         const int tile = 4 * (u0 + u) + i;
                         const u32 lv = levels2h<BITS>(y, tp);
-                        pr[i] = lv ^ (hgt2(y, 0u) & (((1u << BITS) - 1) * 0x10001u));
+                        pr[i] = codes_of_levels<BITS>(lv, y);
                         res[m][tile >> 1][2 * (tile & 1) + r] = residual2<BITS>(y, lv, tc);
 #else
                         pr[i] = quantize2<BITS, (D1 > 0)>(c[u][m][i][2 * r], c[u][m][i][2 * r + 1], f[m][r], tp);
