@@ -669,13 +669,13 @@ def sweep_settings(settings: dict, grid: list[dict], fn) -> list[dict]:
     default, source, out = dict(settings), kencode._MMA_SOURCE, []
     ref = fn()
     try:
-        for kw in grid:
+        for order, kw in enumerate(grid):  # (order: the clock may drop over a sweep, see warmup_effect)
             kw = dict(kw)
             path = kw.pop("source", None)
             kencode._MMA_SOURCE = Path(path).read_text() if path else source
             settings.clear()
             settings.update(default, **kw)
-            row = {**settings, **({"source": path} if path else {})}
+            row = {**settings, **({"source": path} if path else {}), "order": order}
             try:
                 got = fn()
             except Exception as e:  # a setting this case cannot build (e.g. WGA with two channel groups)

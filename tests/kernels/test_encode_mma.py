@@ -103,11 +103,31 @@ def test_hadamard_kernel_applies_to_one_hadamard_group():
         kencode.encode_rows(x, RowCodec(128, 4, rotation="haar"), None, hadamard=True)
 
 
+@pytest.mark.parametrize("bh,rows,slots", [(64, 32768, 132), (64, 1000, 132), (64, 16, 132), (1024, 16, 264),
+                                           (3, 7, 132), (8, 4096, 396), (64, 200, 132)])  # fmt: skip
+def test_flat_grid_covers_every_row_once(bh, rows, slots):
+    """tq_encode's blocks over flat_chunk's rows, split into segments at (b, h) boundaries as the kernel does: every
+    row once, at most one boundary crossed per block, and no more blocks than slots unless a (b, h) has fewer rows."""
+    chunk = kencode.flat_chunk(bh, rows, 16, slots)
+    blocks, seen = -(-bh * rows // chunk), torch.zeros(bh * rows, dtype=torch.int32)
+    assert blocks <= slots or chunk == rows
+    for i in range(blocks):
+        end, f, segments = min((i + 1) * chunk, bh * rows), i * chunk, 0
+        while f < end:
+            b, lo = divmod(f, rows)
+            hi = min(rows, lo + end - f)
+            seen[b * rows + lo : b * rows + hi] += 1
+            f, segments = f + hi - lo, segments + 1
+        assert segments <= 2
+    assert bool((seen == 1).all())
+
+
 def test_params_struct_matches_the_c_layout():
     """8 pointers, 4 int64, 3 int32, two 8-word boundary tables (172 bytes, padded to 176), then the permutation and
-    the three QJL pointers, an int64 and the 8-word centroid table."""
-    assert ctypes.sizeof(kencode._MmaParams) == 248 and kencode._MmaParams.perm.offset == 176
+    the three QJL pointers, an int64, the 8-word centroid table and an int32 (padded to 256)."""
+    assert ctypes.sizeof(kencode._MmaParams) == 256 and kencode._MmaParams.perm.offset == 176
     assert kencode._MmaParams.qstride.offset == 208 and kencode._MmaParams.tc.offset == 216
+    assert kencode._MmaParams.nbh.offset == 248
     assert kencode._MmaParams.T.offset == 8 * 8 + 4 * 8
     assert kencode._MmaParams.tp0.offset == 8 * 8 + 4 * 8 + 3 * 4
     assert kencode._MmaParams.tp1.offset == kencode._MmaParams.tp0.offset + 32

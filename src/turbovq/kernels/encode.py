@@ -158,7 +158,9 @@ _MMA_SOURCE = Path(__file__).with_name("encode_mma.cu").read_text()
 # encode_mma.cu tuning per head_dim (benchmarks/kernels.py --phases encode --tune-encode, H100): warps per block,
 # 16-row tiles per warp, blocks per SM the register allocation must allow, prefetch of the next tile's rows into
 # registers (PF; not at head_dim 256, where it spills: 1.25 -> 1.03 ms without, kernels_encode_sweep_r8.json) or into
-# shared memory (ASYNC buffers per warp); WG: wgmma instead of mma.sync (sm_90a only; mma_tuning drops it elsewhere).
+# shared memory (ASYNC buffers per warp); WG: wgmma instead of mma.sync (sm_90a only; mma_tuning drops it elsewhere);
+# FLAT (host side, default 1): one block per slot over all rows (_flat_grid), 0 the per-(b, h) grid, for A/B (flat:
+# 0.5-4% faster in kernels_encode_flat_r18.json).
 # 128: 16 warps with one staging buffer each beat the register prefetch with 4 warps in two runs (3.5 bits: 0.340-0.341
 # ms against 0.353-0.371, kernels_encode_r17.json, kernels_encode_r17b.json); with WG 0.310-0.314 against 0.338-0.342,
 # bit for bit the same codes (kernels_encode_wg_r17.json, kernels_encode_wga_r18.json).
@@ -329,7 +331,7 @@ class _MmaParams(ctypes.Structure):
         + [(k, ctypes.c_int) for k in ("T", "H", "chunk")]
         + [("tp0", ctypes.c_uint32 * 8), ("tp1", ctypes.c_uint32 * 8)]
         + [(k, ctypes.c_void_p) for k in ("perm", "qfrag", "qjl", "rn")]
-        + [("qstride", ctypes.c_longlong), ("tc", ctypes.c_uint32 * 8)]
+        + [("qstride", ctypes.c_longlong), ("tc", ctypes.c_uint32 * 8), ("nbh", ctypes.c_int)]
     )
 
 
@@ -521,7 +523,13 @@ def _encode_cuda(x, codec, perm, mean, scale, fields, hadamard: bool | None = No
     kern = cuda.kernel(_MMA_SOURCE, "tq_encode", dev, tuple(f"-D{k}={v}" for k, v in opts.items()))
     staging = tune.get("ASYNC", 0) * tune["NWARPS"] * 16 * tune["MT"] * dim * 2  # ASYNC tiles of rows per warp
     smem = dim * dim * 2 + dim * rq * 2 + 2 * dim * 4 + staging
-    chunk, grid = _row_grid(kern, bsz * heads, rows, 16 * tune["MT"], tune["NWARPS"], smem, dev)
+    if bsz * heads * rows >= 2**31:  # (tq_encode indexes the rows of all (b, h) with 32-bit integers)
+        raise ValueError(f"the CUDA encode takes fewer than 2^31 rows at once, got {bsz * heads * rows}")
+    if tune.get("FLAT", 1):
+        chunk, grid = _flat_grid(kern, bsz * heads, rows, 16 * tune["MT"], tune["NWARPS"], smem, dev)
+    else:  # (A/B: the blocks of the HAD kernel's grid, per (b, h))
+        chunk, per_bh = _row_grid(kern, bsz * heads, rows, 16 * tune["MT"], tune["NWARPS"], smem, dev)
+        chunk, grid = (chunk, (per_bh[0] * bsz * heads, 1, 1)) if rows % chunk == 0 else (rows, (bsz * heads, 1, 1))
     prm = _MmaParams(
         _ptr(x), _ptr(mean_arg), _ptr(iscale), frag.data_ptr(),
         fields["codes0"].data_ptr(), fields["norms0"].data_ptr(),
@@ -529,6 +537,7 @@ def _encode_cuda(x, codec, perm, mean, scale, fields, hadamard: bool | None = No
         x.stride(0), x.stride(1), x.stride(2), 0 if frag.shape[0] == 1 else frag[0].numel() // 2,
         rows, heads, chunk, *tp, None, _ptr(qfrag), _ptr(fields.get("qjl")), _ptr(fields.get("rnorms")),
         0 if qfrag is None or qfrag.shape[0] == 1 else qfrag[0].numel() // 2, tc or (ctypes.c_uint32 * 8)(),
+        bsz * heads,
     )  # fmt: skip
     kern(grid, 32 * tune["NWARPS"], prm, cuda.stream(dev), smem=smem)
 
@@ -545,6 +554,21 @@ def _row_grid(kern, bh: int, rows: int, per_warp: int, nwarps: int, smem: int, d
     chunk = -(-rows // splits)
     chunk = -(-chunk // per_warp) * per_warp
     return chunk, (-(-rows // chunk), bh, 1)
+
+
+def _flat_grid(kern, bh: int, rows: int, per_warp: int, nwarps: int, smem: int, device) -> tuple[int, tuple]:
+    """The dense kernel's rows per block over all ``bh`` x ``rows`` rows and its grid ``(blocks, 1, 1)``: one block
+    per slot of the card (blocks resident at once), so the one wave keeps every SM busy (a grid per (b, h) left 4 of
+    132 SMs idle at B H = 64), and a block crosses into the next (b, h) at most once; where the rows of a (b, h) are
+    fewer than that, one block per (b, h)."""
+    chunk = flat_chunk(bh, rows, per_warp, sm_count(device) * kern.blocks_per_sm(32 * nwarps, smem))
+    return chunk, (-(-bh * rows // chunk), 1, 1)
+
+
+def flat_chunk(bh: int, rows: int, per_warp: int, slots: int) -> int:
+    """Rows per block of :func:`_flat_grid`: all rows over ``slots`` blocks in whole warp tiles, at most ``rows``."""
+    chunk = -(-bh * rows // slots)
+    return min(-(-chunk // per_warp) * per_warp, rows)
 
 
 def _row_splits(bh: int, max_splits: int, slots: int) -> int:

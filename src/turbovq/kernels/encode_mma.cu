@@ -28,7 +28,8 @@
 //             the 2^(b-1) - 1 positive boundaries below |y|; two coordinates per float16-pair comparison (see
 //             quantize2). The boundaries, rounded to float16, are kernel parameters (constant-bank operands).
 //
-// One block of NWARPS warps per (row chunk, batch row b, KV head h); each warp loops over tiles of 16 MT rows.
+// One block of NWARPS warps per chunk of rows (tq_encode: of all B H T rows, one block per slot of the card; HAD: of
+// one (batch row b, KV head h)); each warp loops over tiles of 16 MT rows.
 //
 // Configuration macros (set by encode.py): D (head_dim 64/128/256); per channel group i (fractional widths have
 // two, outliers first): B_i (bits 2..4), D_i (channels, D1 = 0 for one group); XT (0 float16, 1 bfloat16);
@@ -57,6 +58,7 @@ struct Params {
     float* rn;                         // QJL: residual norms (B H, T)
     long long qstride;                 // QJL: qfrag words per head (0: one Q for all heads)
     u32 tc[8];                         // QJL: the centroids' float16 magnitudes by level as byte tables (residual2)
+    int nbh;                           // tq_encode: B H
 };
 
 #ifndef QJL  // TurboQuant_prod keys: the QJL sketch of the residual (RQ sketch rows) in the same pass
@@ -514,12 +516,15 @@ __device__ __forceinline__ void qjl_sketch(const u32 (&e)[MT][NK][4], const floa
 }
 #endif
 
-extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const __grid_constant__ Params p) {
-    extern __shared__ uint4 smem_v[];
+// Rows [lo, hi) of (b, h) = bh: the block loads R (QJL: and Q), the mean and the scales into shared memory, then each
+// warp encodes its tiles. A block may take the end of one (b, h) and the start of the next (tq_encode), so it waits
+// for every warp to be done with the previous rows' constants before it replaces them.
+__device__ __forceinline__ void encode_segment(const Params& p, uint4* smem_v, int bh, int lo, int hi) {
     u32* sr = (u32*)smem_v;                // R fragments: D * D / 2 words (QJL: then Q's, D * RQ / 2 words)
     float* sm = (float*)(sr + D * D / 2 + (QJL ? D * RQ / 2 : 0));  // mean, then 1 / scale (D each)
     float* si = sm + D;
-    const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+    const int b = bh / p.H, h = bh % p.H;
+    __syncthreads();
     {
         const uint4* src = (const uint4*)(p.rfrag + h * p.rstride);
         for (int i = threadIdx.x; i < D * D / 8; i += NWARPS * 32) smem_v[i] = src[i];
@@ -544,7 +549,6 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const 
     unsigned char* c1 = p.c1 + out_row0 * (4 * LB1);
     float* n0 = p.n0 + out_row0;
     float* n1 = p.n1 + out_row0;
-    const int lo = blockIdx.x * p.chunk, hi = min(p.T, lo + p.chunk);
 
     // the rows of a tile are loaded before any of them is processed (PF: the next tile's too, into registers)
     uint4 raw[MT][2][NCH];
@@ -659,8 +663,20 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const 
 #endif
     }
 #if ASYNC
-    asm volatile("cp.async.wait_group 0;" ::: "memory");  // (no copy outlives the block)
+    asm volatile("cp.async.wait_group 0;" ::: "memory");  // (no copy outlives the segment)
 #endif
+}
+
+// Block i encodes rows [i chunk, (i + 1) chunk) of all B H T rows in (b, h)-major order: with one block per slot of
+// the card (encode._flat_grid), a block whose rows cross from one (b, h) into the next encodes two segments.
+extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_encode(const __grid_constant__ Params p) {
+    extern __shared__ uint4 smem_v[];
+    const int end = min((int)(blockIdx.x + 1) * p.chunk, p.nbh * p.T);  // (B H T < 2^31: encode.py checks)
+    for (int f = blockIdx.x * p.chunk; f < end;) {
+        const int bh = f / p.T, lo = f - bh * p.T, hi = min(p.T, lo + (end - f));
+        encode_segment(p, smem_v, bh, lo, hi);
+        f += hi - lo;
+    }
 }
 #else
 
