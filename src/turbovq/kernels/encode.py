@@ -201,8 +201,9 @@ def had_tuning(two_groups: bool) -> dict[str, int]:
 
 # where encode_rows takes the HAD kernel by default: at head_dim 256 it beats the dense-R kernel (whose R fills shared
 # memory there) by 1.5x; at 128, with its rows staged in shared memory, by 8-17% at 4, 3 and 2 bits against the
-# mma.sync build (0.334 / 0.293 / 0.262 ms against 0.361 / 0.338 / 0.307, kernels_encode_r17b.json) and within 2% of
-# the wgmma build (0.329 / 0.296 / 0.269 against 0.322 / 0.295 / 0.267, kernels_encode_r18_table.json), which only
+# mma.sync build (0.334 / 0.293 / 0.262 ms against 0.361 / 0.338 / 0.307, kernels_encode_r17b.json) and within 5%
+# of the wgmma build either way (0.329 / 0.296 / 0.269 against 0.322 / 0.295 / 0.267, kernels_encode_r18_table.json;
+# 0.325 / 0.285 / 0.256 against 0.310 / 0.299 / 0.247 with the flat grid, kernels_encode_r18_final.json), which only
 # sm_90 cards have; at 64 the dense kernel is faster (0.144 / 0.133 against 0.178 / 0.160 at 4 / 3 bits)
 HAD_DEFAULT_DIMS = (128, 256)
 # the growth of a tile's norm over the three rounds: the kernel's H_8 factors are +-1/2 instead of +-1/sqrt(8)
