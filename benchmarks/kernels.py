@@ -356,6 +356,18 @@ def prefill(dev, q_lens=(128, 512, 2048), context: int = 32768, batch: int = 1, 
     return out
 
 
+def _encode_inputs(dev, dim: int, b: int = 8, t: int = 32768) -> tuple[torch.Tensor, ...]:
+    """B = 8, H = HKV, T = 32k random bf16 rows, their mean over T and channel scales (as the cache's default)."""
+    x = torch.randn(b, HKV, t, dim, device=dev, dtype=torch.bfloat16)
+    return x, x.float().mean(2, keepdim=True), torch.rand(b, HKV, 1, dim, device=dev) + 0.5
+
+
+def _width(spec: str) -> tuple[float, bool]:
+    """``"4"`` -> (4.0, False); ``"4:qjl"``: TurboQuant_prod keys."""
+    bits, _, kind = spec.partition(":")
+    return float(bits), kind == "qjl"
+
+
 def profile_encode(dev, codec_spec: str = "4", settings: dict | None = None) -> None:
     """Three encodes of B = 8, H = 8, T = 32k bf16 rows (centered, channel scales, as in the encode phase) at
     ``codec_spec`` bits (``"4:qjl"``: TurboQuant_prod keys), for an external profiler:
@@ -364,11 +376,9 @@ def profile_encode(dev, codec_spec: str = "4", settings: dict | None = None) -> 
     kernel's tuning (``--tune-encode``'s first entry)."""
     from turbovq.kernels import encode as kencode
 
-    x = torch.randn(8, HKV, 32768, D, device=dev, dtype=torch.bfloat16)
-    mean = x.float().mean(2, keepdim=True)
-    scale = torch.rand(8, HKV, 1, D, device=dev) + 0.5
-    bits, _, kind = codec_spec.partition(":")
-    codec = RowCodec(D, float(bits), seed=1, qjl=kind == "qjl")
+    x, mean, scale = _encode_inputs(dev, D)
+    bits, qjl = _width(codec_spec)
+    codec = RowCodec(D, bits, seed=1, qjl=qjl)
     table = kencode.QJL_TUNING if codec.qjl else kencode.MMA_TUNING
     table[D] = dict(table[D], **(settings or {}))
     for _ in range(3):
@@ -378,7 +388,8 @@ def profile_encode(dev, codec_spec: str = "4", settings: dict | None = None) -> 
 
 class ClockLog:
     """``nvidia-smi`` sampling the SM clock, power and temperature every 20 ms in the background: a latency-bound
-    kernel's time follows the SM clock, which the card lowers as it heats up over a long run (the copy's does not)."""
+    kernel's time follows the SM clock, which the card lowers under a sustained, power-hungry load (the copy's time
+    does not follow it)."""
 
     def __init__(self):
         import subprocess
@@ -424,11 +435,9 @@ def warmup_effect(dev, codec_spec: str = "4:qjl", repeats: int = 3) -> dict:
     """The default encode (``codec_spec`` as in ``profile_encode``) and the copy, each timed with the sweeps' short
     warm-up (25 ms, 30 ms of timed runs) and with the table's long one (ENCODE_WARMUP, 50 ms), alternately, with the
     median SM clock meanwhile (ClockLog): whether a sustained run is slower than a short one."""
-    x = torch.randn(8, HKV, 32768, D, device=dev, dtype=torch.bfloat16)
-    mean = x.float().mean(2, keepdim=True)
-    scale = torch.rand(8, HKV, 1, D, device=dev) + 0.5
-    bits, _, kind = codec_spec.partition(":")
-    codec = RowCodec(D, float(bits), seed=1, qjl=kind == "qjl")
+    x, mean, scale = _encode_inputs(dev, D)
+    bits, qjl = _width(codec_spec)
+    codec = RowCodec(D, bits, seed=1, qjl=qjl)
     src = torch.empty(1 << 30, dtype=torch.uint8, device=dev).random_()
     dst = torch.empty_like(src)
     fns = {"encode": lambda: encode_rows(x, codec, None, mean, scale), "copy": lambda: dst.copy_(src)}
@@ -708,9 +717,7 @@ def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int], had_grid
     b, t = 8, 32768
     out, log = [], ClockLog()
     for dim in dims:
-        x = torch.randn(b, HKV, t, dim, device=dev, dtype=torch.bfloat16)
-        mean = x.float().mean(2, keepdim=True)
-        scale = torch.rand(b, HKV, 1, dim, device=dev) + 0.5
+        x, mean, scale = _encode_inputs(dev, dim, b, t)
         for bits, qjl in widths or (((4, False), (3, False), (3.5, False), (2.5, False), (2, False), (4, True))
                                     if dim == D else ((4, False), (3, False), (3.5, False), (2.5, False))):  # fmt: skip
             codec = RowCodec(dim, bits, seed=1, qjl=qjl)
@@ -721,8 +728,8 @@ def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int], had_grid
             def run(backend, codec=codec, perm=perm, x=x, mean=mean, scale=scale, **kw):
                 return encode_rows(x, codec, perm, mean, scale, backend=backend, **kw)
 
-            first, window = log.timed(lambda: run("cuda"), rep=50, warmup=ENCODE_WARMUP)
-            ms, windows = {"cuda": first, "triton": bench(lambda: run("triton"), rep=50)}, [window]
+            timings = [log.timed(lambda: run("cuda"), rep=50, warmup=ENCODE_WARMUP)]  # (ms, window)
+            ms = {"cuda": timings[0][0], "triton": bench(lambda: run("triton"), rep=50)}
             had = not qjl and kencode.hadamard_supported(codec)
             if had:
                 ms["cuda_had"] = bench(lambda: run("cuda", hadamard=True), rep=50, warmup=ENCODE_WARMUP)
@@ -738,13 +745,10 @@ def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int], had_grid
                 del xs
             # the default's time: the median of three timings spread over the row (the first one of a row read up to
             # 12% slower than later ones of the same kernel in rounds 15-17)
-            again = []
-            for _ in range(2):
-                again.append(log.timed(lambda: run("cuda"), rep=50, warmup=ENCODE_WARMUP))
-                windows.append(again[-1][1])
-            ms["cuda"] = sorted([first, *(a for a, _ in again)])[1]
+            timings += [log.timed(lambda: run("cuda"), rep=50, warmup=ENCODE_WARMUP) for _ in range(2)]
+            ms["cuda"] = sorted(v for v, _ in timings)[1]
             row = {"head_dim": dim, "bits": bits, "qjl": qjl, "rows": b * HKV * t, "bytes": nbytes,
-                   "cuda_timings_ms": [first, *(a for a, _ in again)], "windows": windows}  # fmt: skip
+                   "cuda_timings_ms": [v for v, _ in timings], "windows": [w for _, w in timings]}  # fmt: skip
             for k, v in ms.items():
                 row[f"{k}_ms"] = v
                 row[f"{k}_roofline_frac"] = nbytes / v / 1e9 / copy_tbs
@@ -1073,7 +1077,7 @@ def main() -> None:
         res["timeline"] = timeline(dev, cells, json.loads(args.tune_cuda))
     if "encode" in phases:
         dims = [int(v) for v in args.encode_dims.split(",")]
-        widths = [(float(w.split(":")[0]), w.endswith(":qjl")) for w in args.encode_widths.split(",") if w]
+        widths = [_width(w) for w in args.encode_widths.split(",") if w]
         res["encode"] = encode_bench(dev, copy_bw, json.loads(args.tune_encode), dims, json.loads(args.tune_had),
                                      widths)  # fmt: skip
     if "e2e" in phases:

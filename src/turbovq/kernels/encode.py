@@ -528,9 +528,11 @@ def _encode_cuda(x, codec, perm, mean, scale, fields, hadamard: bool | None = No
         raise ValueError(f"the CUDA encode takes fewer than 2^31 rows at once, got {bsz * heads * rows}")
     if tune.get("FLAT", 1):
         chunk, grid = _flat_grid(kern, bsz * heads, rows, 16 * tune["MT"], tune["NWARPS"], smem, dev)
-    else:  # (A/B: the blocks of the HAD kernel's grid, per (b, h))
-        chunk, per_bh = _row_grid(kern, bsz * heads, rows, 16 * tune["MT"], tune["NWARPS"], smem, dev)
-        chunk, grid = (chunk, (per_bh[0] * bsz * heads, 1, 1)) if rows % chunk == 0 else (rows, (bsz * heads, 1, 1))
+    else:  # (A/B only: the grid per (b, h) that the HAD kernel has, where its chunks tile each (b, h) exactly)
+        chunk, (per_bh, _, _) = _row_grid(kern, bsz * heads, rows, 16 * tune["MT"], tune["NWARPS"], smem, dev)
+        if rows % chunk:
+            raise ValueError(f"FLAT 0 needs chunks that tile each (b, h): {rows} rows in chunks of {chunk}")
+        grid = (per_bh * bsz * heads, 1, 1)
     prm = _MmaParams(
         _ptr(x), _ptr(mean_arg), _ptr(iscale), frag.data_ptr(),
         fields["codes0"].data_ptr(), fields["norms0"].data_ptr(),
