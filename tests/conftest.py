@@ -31,11 +31,11 @@ def assert_codes_match(out: dict, ref: dict, codec, mismatch: float, norm_rtol: 
     one level, on under ``mismatch`` of the coordinates (a rotation rounded finer than float32 moves those lying
     that close to a boundary)."""
     from turbovq import packing
+    from turbovq.kv.cache import sign_magnitude
 
     for i, (bits, d, _) in enumerate(codec.groups):
         torch.testing.assert_close(out[f"norms{i}"], ref[f"norms{i}"], rtol=norm_rtol, atol=1e-30)
-        a = packing.unpack(out[f"codes{i}"], bits, d).int()
-        r = packing.unpack(ref[f"codes{i}"], bits, d).int()
+        a, r = (sign_magnitude(packing.unpack(f[f"codes{i}"], bits, d).int(), bits) for f in (out, ref))  # levels
         assert a.shape == r.shape and (a - r).abs().max() <= 1
         assert (a != r).float().mean() < mismatch
 

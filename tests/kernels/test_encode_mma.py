@@ -158,9 +158,7 @@ def _quantize2(y0: torch.Tensor, y1: torch.Tensor, scale: torch.Tensor | None, t
     s = np.zeros_like(y)
     for k in range(int(m)):
         s = s + _hgt2(a, np.uint32(tp[k]))
-    return (s * np.uint32(0x10001) + m * np.uint32(0x10001)) ^ (
-        _hgt2(y, np.uint32(0)) & np.uint32(((1 << bits) - 1) * 0x10001)
-    )
+    return (s * np.uint32(0xFFFEFFFF)) | (_hgt2(y, np.uint32(0)) & np.uint32((m + 1) * 0x10001))  # sign-magnitude
 
 
 def _byte_perm(x: np.ndarray, y: np.ndarray, sel) -> np.ndarray:
@@ -237,14 +235,14 @@ def emulate(x, codec, perm, mean, scale) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("bits", [2, 3, 4, 5])
 def test_centroid_bytes_give_each_level_its_centroid(bits):
     """residual2's byte permutes (selector from levels2h's value) over encode.centroid_bytes' tables read the float16
-    magnitude of the centroid of every pair of levels."""
+    magnitude of the centroid of every pair of levels (the upper half of the sign-magnitude table)."""
     codec = RowCodec(128, bits, qjl=True)
     b = codec.groups[0][0]
     m = (1 << (b - 1)) - 1
     cents = codec.tensors(0, "cpu")[1].float()[m + 1 :].half().view(torch.int16).numpy().astype(np.uint32) & 0xFFFF
     tc = np.array(list(kencode.centroid_bytes(codec)), dtype=np.uint32)
     c0, c1 = (a.ravel().astype(np.uint32) for a in np.meshgrid(np.arange(m + 1), np.arange(m + 1)))
-    v = (np.uint32(m) - c0) | ((np.uint32(m) - c1) << np.uint32(16))  # levels2h: M - c in each half
+    v = c0 | (c1 << np.uint32(16))  # levels2h: c in each half
     d = v + (v >> np.uint32(8))
     if b <= 3:
         cabs = _byte_perm(tc[0], tc[1], d * np.uint32(0x11) + np.uint32(0x4040))

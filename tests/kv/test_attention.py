@@ -9,10 +9,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from turbovq import TurboQuantMSE  # noqa: E402
+from turbovq import TurboQuantMSE, packing  # noqa: E402
 from turbovq.kv import attention as kv_attention  # noqa: E402
 from turbovq.kv.attention import attend_codes, codes_attention, dequantize_attention  # noqa: E402
-from turbovq.kv.cache import PackedRows, RowCodec, gather_order  # noqa: E402
+from turbovq.kv.cache import PackedRows, RowCodec, gather_order, sign_magnitude  # noqa: E402
 
 
 def reference_attention(query, keys, values, mask, scaling):
@@ -140,7 +140,8 @@ def test_boolean_and_additive_masks_agree_and_size_is_checked():
 
 
 def test_row_codec_matches_core_quantizer_bit_exactly():
-    """Per-head codes equal TurboQuantMSE(outliers=that head's top channels).quantize of the same rows."""
+    """Per-head codes equal TurboQuantMSE(outliers=that head's top channels).quantize of the same rows, up to the
+    cache's sign-magnitude labels."""
     _, keys, _ = make_inputs(n=30, t=0, d=64)
     codec = RowCodec(64, 2.5, seed=9)
     perm = codec.calibrate(keys)
@@ -150,7 +151,9 @@ def test_row_codec_matches_core_quantizer_bit_exactly():
         q = TurboQuantMSE(64, 2.5, seed=9, outliers=outliers.tolist())
         ref = q.quantize(keys[0, h])
         for i in range(2):
-            assert torch.equal(fields[f"codes{i}"][0, h], ref.fields[f"codes{i}"])
+            bits, d, _ = codec.groups[i]
+            labels = sign_magnitude(packing.unpack(ref.fields[f"codes{i}"], bits, d), bits)
+            assert torch.equal(fields[f"codes{i}"][0, h], packing.pack(labels, bits))
             torch.testing.assert_close(fields[f"norms{i}"][0, h], ref.fields[f"norms{i}"].float())
         torch.testing.assert_close(codec.decode(fields, perm)[0, h], q.dequantize(ref), atol=1e-5, rtol=1e-5)
 

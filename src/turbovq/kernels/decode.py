@@ -88,15 +88,10 @@ _PRMT = os.environ.get("TRITON_INTERPRET", "0") != "1"  # inline PTX decoders; t
 # PRMT decoders (GPU only): a byte permute looks 4 bytes up in an 8-byte table at once, so a b32 word of codes
 # becomes float16 centroids in ~2.5 ALU instructions per code, with no memory access (the interpreter uses the
 # centroid gather instead). The tables hold the low and high bytes of 8 float16 centroids (4 b32 registers).
-# 4 bits (symmetric table, c[15 - k] = -c[k]): |c[k]| = P[(k & 7) ^ (k < 8 ? 7 : 0)], sign = k < 8.
+# 4 bits (a symmetric table in the cache's sign-magnitude order, c[k] = -c[8 + k]): |c[k]| = P[k & 7], sign = k < 8.
 _ASM4 = """{
-.reg .b32 ns, m7, idx, idh, la, ha, lb, hb, x, s, r0, r1, r2, r3;
-shr.b32 ns, $8, 3;
-and.b32 ns, ns, 0x11111111;
-xor.b32 ns, ns, 0x11111111;
-mul.lo.u32 m7, ns, 7;
-xor.b32 idx, $8, m7;
-and.b32 idx, idx, 0x77777777;
+.reg .b32 idx, idh, la, ha, lb, hb, x, s, r0, r1, r2, r3;
+and.b32 idx, $8, 0x77777777;
 shr.b32 idh, idx, 16;
 prmt.b32 la, $9, $10, idx;
 prmt.b32 ha, $11, $12, idx;
@@ -707,7 +702,7 @@ class _Side:
         self.prmt = _prmt_ok(codec)
         # decode_mma.cu: per group, whether a 4-bit table is symmetric (then only its upper half is looked up) and
         # the PRMT tables
-        self.mma_sym = tuple(b == 4 and torch.equal(h, -h.flip(0)) for b, h in zip((b0, b1), halves))
+        self.mma_sym = tuple(b == 4 and sign_symmetric(h) for b, h in zip((b0, b1), halves))
         pad8 = lambda h: torch.nn.functional.pad(h, (0, max(0, 8 - h.numel())))  # noqa: E731 (2 bits: 4 entries)
         tabs = [_byte_tables(h[8:] if sym else pad8(h)) for h, sym in zip(halves, self.mma_sym)]
         self.mma_tab = ((ctypes.c_uint32 * 8) * 2)(*((ctypes.c_uint32 * 8)(*t) for t in tabs))
@@ -731,6 +726,12 @@ def _layer(keys: PackedRows, values: PackedRows, device) -> tuple[_Side, _Side]:
 _PRMT_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def sign_symmetric(table: torch.Tensor) -> bool:
+    """Whether centroids in sign-magnitude order (``RowCodec.tensors``) are symmetric: ``c[k] = -c[2^(b-1) + k]``."""
+    half = table.numel() // 2
+    return torch.equal(table[:half], -table[half:])
+
+
 def _prmt_ok(codec: RowCodec) -> bool:
     """Every group decodes through PRMT: 3 bits, or 4 bits with a symmetric float16 table (as Lloyd-Max gives)."""
     ok = _PRMT_OK.get(codec)
@@ -738,7 +739,7 @@ def _prmt_ok(codec: RowCodec) -> bool:
         ok = True
         for i, (bits, _, _) in enumerate(codec.groups):
             half = codec.tensors(i, "cpu")[1].half()
-            ok = ok and (bits == 3 or (bits == 4 and torch.equal(half, -half.flip(0))))
+            ok = ok and (bits == 3 or (bits == 4 and sign_symmetric(half)))
         _PRMT_OK[codec] = ok
     return ok
 

@@ -37,8 +37,8 @@
 // per warp in shared memory, 0 = register prefetch), VPAIR (token-pair value decode); A/B switches, on by default:
 // LAZYMAX, VU16, PRESCALE, FULLCOPY (round 13), MSLACK (round 16), each where it is defined; DBG (timing experiments
 // only, wrong results on purpose: 1 = no decode, 2 = no code loads, 3 = no code copies into the ring, 4 = 3-bit codes
-// spread to nibbles by one mask, as a nibble-aligned layout would allow, 5 = 4-bit key codes in sign-magnitude form
-// (no index flip), 6 = 4 and 5, 7 = correct results and a per-block timeline in p.trace, 8 = 1 and 3, 9 = no wait
+// spread to nibbles by one mask, as a nibble-aligned layout would allow (5 and 6, round 9's sign-magnitude mimics,
+// are gone: the cache's codes are sign-magnitude now), 7 = correct results and a per-block timeline in p.trace, 8 = 1 and 3, 9 = no wait
 // for the query kernel: its results are read as they stand, which in a replayed graph are the last call's; 10 =
 // tq_decode_query returns at once, so ws holds no query: the split pass then times other scores than real ones; 11 =
 // tq_decode_merge returns at once; 12 = 10 and 11).
@@ -193,8 +193,9 @@ __device__ __forceinline__ u32 blend(u32 a, u32 b) {
 }
 
 // 8 codes of 4 bits (one word) -> 4 half2 (coordinate pairs 01, 23, 45, 67).
-// SYM (a symmetric table, c[15 - k] = -c[k], as Lloyd-Max gives): t[0..3] = low / high bytes of c[8..15]; codes
-// k < 8 look up c[15 - k] and set the sign bit. Otherwise t[0..7] = low / high bytes of c[0..15]: two 8-entry
+// SYM (a symmetric table in sign-magnitude order, c[k] = -c[8 + k], as the cache labels Lloyd-Max codes): t[0..3] =
+// low / high bytes of c[8..15]; a code looks up c[8 + (k & 7)] and codes k < 8 set the sign bit (the opaque permutes
+// keep the compiler from re-masking idx per half). Otherwise t[0..7] = low / high bytes of c[0..15]: two 8-entry
 // lookups per byte, selected by the code's top bit. PRMT's sign-replicate mode spreads each code's top bit to a
 // byte mask (0xFF where k >= 8).
 template <bool SYM>
@@ -203,15 +204,7 @@ __device__ __forceinline__ void dec4(u32 w, const u32 (&t)[8], u32* out) {
     const u32 ma = prmt(w4, w, 0xD9C8), mb = prmt(w4, w, 0xFBEA);
     u32 la, ha, lb, hb;
     if (SYM) {
-        // k < 8 (top bit clear: the negative half) -> 15 - k: XOR 7 in those nibbles. The multiply-high puts the 7s
-        // on the FMA pipe, and the opaque permutes keep the compiler from re-masking idx per half (the integer/logic
-        // pipe bounds this kernel).
-#if DBG == 5 || DBG == 6
         const u32 idx = w & 0x77777777u, idh = idx >> 16;
-#else
-        const u32 sev = __umulhi(~w & 0x88888888u, 0xE0000000u);  // (top bits >> 3) * 7
-        const u32 idx = (w ^ sev) & 0x77777777u, idh = idx >> 16;
-#endif
         la = prmt(t[0], t[1], idx), lb = prmt(t[0], t[1], idh);
         ha = prmt(t[2], t[3], idx) | (~ma & 0x80808080u);
         hb = prmt(t[2], t[3], idh) | (~mb & 0x80808080u);
@@ -251,7 +244,7 @@ __device__ __forceinline__ u32 spread3_pairs(u32 u) {
 // bits that the next step's masks drop (one logic op each instead of two; checked over every input in the CPU
 // tests); the last must clear each nibble's top bit (PRMT's sign-replicate flag).
 __device__ __forceinline__ u32 spread3(u32 u) {
-#if DBG == 4 || DBG == 6
+#if DBG == 4
     return u & 0x77777777u;
 #endif
     const u32 y = spread3_pairs(u);
@@ -592,7 +585,7 @@ __device__ __forceinline__ constexpr int vslot(int i) {
 template <int BITS, int NC, int NW>
 __device__ __forceinline__ u32 code_block(const u32 (&raw)[NW], int sh, int j) {
     if (BITS == 4) return raw[j];
-#if DBG == 4 || DBG == 6
+#if DBG == 4
     return spread3(raw[j]);  // (timing only: the codes as a nibble-aligned layout would give them)
 #endif
     if (halfw3<BITS, NC>()) return spread3_pairs(raw[j]);
@@ -625,7 +618,7 @@ __device__ __forceinline__ void value_group(float (&acc)[DG / 16][4], const u32 
             for (int j = 0; j < DG / 64; j++) {
                 const u32 ya = code_block<BITS, DG / 8, W>(vw[2 * pr], sh, j);
                 const u32 yb = code_block<BITS, DG / 8, W>(vw[2 * pr + 1], sh, j);
-                if (BITS == 4 || DBG == 4 || DBG == 6) {  // codes in nibbles
+                if (BITS == 4 || DBG == 4) {  // codes in nibbles
                     const u32 ze = (ya & 0x0F0F0F0Fu) | ((yb << 4) & 0xF0F0F0F0u);  // even coordinates, tokens a, b
                     const u32 zo = ((ya >> 4) & 0x0F0F0F0Fu) | (yb & 0xF0F0F0F0u);  // odd coordinates
                     if (BITS == 4) dec4<SYM>(ze, tab, r[pr] + 8 * j), dec4<SYM>(zo, tab, r[pr] + 8 * j + 4);

@@ -61,9 +61,10 @@ if HAS_TRITON:
         """Rotate, quantize and pack the DG columns of one channel group, CW columns at a time. With QJL, also add
         the group's rotated residual ``e`` to ``proj += e @ Q[cols]`` and ``ss += ||e||^2`` (returned).
 
-        SYM: the Lloyd-Max codebook is symmetric (boundary M = 2^(b-1) - 1 is 0, the others come in +- pairs), so
-        ``#(boundaries < y)`` is ``M + 1 + c`` for y > 0 and ``M - c`` otherwise, c = #(positive boundaries < |y|):
-        2^(b-1) - 1 comparisons instead of 2^b - 1 (codes differ only where |y| equals a boundary exactly)."""
+        Codes are sign-magnitude labels (``cache.sign_magnitude``). SYM: the Lloyd-Max codebook is symmetric
+        (boundary M = 2^(b-1) - 1 is 0, the others come in +- pairs), so the code is ``M + 1 + c`` for y > 0 and
+        ``c`` otherwise, c = #(positive boundaries < |y|): 2^(b-1) - 1 comparisons instead of 2^b - 1 (codes differ
+        only where |y| equals a boundary exactly)."""
         dd = tl.arange(0, D)
         inv = 1.0 / tl.maximum(nrm, 1e-30)
         NG: tl.constexpr = CW // 32  # 3 bits: groups of 32 codes in 3 words
@@ -78,10 +79,11 @@ if HAS_TRITON:
                 a = tl.abs(y)
                 for k in tl.static_range(M):
                     codes += (a > tl.load(bnd + M + 1 + k)).to(tl.int32)
-                codes = tl.where(y > 0, M + 1 + codes, M - codes)
+                codes = tl.where(y > 0, M + 1 + codes, codes)
             else:
                 for k in tl.static_range((1 << BITS) - 1):
                     codes += (y > tl.load(bnd + k)).to(tl.int32)
+                codes = tl.where(codes <= M, M - codes, codes)
             if BITS == 3:  # 32 codes -> 3 words: bits [0, 64) from codes 0..21, bits [64, 96) from codes 21..31
                 c = tl.reshape(codes, (BLOCK_T, NG, 32)).to(tl.uint64)
                 k = tl.arange(0, 32)
@@ -602,11 +604,11 @@ def _pairs(values: torch.Tensor) -> ctypes.Array:
 
 
 def centroid_bytes(codec: RowCodec) -> ctypes.Array:
-    """The float16 magnitudes of the first group's positive centroids by level M - c (c: boundaries below |y|), as
-    the byte tables encode_mma.cu's residual2 permutes: up to 4 levels, the low bytes in word 0 and the high bytes in
+    """The float16 magnitudes of the first group's positive centroids by level c (c: boundaries below |y|), as the
+    byte tables encode_mma.cu's residual2 permutes: up to 4 levels, the low bytes in word 0 and the high bytes in
     word 1; 8 levels (4 bits), the low bytes in words 0-1 and the high bytes in words 2-3."""
     bits = codec.groups[0][0]
-    cents = codec.tensors(0, "cpu")[1].float()[(1 << (bits - 1)) :].flip(0)  # level d = M - c
+    cents = codec.tensors(0, "cpu")[1].float()[(1 << (bits - 1)) :]  # level c: sign-magnitude code 2^(b-1) + c
     h16 = cents.half().view(torch.int16).int() & 0xFFFF
     n = 4 if bits <= 3 else 8
     table = torch.cat([F.pad(h16 & 0xFF, (0, n - len(h16))), F.pad(h16 >> 8, (0, n - len(h16)))])

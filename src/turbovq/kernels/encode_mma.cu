@@ -24,8 +24,8 @@
 //             for 32-channel groups), is about the float16 rounding of the cache's stored norms; summing over the
 //             input channels instead took a bit mask and two predicated FMAs per coordinate (57% of copy bandwidth
 //             at 3.5 bits vs 64% now, kernels_encode_ab_r8.json).
-//   quantize  the Lloyd-Max codebooks are symmetric: code = M + 1 + c for y > 0, M - c otherwise, where c counts
-//             the 2^(b-1) - 1 positive boundaries below |y|; two coordinates per float16-pair comparison (see
+//   quantize  the Lloyd-Max codebooks are symmetric: code = M + 1 + c for y > 0, c otherwise (sign-magnitude labels,
+//             cache.sign_magnitude), where c counts the 2^(b-1) - 1 positive boundaries below |y|; two coordinates per float16-pair comparison (see
 //             quantize2). The boundaries, rounded to float16, are kernel parameters (constant-bank operands).
 //
 // One block of NWARPS warps per chunk of rows (tq_encode: of all B H T rows, one block per slot of the card; HAD: of
@@ -216,11 +216,10 @@ __device__ __forceinline__ u32 hgt2(u32 a, u32 b) {
 }
 
 // Codes of two normalized coordinates (y0, y1), in the low bits of the two 16-bit halves. Symmetric codebook with
-// positive boundaries tp (float16 pairs): the code is M - c for y <= 0 and M + 1 + c = (M - c) ^ (2^b - 1) for
-// y > 0, where c = #(tp < |y|). Both coordinates at once in float16 pairs: the comparison masks (0xFFFF per half)
-// summed as 32-bit integers give S = 0xFFFF (c0 + 2^16 c1), and 0xFFFF * 0x10001 = -1 (mod 2^32), so
-// S * 0x10001 + M * 0x10001 holds M - c0 and M - c1 in its halves (one multiply-add, no borrow since c <= M):
-// levels2h returns that, quantize2h the codes.
+// positive boundaries tp (float16 pairs), sign-magnitude labels: the code is c for y <= 0 and 2^(b-1) + c for y > 0,
+// where c = #(tp < |y|). Both coordinates at once in float16 pairs: the comparison masks (0xFFFF per half) summed as
+// 32-bit integers give S = 0xFFFF (c0 + 2^16 c1), and 0xFFFF * 0x10001 = -1 (mod 2^32), so S * -0x10001 holds c0
+// and c1 in its halves (one multiply): levels2h returns that, quantize2h the codes.
 template <int BITS>
 __device__ __forceinline__ u32 levels2h(u32 y, const u32* tp) {  // y: the pair as float16 pair
     constexpr u32 M = (1u << (BITS - 1)) - 1;
@@ -229,12 +228,12 @@ __device__ __forceinline__ u32 levels2h(u32 y, const u32* tp) {  // y: the pair 
     u32 s = 0;
 #pragma unroll
     for (int k = 0; k < (int)M; k++) s += hgt2(a, tp[k]);
-    return s * 0x10001u + M * 0x10001u;
+    return s * 0xFFFEFFFFu;
 }
 
 template <int BITS>
-__device__ __forceinline__ u32 codes_of_levels(u32 lv, u32 y) {  // M - c -> M + 1 + c where y > 0
-    return lv ^ (hgt2(y, 0u) & (((1u << BITS) - 1) * 0x10001u));
+__device__ __forceinline__ u32 codes_of_levels(u32 lv, u32 y) {  // c -> 2^(b-1) + c where y > 0
+    return lv | (hgt2(y, 0u) & ((1u << (BITS - 1)) * 0x10001u));
 }
 
 template <int BITS>
@@ -250,7 +249,7 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
 }
 
 // The rotated residual y - centroid(code) of a float16 pair (TurboQuant_prod keys), from v = levels2h(y): the
-// symmetric codebook's centroid is +-|centroid| of level M - c, negative for y <= 0 as in quantize2h. The float16
+// symmetric codebook's centroid is +-|centroid| of level c, negative for y <= 0 as in quantize2h. The float16
 // magnitudes, by level, are byte tables (encode._layer_constants): BITS <= 3, tc[0] their low bytes and tc[1] their
 // high bytes, so that one byte permute with selector nibbles (d0, 4 + d0, d1, 4 + d1) reads both halves' centroids;
 // BITS = 4, tc[0..1] the low and tc[2..3] the high bytes of the 8 levels (two permutes and a merge).
