@@ -83,9 +83,10 @@ def test_scaled_builds_compile(cfg):
 
 
 @needs_nvrtc
-@pytest.mark.parametrize("uc,minb,nwarps,ring,vpair", [(1, 3, 4, 4, 1), (2, 1, 8, 0, 1), (2, 2, 4, 0, 0)])
-def test_tuning_variants_compile(uc, minb, nwarps, ring, vpair):
-    opts = _options(*CONFIGS[0], UC=uc, MINB=minb, NWARPS=nwarps, RING=ring, VPAIR=vpair)
+@pytest.mark.parametrize("uc,minb,nwarps,ring,vpair,tails_last", [(1, 3, 4, 4, 1, 1), (2, 1, 8, 0, 1, 1),
+                                                                    (2, 2, 4, 0, 0, 0)])  # fmt: skip
+def test_tuning_variants_compile(uc, minb, nwarps, ring, vpair, tails_last):
+    opts = _options(*CONFIGS[0], UC=uc, MINB=minb, NWARPS=nwarps, RING=ring, VPAIR=vpair, TAILS_LAST=tails_last)
     assert NAMES[0] in cuda.compile_cubin(kdecode._MMA_SOURCE, "sm_90", opts)
 
 

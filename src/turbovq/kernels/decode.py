@@ -25,7 +25,7 @@ Algorithm (the torch twin is :func:`turbovq.kernels.reference.split_decode_refer
    below takes splits of at least 1024 tokens, at most 32: ``MMA_SPLITS``, and up to a quarter more where that fills
    more of the last wave: :func:`mma_splits`).
    Where it applies (2-, 3- and 4-bit groups of 32, 64, 128 or 256 channels, head_dim 64/128/256, G <= 8) this step
-   runs the CUDA kernel in ``decode_mma.cu`` instead (the same programs in a 1-D grid, tails first, and the same
+   runs the CUDA kernel in ``decode_mma.cu`` instead (the same programs in a 1-D grid, tails last, and the same
    workspace; the whole call is 1.7x faster at B = 8, T = 32k on an H100; that file says why), compiled once per
    process by NVRTC (:mod:`turbovq.kernels.cuda`). Its tail programs use tensor cores (H100: 14 instead of 32 us
    each, B = 1, T = 8k: 32 -> 24 us per call, kernels_timeline_r11.json, kernels.json).

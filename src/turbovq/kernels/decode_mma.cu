@@ -8,8 +8,8 @@
 // order (a sum over coordinates does not care, and the value accumulator is written back through the same map), so
 // every lane reads contiguous code slices.
 //
-// A 1-D grid (see Params): one program (block of NWARPS warps) per (b, h) tail window first (on tensor cores, in the
-// query's dtype), then one per code piece (split) of each (b, h); every block triggers the merge's early launch.
+// A 1-D grid (see Params): one program (block of NWARPS warps) per code piece (split) of each (b, h), then one per
+// (b, h) tail window (on tensor cores, in the query's dtype); every block triggers the merge's early launch.
 // Where the keys use the rotation "hadamard" with one channel group, the query kernel is tq_decode_query, where the
 // values do, the merge is tq_decode_merge (both at the end of the file) instead of decode.py's Triton kernels.
 // Each warp streams units of UC 16-token chunks of its split (through a shared-memory ring that its lanes fill with
@@ -67,8 +67,8 @@ struct Params {
     long long k_alloc, v_alloc;
     long long sqb, sqh, stb, sth, stt, smb, smt;
     // Pieces of each (b, h)'s n codes: n_long of long_len tokens, then n_short of short_len (partials 0 .. S - 1, S =
-    // n_long + n_short; the tail's is S). The grid is 1-D: the BH tails, then every (b, h)'s long pieces, then the
-    // short ones, so the blocks that start last are short and the grid drains quickly.
+    // n_long + n_short; the tail's is S). The grid is 1-D: every (b, h)'s long pieces, then the short ones, then the BH
+    // tails (TAILS_LAST), so the blocks that start last are short and the grid drains quickly.
     int n, t_len, n_long, long_len, n_short, short_len, S, H, BH;
     float scaling, softcap, qjl_scale;  // (qjl_scale: sqrt(pi/2) / RQ)
     u32 ktab[2][8];  // PRMT tables per group: low bytes, then high bytes, of the float16 centroids
@@ -366,6 +366,9 @@ __device__ __forceinline__ float raw_f(u32 x) {
 #define UT (16 * UC)  // tokens per unit (UC 16-token chunks)
 #ifndef RING
 #define RING 0  // 0: the next unit prefetched into registers; else unit slots per warp in a shared-memory ring
+#endif
+#ifndef TAILS_LAST
+#define TAILS_LAST 1
 #endif
 #ifndef DBG
 #define DBG 0  // timing experiments only: 1 = no decode (raw words used as operands), 2 = no code loads
@@ -954,10 +957,12 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;");  // (PDL) the merge may launch once every block has started
 #endif
-    // the block's piece: tails first, then the long pieces, then the short ones (see Params)
+    // the block's piece: the long pieces, the short ones, then the tails, whose short blocks fill slots of the grid's
+    // drain (TAILS_LAST; 0 puts them first, as until round 19: about 1 us slower at B 8, T 32k, kernels_tails_r19.json)
     int j = blockIdx.x;
-    if (j < p.BH) {
-        tail(p, sm, j);
+    const int tj = TAILS_LAST ? j - ((int)gridDim.x - p.BH) : j;
+    if (tj >= 0 && tj < p.BH) {
+        tail(p, sm, tj);
         TRACE(6, gtime());
 #if DBG == 7
         u32 smid;
@@ -967,7 +972,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB) tq_decode_split(
         return;
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
-    const Piece pc = piece_of(p, j);
+    const Piece pc = piece_of(p, TAILS_LAST ? j + p.BH : j);
     const int pid_bh = pc.bh, pid_s = pc.s, lo = pc.lo, hi = pc.hi, b = pid_bh / p.H;
     u32 ktab0[8], ktab1[8], vtab0[8], vtab1[8];
 #pragma unroll
