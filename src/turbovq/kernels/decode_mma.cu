@@ -38,10 +38,10 @@
 // LAZYMAX, VU16, PRESCALE, FULLCOPY (round 13), MSLACK (round 16), each where it is defined; DBG (timing experiments
 // only, wrong results on purpose: 1 = no decode, 2 = no code loads, 3 = no code copies into the ring, 4 = 3-bit codes
 // spread to nibbles by one mask, as a nibble-aligned layout would allow (5 and 6, round 9's sign-magnitude mimics,
-// are gone: the cache's codes are sign-magnitude now), 7 = correct results and a per-block timeline in p.trace, 8 = 1 and 3, 9 = no wait
-// for the query kernel: its results are read as they stand, which in a replayed graph are the last call's; 10 =
-// tq_decode_query returns at once, so ws holds no query: the split pass then times other scores than real ones; 11 =
-// tq_decode_merge returns at once; 12 = 10 and 11).
+// are gone: the cache's codes are sign-magnitude now), 7 = correct results and a per-block timeline in p.trace,
+// 8 = 1 and 3, 9 = no wait for the query kernel: its results are read as they stand, which in a replayed graph are
+// the last call's; 10 = tq_decode_query returns at once, so ws holds no query: the split pass then times other scores
+// than real ones; 11 = tq_decode_merge returns at once; 12 = 10 and 11); TAILS_LAST (the tail blocks' place).
 
 typedef unsigned int u32;
 typedef unsigned short u16;

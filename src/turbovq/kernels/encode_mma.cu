@@ -25,8 +25,9 @@
 //             input channels instead took a bit mask and two predicated FMAs per coordinate (57% of copy bandwidth
 //             at 3.5 bits vs 64% now, kernels_encode_ab_r8.json).
 //   quantize  the Lloyd-Max codebooks are symmetric: code = M + 1 + c for y > 0, c otherwise (sign-magnitude labels,
-//             cache.sign_magnitude), where c counts the 2^(b-1) - 1 positive boundaries below |y|; two coordinates per float16-pair comparison (see
-//             quantize2). The boundaries, rounded to float16, are kernel parameters (constant-bank operands).
+//             cache.sign_magnitude), where c counts the 2^(b-1) - 1 positive boundaries below |y|; two coordinates
+//             per float16-pair comparison (see quantize2). The boundaries, rounded to float16, are kernel parameters
+//             (constant-bank operands).
 //
 // One block of NWARPS warps per chunk of rows (tq_encode: of all B H T rows, one block per slot of the card; HAD: of
 // one (batch row b, KV head h)); each warp loops over tiles of 16 MT rows.
