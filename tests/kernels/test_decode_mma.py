@@ -108,7 +108,7 @@ def test_byte_tables_hold_the_centroids(bits):
     """Low and high bytes per table word give back the float16 centroids (the whole table, or its upper half)."""
     half = RowCodec(128, bits, seed=0).tensors(0, "cpu")[1].half()
     for cents in ([half] if bits == 3 else [half, half[8:]]):
-        words = kdecode._byte_tables(cents)
+        words = kdecode.byte_tables(cents)
         k = cents.numel()
         lo = [(words[i // 4] >> (8 * (i % 4))) & 0xFF for i in range(k)]
         hi = [(words[k // 4 + i // 4] >> (8 * (i % 4))) & 0xFF for i in range(k)]
@@ -119,10 +119,21 @@ def test_byte_tables_hold_the_centroids(bits):
         assert len(words) == 8 and all(0 <= w < 2**32 for w in words)
 
 
-def _byte_perm(a: int, b: int, sel: int) -> int:
-    """``__byte_perm``: byte k of the result is byte (nibble k of sel) & 7 of the 8 bytes b:a."""
+def _prmt(a: int, b: int, sel: int) -> int:
+    """``prmt.b32`` with its sign-replicate mode: a selector nibble with bit 3 set gives 0xFF or 0x00 by the top bit
+    of the byte it selects."""
     src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
-    return sum(src[(sel >> (4 * k)) & 7] << (8 * k) for k in range(4))
+    out = 0
+    for k in range(4):
+        n = (sel >> (4 * k)) & 0xF
+        byte = src[n & 7]
+        out |= ((0xFF if byte & 0x80 else 0) if n & 8 else byte) << (8 * k)
+    return out
+
+
+def _byte_perm(a: int, b: int, sel: int) -> int:
+    """``__byte_perm``: byte k of the result is byte (nibble k of sel) & 7 of the 8 bytes b:a (no sign-replicate)."""
+    return _prmt(a, b, sel & 0x7777)
 
 
 def _blend(a, b, m):  # (a & m) | (b & ~m), on ints or int64 tensors of 32-bit words
@@ -160,18 +171,6 @@ def _dec1(b: int) -> list[int]:  # transcribed from decode_mma.cu, with QJL's ta
     return _lookup8((y | (y << 3)) & 0x11111111, [0, 0, 0x3CBC, 0])
 
 
-def _prmt(a: int, b: int, sel: int) -> int:
-    """``prmt.b32`` with its sign-replicate mode: a selector nibble with bit 3 set gives 0xFF or 0x00 by the top bit
-    of the byte it selects."""
-    src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
-    out = 0
-    for k in range(4):
-        n = (sel >> (4 * k)) & 0xF
-        byte = src[n & 7]
-        out |= ((0xFF if byte & 0x80 else 0) if n & 8 else byte) << (8 * k)
-    return out
-
-
 def _dec4_sym(w: int, t: list[int]) -> list[int]:  # transcribed from decode_mma.cu (dec4<true>)
     w4 = (w << 4) & 0xFFFFFFFF
     ma, mb = _prmt(w4, w, 0xD9C8), _prmt(w4, w, 0xFBEA)
@@ -189,7 +188,7 @@ def test_symmetric_4bit_decoder_reads_sign_magnitude_codes():
     centroid, as RowCodec.tensors orders them; the table is symmetric in that order (decode.sign_symmetric)."""
     half = RowCodec(128, 4, seed=0).tensors(0, "cpu")[1].half()
     assert kdecode.sign_symmetric(half) and not kdecode.sign_symmetric(torch.cat([half[:8].flip(0), half[8:]]))
-    t = kdecode._byte_tables(half[8:])
+    t = kdecode.byte_tables(half[8:])
     g = torch.Generator().manual_seed(4)
     for _ in range(64):
         codes = torch.randint(0, 16, (8,), generator=g).tolist()
@@ -229,7 +228,7 @@ def test_slice_decoders_give_the_centroids_in_coordinate_pairs(bits):
     slice into half2 words of (coordinate 2j, 2j + 1) centroids, for every code and both halves of a 2-bit word;
     4-code slices (32-channel groups) from any start bit, across a word boundary at 3 bits."""
     half = RowCodec(128, bits, seed=0).tensors(0, "cpu")[1].half()
-    t = kdecode._byte_tables(torch.nn.functional.pad(half, (0, 8 - half.numel())))  # as _Side pads 2-bit tables
+    t = kdecode.byte_tables(torch.nn.functional.pad(half, (0, 8 - half.numel())))  # as _Side pads 2-bit tables
     g = torch.Generator().manual_seed(bits)
     for _ in range(50):
         codes = torch.randint(0, 2**bits, (16,), generator=g).tolist()
@@ -272,7 +271,7 @@ def test_value_pairs_give_token_pairs_per_coordinate():
     a 128-channel row), read as three half words (``halfw3``), spread, nibble-interleaved and looked up, give one half2
     per coordinate holding (token a, token b) at that coordinate, in ``vslot`` order."""
     half = RowCodec(128, 3, seed=0).tensors(0, "cpu")[1].half()
-    t = kdecode._byte_tables(half)
+    t = kdecode.byte_tables(half)
     g = torch.Generator().manual_seed(0)
     for lane in range(8):
         rows = [torch.randint(0, 8, (128,), generator=g).tolist() for _ in range(2)]  # tokens a, b

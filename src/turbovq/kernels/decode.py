@@ -647,7 +647,7 @@ def _rows_layout(fields: dict[str, torch.Tensor], num_heads: int) -> tuple[dict[
     return fields, n_alloc
 
 
-def _byte_tables(half: torch.Tensor) -> list[int]:
+def byte_tables(half: torch.Tensor) -> list[int]:
     """8 words: the low bytes, then the high bytes, of up to 16 float16 centroids (decode_mma.cu's PRMT tables)."""
     u16 = half.float().cpu().half().view(torch.int16).to(torch.int32).tolist()
     u16 = [v & 0xFFFF for v in u16]
@@ -661,7 +661,7 @@ def _byte_tables(half: torch.Tensor) -> list[int]:
 def _prmt_table(half: torch.Tensor) -> torch.Tensor:
     """4 int32 words: low bytes then high bytes of 8 float16 centroids (3 bits: the table; 4 bits: its upper half)."""
     c = torch.nn.functional.pad(half[-8:].float().cpu(), (0, max(0, 8 - half.numel()))).half()  # other widths: unused
-    words = _byte_tables(c)[:4]
+    words = byte_tables(c)[:4]
     return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
 
 
@@ -704,7 +704,7 @@ class _Side:
         # the PRMT tables
         self.mma_sym = tuple(b == 4 and sign_symmetric(h) for b, h in zip((b0, b1), halves))
         pad8 = lambda h: torch.nn.functional.pad(h, (0, max(0, 8 - h.numel())))  # noqa: E731 (2 bits: 4 entries)
-        tabs = [_byte_tables(h[8:] if sym else pad8(h)) for h, sym in zip(halves, self.mma_sym)]
+        tabs = [byte_tables(h[8:] if sym else pad8(h)) for h, sym in zip(halves, self.mma_sym)]
         self.mma_tab = ((ctypes.c_uint32 * 8) * 2)(*((ctypes.c_uint32 * 8)(*t) for t in tabs))
         self.mma_groups = mma_groups_ok(codec)
         self.qjl, sketch = codec.qjl, codec.quantizer.qjl if codec.qjl else None

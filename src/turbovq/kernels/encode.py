@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from turbovq import packing
 from turbovq.kernels import cuda
-from turbovq.kernels.decode import HAS_TRITON, codec_supported, sm_count, wave_fill
+from turbovq.kernels.decode import HAS_TRITON, byte_tables, codec_supported, sm_count, wave_fill
 from turbovq.kernels.reference import channel_groups, fused_rotation, weak_cached
 from turbovq.kv.cache import RowCodec
 from turbovq.rotation import HADAMARD_ROUNDS, hadamard_signs
@@ -610,12 +610,8 @@ def centroid_bytes(codec: RowCodec) -> ctypes.Array:
     byte tables encode_mma.cu's residual2 permutes: up to 4 levels, the low bytes in word 0 and the high bytes in
     word 1; 8 levels (4 bits), the low bytes in words 0-1 and the high bytes in words 2-3."""
     bits = codec.groups[0][0]
-    cents = codec.tensors(0, "cpu")[1].float()[(1 << (bits - 1)) :]  # level c: sign-magnitude code 2^(b-1) + c
-    h16 = cents.half().view(torch.int16).int() & 0xFFFF
-    n = 4 if bits <= 3 else 8
-    table = torch.cat([F.pad(h16 & 0xFF, (0, n - len(h16))), F.pad(h16 >> 8, (0, n - len(h16)))])
-    words = (table.view(-1, 4) << torch.tensor([0, 8, 16, 24])).sum(-1)
-    return (ctypes.c_uint32 * 8)(*words.tolist())
+    mags = codec.tensors(0, "cpu")[1][(1 << (bits - 1)) :].half()  # level c: sign-magnitude code 2^(b-1) + c
+    return (ctypes.c_uint32 * 8)(*byte_tables(F.pad(mags, (0, (4 if bits <= 3 else 8) - len(mags)))))
 
 
 def _layer_constants(codec: RowCodec, perm, device) -> tuple:
