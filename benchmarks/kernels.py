@@ -389,20 +389,34 @@ def profile_encode(dev, codec_spec: str = "4", settings: dict | None = None) -> 
 class ClockLog:
     """``nvidia-smi`` sampling the SM clock, power and temperature every 20 ms in the background: a latency-bound
     kernel's time follows the SM clock, which the card lowers under a sustained, power-hungry load (the copy's time
-    does not follow it)."""
+    does not follow it). Where the driver has them, also the instantaneous power (``power.draw`` is a one-second
+    average) and whether the software power cap is holding the clock down."""
+
+    BASE = "timestamp,clocks.sm,power.draw,temperature.gpu"
+    EXTRA = ",power.draw.instant,clocks_event_reasons.sw_power_cap"
 
     def __init__(self):
         import subprocess
         import tempfile
 
-        self.samples: list[tuple[float, ...]] = []  # (unix time, MHz, W, degrees C)
+        self.samples: list[tuple[float, ...]] = []  # (unix time, MHz, W, degrees C[, instant W, power cap 1/0])
         if os.environ.get("TURBOVQ_BENCH_CLOCKS") == "0":
             self.proc = None
             return
-
+        query = self.BASE + self.EXTRA
+        probe = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+                               capture_output=True, text=True)  # fmt: skip
+        if probe.returncode or "Field" in probe.stdout:  # an older driver: the basic fields only
+            query = self.BASE
         self.file = tempfile.TemporaryFile("w+")  # (not a pipe: unread, it fills up and stalls nvidia-smi)
-        self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu",
-                                      "--format=csv,noheader,nounits", "-lms", "20"], stdout=self.file)  # fmt: skip
+        self.proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits",
+                                      "-lms", "20"], stdout=self.file)  # fmt: skip
+
+    @staticmethod
+    def _value(v: str) -> float:
+        if v in ("Active", "Not Active"):
+            return float(v == "Active")
+        return float("nan") if v.startswith("[") else float(v)  # ([N/A], [Unknown Error])
 
     def close(self) -> list[tuple[float, ...]]:
         import datetime
@@ -415,7 +429,7 @@ class ClockLog:
         for line in self.file.read().splitlines():
             stamp, *values = (v.strip() for v in line.split(","))
             when = datetime.datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp()
-            self.samples.append((when, *(float(v) for v in values)))
+            self.samples.append((when, *(self._value(v) for v in values)))
         return self.samples
 
     def timed(self, fn, *args, **kw) -> tuple[float, list[float]]:
@@ -425,22 +439,40 @@ class ClockLog:
         start = time.time()
         return bench(fn, *args, **kw), [start, time.time()]
 
-    def clock(self, window: list[float]) -> float | None:
-        """The median SM clock (MHz) sampled within ``window``."""
-        inside = sorted(mhz for when, mhz, *_ in self.samples if window[0] <= when <= window[1])
-        return inside[len(inside) // 2] if inside else None
+    def clock(self, window: list[float], field: int = 1) -> float | None:
+        """The median SM clock (MHz; ``field`` 4: instantaneous W, 5: the fraction of samples power-capped) sampled
+        within ``window``."""
+        inside = sorted(x[field] for x in self.samples if window[0] <= x[0] <= window[1] and len(x) > field)
+        if not inside:
+            return None
+        return sum(inside) / len(inside) if field == 5 else inside[len(inside) // 2]
 
 
-def warmup_effect(dev, codec_spec: str = "4:qjl", repeats: int = 3) -> dict:
+def warmup_effect(dev, codec_spec: str = "4:qjl", repeats: int = 3, variants: list[dict] = ()) -> dict:
     """The default encode (``codec_spec`` as in ``profile_encode``) and the copy, each timed with the sweeps' short
     warm-up (25 ms, 30 ms of timed runs) and with the table's long one (ENCODE_WARMUP, 50 ms), alternately, with the
-    median SM clock meanwhile (ClockLog): whether a sustained run is slower than a short one."""
+    median SM clock meanwhile (ClockLog): whether a sustained run is slower than a short one. ``variants``: the dense
+    kernel's settings (``encode.mma_tuning``) to time the same way in each round, after the default."""
+    from turbovq.kernels import encode as kencode
+
     x, mean, scale = _encode_inputs(dev, D)
     bits, qjl = _width(codec_spec)
     codec = RowCodec(D, bits, seed=1, qjl=qjl)
     src = torch.empty(1 << 30, dtype=torch.uint8, device=dev).random_()
     dst = torch.empty_like(src)
-    fns = {"encode": lambda: encode_rows(x, codec, None, mean, scale), "copy": lambda: dst.copy_(src)}
+    settings = (kencode.QJL_TUNING if qjl else kencode.MMA_TUNING)[D]
+    default = dict(settings)
+
+    def encode_with(kw):
+        def fn():
+            settings.clear()
+            settings.update(default, **kw)
+            return encode_rows(x, codec, None, mean, scale)
+
+        return fn
+
+    fns = {"encode": encode_with({}), "copy": lambda: dst.copy_(src)}
+    fns.update({f"encode {json.dumps(kw)}": encode_with(kw) for kw in variants})
     log, out = ClockLog(), []
     try:
         for _ in range(repeats):
@@ -450,8 +482,11 @@ def warmup_effect(dev, codec_spec: str = "4:qjl", repeats: int = 3) -> dict:
                     out.append({"what": name, "warmup_ms": warmup, "rep_ms": rep, "ms": ms, "window": window})
     finally:
         log.close()
+        settings.clear()
+        settings.update(default)
     for row in out:
         row["sm_mhz"] = log.clock(row["window"])
+        row["watts_instant"], row["power_capped_frac"] = log.clock(row["window"], 4), log.clock(row["window"], 5)
         print(row, flush=True)
     return {"timings": out, "nvidia_smi": log.samples}
 
@@ -1011,7 +1046,8 @@ def main() -> None:
                     '{"UC": 1, "MINB": 4}, {"NWARPS": 8, "UC": 1, "MINB": 1}, {"NWARPS": 8, "UC": 2, "MINB": 1}]')
     ap.add_argument("--tune-configs", default="K4/V3", help="tune-cuda: the widths (CONFIGS names) to time")
     ap.add_argument("--tune-cells", default="8x32768,32x32768", help="tune-cuda: BxT cells")
-    ap.add_argument("--tune-encode", default="[]", help="encode: CUDA settings to sweep, e.g. '[{\"MINB\": 4}]'")
+    ap.add_argument("--tune-encode", default="[]", help="encode: CUDA settings to sweep, e.g. '[{\"MINB\": 4}]'; "
+                    "warmup-effect: settings timed alternately with the default")
     ap.add_argument("--encode-dims", default="128", help="encode: head_dims (128 runs every width)")
     ap.add_argument("--encode-widths", default="", help="encode: rows to run instead, in order, e.g. '4:qjl,4,4:qjl'")
     ap.add_argument("--encode-codec", help="profile-encode (default 4), warmup-effect (default 4:qjl): bits, "
@@ -1044,7 +1080,7 @@ def main() -> None:
         profile_encode(dev, args.encode_codec or "4", (json.loads(args.tune_encode) or [None])[0])
         return
     if "warmup-effect" in phases:
-        res["warmup_effect"] = warmup_effect(dev, args.encode_codec or "4:qjl")
+        res["warmup_effect"] = warmup_effect(dev, args.encode_codec or "4:qjl", variants=json.loads(args.tune_encode))
     if "prefill" in phases:
         res["prefill"] = prefill(dev)
     if "prefill-qjl" in phases:
