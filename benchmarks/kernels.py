@@ -243,20 +243,25 @@ def traced(dev):
 
 
 @contextlib.contextmanager
+def overridden(settings: dict, var: dict):
+    """``settings`` (a kernel's tuning dict, changed in place) with ``var`` over it for a block."""
+    saved = dict(settings)
+    settings.update(var)
+    try:
+        yield
+    finally:
+        settings.clear()
+        settings.update(saved)
+
+
+@contextlib.contextmanager
 def tuned(var: dict):
     """decode.MMA_TUNING (kernel macros) and, under ``"guide"``, decode.MMA_GUIDE overridden by ``var`` for a block."""
     from turbovq.kernels import decode as kdecode
 
     var = dict(var)
-    saved = dict(kdecode.MMA_TUNING), dict(kdecode.MMA_GUIDE)
-    kdecode.MMA_GUIDE.update(var.pop("guide", {}))
-    kdecode.MMA_TUNING.update(var)
-    try:
+    with overridden(kdecode.MMA_GUIDE, var.pop("guide", {})), overridden(kdecode.MMA_TUNING, var):
         yield
-    finally:
-        for d, old in zip((kdecode.MMA_TUNING, kdecode.MMA_GUIDE), saved):
-            d.clear()
-            d.update(old)
 
 
 _CUDA_TWIN = {"prep": "hadamard_query", "reduce": "hadamard_merge"}  # decode.MMA_GUIDE's switch of each
@@ -380,10 +385,10 @@ def profile_encode(dev, codec_spec: str = "4", settings: dict | None = None) -> 
     bits, qjl = _width(codec_spec)
     codec = RowCodec(D, bits, seed=1, qjl=qjl)
     table = kencode.QJL_TUNING if codec.qjl else kencode.MMA_TUNING
-    table[D] = dict(table[D], **(settings or {}))
-    for _ in range(3):
-        encode_rows(x, codec, None, mean, scale)
-    torch.cuda.synchronize(dev)
+    with overridden(table[D], settings or {}):
+        for _ in range(3):
+            encode_rows(x, codec, None, mean, scale)
+        torch.cuda.synchronize(dev)
 
 
 class ClockLog:
@@ -394,6 +399,7 @@ class ClockLog:
 
     BASE = "timestamp,clocks.sm,power.draw,temperature.gpu"
     EXTRA = ",power.draw.instant,clocks_event_reasons.sw_power_cap"
+    FIELDS = ("time", "sm_mhz", "watts", "celsius", "watts_instant", "power_capped")  # of a sample (the query's order)
 
     def __init__(self):
         import subprocess
@@ -433,19 +439,25 @@ class ClockLog:
         return self.samples
 
     def timed(self, fn, *args, **kw) -> tuple[float, list[float]]:
-        """``bench(fn, ...)`` and the window it ran in (unix times), for ``clock`` once the log is closed."""
+        """``bench(fn, ...)`` and the window it ran in (unix times), for ``median`` once the log is closed."""
         import time
 
         start = time.time()
         return bench(fn, *args, **kw), [start, time.time()]
 
-    def clock(self, window: list[float], field: int = 1) -> float | None:
-        """The median SM clock (MHz; ``field`` 4: instantaneous W, 5: the fraction of samples power-capped) sampled
-        within ``window``."""
-        inside = sorted(x[field] for x in self.samples if window[0] <= x[0] <= window[1] and len(x) > field)
-        if not inside:
-            return None
-        return sum(inside) / len(inside) if field == 5 else inside[len(inside) // 2]
+    def _inside(self, window: list[float], name: str) -> list[float]:
+        i = self.FIELDS.index(name)
+        return sorted(x[i] for x in self.samples if window[0] <= x[0] <= window[1] and len(x) > i)
+
+    def median(self, window: list[float], name: str = "sm_mhz") -> float | None:
+        """The median of field ``name`` (default the SM clock, MHz) over the samples within ``window``."""
+        inside = self._inside(window, name)
+        return inside[len(inside) // 2] if inside else None
+
+    def mean(self, window: list[float], name: str) -> float | None:
+        """The mean of field ``name`` within ``window`` (of ``"power_capped"``: the fraction of samples capped)."""
+        inside = self._inside(window, name)
+        return sum(inside) / len(inside) if inside else None
 
 
 def warmup_effect(dev, codec_spec: str = "4:qjl", repeats: int = 3, variants: list[dict] = ()) -> dict:
@@ -461,13 +473,11 @@ def warmup_effect(dev, codec_spec: str = "4:qjl", repeats: int = 3, variants: li
     src = torch.empty(1 << 30, dtype=torch.uint8, device=dev).random_()
     dst = torch.empty_like(src)
     settings = (kencode.QJL_TUNING if qjl else kencode.MMA_TUNING)[D]
-    default = dict(settings)
 
     def encode_with(kw):
         def fn():
-            settings.clear()
-            settings.update(default, **kw)
-            return encode_rows(x, codec, None, mean, scale)
+            with overridden(settings, kw):
+                return encode_rows(x, codec, None, mean, scale)
 
         return fn
 
@@ -482,11 +492,9 @@ def warmup_effect(dev, codec_spec: str = "4:qjl", repeats: int = 3, variants: li
                     out.append({"what": name, "warmup_ms": warmup, "rep_ms": rep, "ms": ms, "window": window})
     finally:
         log.close()
-        settings.clear()
-        settings.update(default)
     for row in out:
-        row["sm_mhz"] = log.clock(row["window"])
-        row["watts_instant"], row["power_capped_frac"] = log.clock(row["window"], 4), log.clock(row["window"], 5)
+        row["sm_mhz"], row["watts_instant"] = log.median(row["window"]), log.median(row["window"], "watts_instant")
+        row["power_capped_frac"] = log.mean(row["window"], "power_capped")
         print(row, flush=True)
     return {"timings": out, "nvidia_smi": log.samples}
 
@@ -710,26 +718,23 @@ def sweep_settings(settings: dict, grid: list[dict], fn) -> list[dict]:
     outputs (a dict of tensors) that differ from the default's (0: bit for bit the same)."""
     from turbovq.kernels import encode as kencode
 
-    default, source, out = dict(settings), kencode._MMA_SOURCE, []
+    source, out = kencode._MMA_SOURCE, []
     ref = fn()
     try:
         for order, kw in enumerate(grid):  # (order: the clock may drop over a sweep, see warmup_effect)
             kw = dict(kw)
             path = kw.pop("source", None)
             kencode._MMA_SOURCE = Path(path).read_text() if path else source
-            settings.clear()
-            settings.update(default, **kw)
-            row = {**settings, **({"source": path} if path else {}), "order": order}
-            try:
-                got = fn()
-            except Exception as e:  # a setting this case cannot build (e.g. WGA with two channel groups)
-                out.append({**row, "ms": None, "error": f"{type(e).__name__}: {str(e)[:200]}"})
-                continue
-            diff = max((got[k] != v).float().mean().item() for k, v in ref.items())
-            out.append({**row, "ms": bench(fn, rep=30), "mismatch": diff})
+            with overridden(settings, kw):
+                row = {**settings, **({"source": path} if path else {}), "order": order}
+                try:
+                    got = fn()
+                except Exception as e:  # a setting this case cannot build (e.g. WGA with two channel groups)
+                    out.append({**row, "ms": None, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                    continue
+                diff = max((got[k] != v).float().mean().item() for k, v in ref.items())
+                out.append({**row, "ms": bench(fn, rep=30), "mismatch": diff})
     finally:
-        settings.clear()
-        settings.update(default)
         kencode._MMA_SOURCE = source
     return sorted(out, key=lambda r: float("inf") if r["ms"] is None else r["ms"])
 
@@ -814,7 +819,7 @@ def encode_bench(dev, copy_tbs, tune_grid: list[dict], dims: list[int], had_grid
         torch.cuda.empty_cache()
     log.close()
     for row in out:  # the SM clock during each timing of the default
-        row["cuda_sm_mhz"] = [log.clock(w) for w in row.pop("windows")]
+        row["cuda_sm_mhz"] = [log.median(w) for w in row.pop("windows")]
         print(f"encode d={row['head_dim']} bits={row['bits']}{' prod' if row['qjl'] else ''}: default "
               + ", ".join(f"{v:.3f} ms at {c} MHz" for v, c in zip(row["cuda_timings_ms"], row["cuda_sm_mhz"])),
               flush=True)  # fmt: skip
