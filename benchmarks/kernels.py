@@ -14,6 +14,8 @@ Everything in one run on one card, so the numbers are ratios measured side by si
   enqueue time, per kernel (torch profiler tables in ``profile.txt``) and checked for host syncs;
 * ``timeline`` phase: where one K4/V3 call's time goes, per ``--tune-cuda`` variant: the three kernels' spans and
   every split-pass block's start / first unit / end and SM (a ``DBG = 7`` build of decode_mma.cu);
+* ``read-floor`` phase: at ``--tune-cells``, the bytes of one K4/V3 call read by a bare streaming kernel, alone and
+  between two small kernels, beside the call (what any kernel reaches on that many bytes);
 * ``prefill`` phase: a multi-token step (128-2048 new tokens) over a 32k compressed cache: ``dequantize_attention``
   (the CUDA path of q_len > 1) and the ``attend_codes`` reference vs bf16 SDPA;
 * ``e2e`` phase: greedy decode of a randomly initialised Llama-3.1-8B-shape model (32 layers by default) at 32k
@@ -41,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 
 from turbovq.kernels.decode import decode_attention
 from turbovq.kernels.encode import encode_rows
@@ -324,6 +327,77 @@ def tune_cuda(dev, variants: list[dict], config: str = "K4/V3", cells=((8, 32768
         del pk, pv
         torch.cuda.empty_cache()
     return out
+
+
+@triton.jit
+def _read_kernel(src, out, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """Reads ITERS blocks of int32 words and stores their XOR: a kernel that only streams bytes in."""
+    pid = tl.program_id(0)
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for i in tl.static_range(ITERS):
+        offs = (pid * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
+        acc ^= tl.load(src + offs, mask=offs < n, other=0, eviction_policy="evict_first")
+    tl.store(out + pid, tl.xor_sum(acc, 0))
+
+
+READ_SHAPES = [(b, w, i) for b in (2048, 4096) for w in (4, 8) for i in (1, 4)]  # (BLOCK, num_warps, ITERS)
+
+
+def read_floor(dev, copy_tbs, cells, config: str = "K4/V3") -> list[dict]:
+    """What reading the bytes of one ``config`` call costs without attention: a flat buffer of the same size read by
+    one streaming kernel (the fastest of READ_SHAPES, and torch's int32 ``sum``), and by that kernel between a small
+    kernel before it and one after (the chain of three that a call is: query rotation, split pass, merge), each as a
+    replayed CUDA graph; beside the call itself, so that its bandwidth can be read against what any kernel reaches
+    on this many bytes."""
+    kb, vb, _, *qjl = CONFIGS[config]
+    kc, vc = RowCodec(D, kb, seed=1, qjl=bool(qjl)), RowCodec(D, vb, seed=2)
+    out = []
+    for b, t in cells:
+        row = _read_floor_cell(dev, copy_tbs, b, t, kc, vc)
+        out.append(dict(row, config=config))
+        print(f"read-floor B={b} T={t} {row['bytes'] / 1e6:.0f} MB: "
+              + ", ".join(f"{k} {row[k + '_graph_ms'] * 1e3:.1f} us ({row[k + '_roofline_frac']:.0%})"
+                          for k in ("call", "read", "torch_sum", "chain")), flush=True)  # fmt: skip
+        torch.cuda.empty_cache()
+    return out
+
+
+def _read_floor_cell(dev, copy_tbs, b: int, t: int, kc: RowCodec, vc: RowCodec) -> dict:
+    q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.bfloat16)
+    tk = torch.randn(b, HKV, TAIL, D, device=dev, dtype=torch.bfloat16)
+    pk, pv = synthetic_rows(kc, b, t - TAIL, dev, 1), synthetic_rows(vc, b, t - TAIL, dev, 2)
+    nbytes = sum(x.numel() * x.element_size() for p in (pk, pv) for x in p.fields.values())
+    nbytes += 2 * tk.numel() * tk.element_size()
+    row = {"B": b, "T": t, "bytes": nbytes}
+    row["call_graph_ms"] = _graph_ms(lambda: decode_attention(q, pk, pv, tk, tk, None, D**-0.5), dev)
+    pk = pv = None
+    torch.cuda.empty_cache()
+    words = torch.randint(-(2**31), 2**31, (nbytes // 4,), device=dev, dtype=torch.int32)
+    parts = torch.empty(triton.cdiv(words.numel(), min(s[0] for s in READ_SHAPES)), device=dev, dtype=torch.int32)
+    shapes = {}
+    for blk, warps, iters in READ_SHAPES:
+        grid = (triton.cdiv(words.numel(), blk * iters),)
+
+        def read(blk=blk, warps=warps, iters=iters, grid=grid):
+            _read_kernel[grid](words, parts, words.numel(), BLOCK=blk, ITERS=iters, num_warps=warps)
+
+        shapes[(blk, warps, iters)] = (_graph_ms(read, dev), read)
+    best = min(shapes, key=lambda k: shapes[k][0])
+    qq = torch.empty_like(q)
+
+    def chain(read=shapes[best][1]):
+        torch.mul(q, 2, out=qq)  # stands for the query kernel
+        read()
+        return parts[: 8 * b].sum()  # stands for the merge
+
+    row["read_shapes"] = [{"block": k[0], "num_warps": k[1], "iters": k[2], "graph_ms": v[0]}
+                          for k, v in shapes.items()]  # fmt: skip
+    row["read_graph_ms"] = shapes[best][0]
+    row["torch_sum_graph_ms"] = _graph_ms(lambda: words.sum(), dev)
+    row["chain_graph_ms"] = _graph_ms(chain, dev)
+    for k in ("call", "read", "torch_sum", "chain"):
+        row[f"{k}_roofline_frac"] = nbytes / row[f"{k}_graph_ms"] / 1e9 / copy_tbs
+    return row
 
 
 def prefill(dev, q_lens=(128, 512, 2048), context: int = 32768, batch: int = 1, qjl: bool = False) -> list[dict]:
@@ -1096,6 +1170,9 @@ def main() -> None:
         variants = json.loads(args.tune_cuda)
         cells = [tuple(int(v) for v in c.split("x")) for c in args.tune_cells.split(",")]
         res["tune_cuda"] = [row for c in args.tune_configs.split(",") for row in tune_cuda(dev, variants, c, cells)]
+    if "read-floor" in phases:
+        cells = [tuple(int(v) for v in c.split("x")) for c in args.tune_cells.split(",")]
+        res["read_floor"] = [row for _ in range(2) for row in read_floor(dev, copy_bw, cells)]
     if "decode" in phases:
         res["decode"] = decode_grid(
             dev,
