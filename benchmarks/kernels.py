@@ -99,6 +99,12 @@ def synthetic_rows(codec: RowCodec, b: int, t: int, dev, seed: int) -> PackedRow
     return PackedRows(codec, fields, perm, t, mean)
 
 
+def call_bytes(pk: PackedRows, pv: PackedRows, tail: torch.Tensor) -> int:
+    """The bytes one decode call reads, which its bandwidth is counted on: the packed key and value fields and the
+    bf16 tail window of keys and of values (``tail``'s shape each)."""
+    return sum(x.numel() * x.element_size() for p in (pk, pv) for x in p.fields.values()) + 2 * tail.nbytes
+
+
 def decode_grid(dev, copy_tbs, batches, lengths, configs, block_t, num_warps, graph) -> list[dict]:
     """The B x T grid; with ``graph`` each call is also timed as a replayed CUDA graph (GPU time only)."""
     rows = []
@@ -130,8 +136,7 @@ def decode_grid(dev, copy_tbs, batches, lengths, configs, block_t, num_warps, gr
                 kc, vc = RowCodec(D, kb, seed=1, qjl=bool(qjl)), RowCodec(D, vb, seed=2)
                 n = t - TAIL
                 pk, pv = synthetic_rows(kc, b, n, dev, 1), synthetic_rows(vc, b, n, dev, 2)
-                nbytes = sum(x.numel() * x.element_size() for p in (pk, pv) for x in p.fields.values())
-                nbytes += 2 * tk.numel() * tk.element_size()
+                nbytes = call_bytes(pk, pv, tk)
 
                 def fn(q=q, pk=pk, pv=pv, tk=tk, tv=tv, backend=backend):
                     if backend == "reference":
@@ -366,8 +371,7 @@ def _read_floor_cell(dev, copy_tbs, b: int, t: int, kc: RowCodec, vc: RowCodec) 
     q = torch.randn(b, HQ, 1, D, device=dev, dtype=torch.bfloat16)
     tk = torch.randn(b, HKV, TAIL, D, device=dev, dtype=torch.bfloat16)
     pk, pv = synthetic_rows(kc, b, t - TAIL, dev, 1), synthetic_rows(vc, b, t - TAIL, dev, 2)
-    nbytes = sum(x.numel() * x.element_size() for p in (pk, pv) for x in p.fields.values())
-    nbytes += 2 * tk.numel() * tk.element_size()
+    nbytes = call_bytes(pk, pv, tk)
     row = {"B": b, "T": t, "bytes": nbytes}
     row["call_graph_ms"] = _graph_ms(lambda: decode_attention(q, pk, pv, tk, tk, None, D**-0.5), dev)
     pk = pv = None
@@ -1108,6 +1112,11 @@ def plot(decode_rows, copy_tbs, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _cells(spec: str) -> list[tuple[int, int]]:
+    """``"8x32768,32x32768"`` -> [(8, 32768), (32, 32768)]: (B, T) cells."""
+    return [tuple(int(v) for v in c.split("x")) for c in spec.split(",")]
+
+
 def main() -> None:
     global HQ, HKV, D  # the model shape every phase uses (--heads, --head-dim)
     ap = argparse.ArgumentParser()
@@ -1168,10 +1177,10 @@ def main() -> None:
         res["tune"] = tune(dev)
     if "tune-cuda" in phases:
         variants = json.loads(args.tune_cuda)
-        cells = [tuple(int(v) for v in c.split("x")) for c in args.tune_cells.split(",")]
+        cells = _cells(args.tune_cells)
         res["tune_cuda"] = [row for c in args.tune_configs.split(",") for row in tune_cuda(dev, variants, c, cells)]
     if "read-floor" in phases:
-        cells = [tuple(int(v) for v in c.split("x")) for c in args.tune_cells.split(",")]
+        cells = _cells(args.tune_cells)
         res["read_floor"] = [row for _ in range(2) for row in read_floor(dev, copy_bw, cells)]
     if "decode" in phases:
         res["decode"] = decode_grid(
@@ -1186,12 +1195,12 @@ def main() -> None:
         )
         res["decode_settings"] = {"block_t": args.block_t, "num_warps": args.num_warps, "tail": TAIL}
     if "overhead" in phases:
-        cells = [tuple(int(v) for v in c.split("x")) for c in args.overhead_cells.split(",")]
+        cells = _cells(args.overhead_cells)
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
         res["overhead"] = overhead(dev, args.overhead_modules.split(","), cells, out_dir)
     if "timeline" in phases:
-        cells = [tuple(int(v) for v in c.split("x")) for c in args.overhead_cells.split(",")]
+        cells = _cells(args.overhead_cells)
         res["timeline"] = timeline(dev, cells, json.loads(args.tune_cuda))
     if "encode" in phases:
         dims = [int(v) for v in args.encode_dims.split(",")]

@@ -617,7 +617,7 @@ def centroid_bytes(codec: RowCodec) -> ctypes.Array:
 def _layer_constants(codec: RowCodec, perm, device) -> tuple:
     """Per layer, built once (no host work or device sync per call): R in fragment order, the positive boundaries of
     each group as float16 pairs and, for TurboQuant_prod keys, Q in fragment order and the centroid table (the
-    centroids' magnitudes (centroid_bytes)."""
+    centroids' magnitudes, centroid_bytes)."""
 
     def build():
         tp = []
